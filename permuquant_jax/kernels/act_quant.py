@@ -1,0 +1,290 @@
+"""Activation quantization kernel (Pallas, Triton backend): bf16/fp16/fp32 `[M, K]` -> NVFP4, one pass.
+
+Per tile of `bm` rows x `bk` channels it loads x (through an optional channel gather), applies an
+optional block Hadamard (a tensor-core product with the unnormalized +-1 matrix, then 1/sqrt(b), then
+a rounding to x's dtype as `formats.hadamard.block_hadamard` does), and quantizes each block of 16
+with the arithmetic of `formats.nvfp4.quantize` (same operations, same order, all in float32).
+
+Outputs, by `out`:
+- "packed": codes uint8 `[M, K/2]` and E4M3 scales `[M, K/16]` (the storage format Blackwell reads);
+- "values": float16 `[M, K]` holding e2m1(code) * E4M3 scale, exact in fp16 (every such product has
+  at most 6 significant bits and lies in [2^-7, 2688]); the Hopper matmul feeds these to the tensor
+  cores as they are and applies the global scale in its epilogue.
+
+The global scale comes in as a float32 vector, one entry per row (a per-tensor scale is broadcast):
+a dynamic per-tensor or per-row scale is an amax reduction that XLA computes before the kernel.
+The reference is `reference.quantize_act_ref`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from permuquant_jax.formats import nvfp4
+from permuquant_jax.formats.hadamard import block_hadamard
+from permuquant_jax.formats.nvfp4 import BLOCK_SIZE, F4_E2M1_MAX, F8E4M3_MAX, F8E4M3_MIN_NORMAL, NVFP4Tensor
+
+OUT_MODES = ("packed", "values")
+
+
+def _iota(n: int) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def e2m1_index(m: jax.Array) -> jax.Array:
+    """Magnitude index 0..7 of |value| on the E2M1 grid, ties to even (formats.nvfp4.encode_e2m1)."""
+    one = jnp.uint8(1)
+    zero = jnp.uint8(0)
+    idx = jnp.where(m > 0.25, one, zero)
+    for t, strict in ((0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False), (5.0, True)):
+        idx = idx + jnp.where((m > t) if strict else (m >= t), one, zero)
+    return idx
+
+
+def e2m1_code_to_f16(code: jax.Array) -> jax.Array:
+    """E2M1 code (uint8 0..15) -> its value times 2^-14 as float16, by bit placement (exact).
+
+    The 3 magnitude bits land on the low two exponent bits and the top mantissa bit of fp16.
+    """
+    c = code.astype(jnp.uint16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16)
+
+
+def _opaque(value: jax.Array, ref: jax.Array) -> jax.Array:
+    """`value`, through a select XLA cannot fold (ref is never NaN-and-negative), as a rewrite barrier."""
+    return jnp.where(ref < -1.0, ref, value)
+
+
+def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int):
+    """Quantize a float32 tile `[bm, bk]` with per-row global scales `gs [bm]`.
+
+    Returns (magnitude index uint8 [bm, bk/16, 16], sign uint8 (0/1) same shape, scale f32 [bm, bk/16],
+    scale as float8_e4m3fn [bm, bk/16]).
+    """
+    g = bk // BLOCK_SIZE
+    xb = x32.reshape(bm, g, BLOCK_SIZE)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    # Two roundings each, as formats.nvfp4 specifies: (amax / 6) / g and (1 / g) / s. The selects
+    # (always the division) keep XLA, in interpret mode, from fusing (a / b) / c into a / (b * c),
+    # which rounds differently; Triton does not reassociate.
+    block_scale = _opaque(amax / F4_E2M1_MAX, amax)
+    s8 = jnp.clip(block_scale / gs[:, None], F8E4M3_MIN_NORMAL, F8E4M3_MAX).astype(jnp.float8_e4m3fn)
+    s32 = s8.astype(jnp.float32)
+    inv_g = _opaque(1.0 / gs, gs)
+    recip = inv_g[:, None] / s32
+    scaled = jnp.clip(xb * recip[:, :, None], -F4_E2M1_MAX, F4_E2M1_MAX)
+    idx = e2m1_index(jnp.abs(scaled))
+    sign = (jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> 31).astype(jnp.uint8)
+    return idx, sign, s32, s8
+
+
+def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode, x_dtype):
+    it = iter(refs)
+    x_ref = next(it)
+    idx_ref = next(it) if has_gather else None
+    h_ref = next(it) if hadamard_block else None
+    gs_ref = next(it)
+    outs = list(it)
+    i, j = pl.program_id(0), pl.program_id(1)
+    r0, c0 = i * bm, j * bk
+    rows = r0 + _iota(bm)
+    cols = c0 + _iota(bk)
+    rmask = rows < m
+    cmask = cols < k
+    mask = rmask[:, None] & cmask[None, :]
+    if has_gather:
+        src = plgpu.load(idx_ref.at[pl.ds(c0, bk)], mask=cmask, other=0)
+        x = plgpu.load(x_ref.at[rows[:, None], src[None, :]], mask=mask, other=0)
+    else:
+        x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, bk)], mask=mask, other=0)
+    if hadamard_block:
+        hb = hadamard_block
+        h = h_ref[...]
+        xr = x.reshape(bm * (bk // hb), hb)
+        if x_dtype == jnp.float32:
+            y = jnp.dot(xr, h, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        else:
+            y = jnp.dot(xr, h, preferred_element_type=jnp.float32)
+        x = (y * np.float32(1.0 / math.sqrt(hb))).astype(x_dtype).reshape(bm, bk)
+    x32 = x.astype(jnp.float32)
+    gs = plgpu.load(gs_ref.at[pl.ds(r0, bm)], mask=rmask, other=1.0)
+    idx, sign, s32, s8 = _quantize_tile(x32, gs, bm, bk)
+    g = bk // BLOCK_SIZE
+    if out_mode == "values":
+        (v_ref,) = outs
+        # fp16 bits of e2m1 * 2^-14 (exact), times s * 2^14 in float32 (exact), then fp16 (exact).
+        val = (
+            e2m1_code_to_f16(idx | (sign << 3)).astype(jnp.float32) * (s32 * np.float32(2.0**14))[:, :, None]
+        )
+        plgpu.store(
+            v_ref.at[pl.ds(r0, bm), pl.ds(c0, bk)], val.reshape(bm, bk).astype(jnp.float16), mask=mask
+        )
+    else:
+        codes_ref, scales_ref = outs
+        code = (idx | (sign << 3)).reshape(bm, bk // 2, 2)
+        shift = (4 * jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2), 2)).astype(jnp.uint8)
+        packed = jnp.sum((code << shift).astype(jnp.int32), axis=-1).astype(jnp.uint8)
+        pcols = c0 // 2 + _iota(bk // 2)
+        plgpu.store(
+            codes_ref.at[pl.ds(r0, bm), pl.ds(c0 // 2, bk // 2)],
+            packed,
+            mask=rmask[:, None] & (pcols < k // 2)[None, :],
+        )
+        scols = c0 // BLOCK_SIZE + _iota(g)
+        plgpu.store(
+            scales_ref.at[pl.ds(r0, bm), pl.ds(c0 // BLOCK_SIZE, g)],
+            jax.lax.bitcast_convert_type(s8, jnp.uint8),
+            mask=rmask[:, None] & (scols < k // BLOCK_SIZE)[None, :],
+        )
+
+
+def resolve_act_global_scale(x_t: jax.Array, global_scale: nvfp4.GlobalScale) -> jax.Array:
+    """Per-row float32 global scales `[M]` for the transformed activation `x_t [M, K]`.
+
+    Same rules as `formats.nvfp4.quantize`: None = amax / 2688 over the whole array, "per_row" = per
+    row, else a static scalar or `[M, 1]` array; a zero scale becomes 1.0.
+    """
+    gs = nvfp4._resolve_global_scale(x_t.astype(jnp.float32), global_scale)
+    return jnp.broadcast_to(gs.reshape(-1) if gs.ndim else gs, (x_t.shape[0],)).astype(jnp.float32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("hadamard_block", "out", "block_m", "block_k", "num_warps", "num_stages", "interpret"),
+)
+def act_quant(
+    x: jax.Array,
+    gs_rows: jax.Array,
+    gather: jax.Array | None = None,
+    *,
+    hadamard_block: int | None = None,
+    out: str = "packed",
+    block_m: int = 16,
+    block_k: int = 256,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    interpret: bool = False,
+):
+    """Run the kernel on `x [M, K]` with per-row global scales `gs_rows [M]` (float32).
+
+    Returns `(codes uint8 [M, K/2], scales float8_e4m3fn [M, K/16])` for out="packed", or
+    `values float16 [M, K]` for out="values".
+    """
+    if out not in OUT_MODES:
+        raise ValueError(f"out must be one of {OUT_MODES}, found {out!r}")
+    m, k = x.shape
+    if k % BLOCK_SIZE:
+        raise ValueError(f"K = {k} must be a multiple of {BLOCK_SIZE}; pad with formats.common.pad_to_group")
+    bk = block_k
+    if hadamard_block:
+        if k % hadamard_block or bk % hadamard_block:
+            raise ValueError(
+                f"hadamard_block {hadamard_block} must divide K = {k} and the tile width block_k = {bk}"
+            )
+    args = [x]
+    if gather is not None:
+        if gather.shape != (k,):
+            raise ValueError(
+                f"gather must have shape ({k},) (one source channel per channel), found {gather.shape}"
+            )
+        args.append(gather.astype(jnp.int32))
+    if hadamard_block:
+        hpm = _sylvester_pm1(hadamard_block)
+        hdt = jnp.float32 if x.dtype == jnp.float32 else x.dtype
+        args.append(jnp.asarray(hpm, hdt))
+    args.append(gs_rows.astype(jnp.float32))
+    if out == "values":
+        out_shape = jax.ShapeDtypeStruct((m, k), jnp.float16)
+    else:
+        out_shape = (
+            jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((m, k // BLOCK_SIZE), jnp.uint8),
+        )
+    kernel = functools.partial(
+        _act_quant_kernel,
+        m=m,
+        k=k,
+        bm=block_m,
+        bk=bk,
+        has_gather=gather is not None,
+        hadamard_block=hadamard_block,
+        out_mode=out,
+        x_dtype=x.dtype,
+    )
+    res = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(m, block_m), pl.cdiv(k, bk)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="nvfp4_act_quant",
+    )(*args)
+    if out == "values":
+        return res
+    codes, scales = res
+    return codes, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn)
+
+
+def _sylvester_pm1(n: int) -> np.ndarray:
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def quantize_act(
+    x: jax.Array,
+    *,
+    gather: jax.Array | None = None,
+    hadamard_block: int | None = None,
+    global_scale: nvfp4.GlobalScale = None,
+    interpret: bool = False,
+    **config,
+) -> NVFP4Tensor:
+    """Quantize activations `x [M, K]` to an `NVFP4Tensor` with the kernel (packed output).
+
+    Same result as `reference.quantize_act_ref`, bit for bit without a Hadamard (with one, up to the
+    float32 summation order of the rotation). `config`: block_m, block_k, num_warps, num_stages.
+    """
+    gs = act_global_scale_rows(x, gather=gather, hadamard_block=hadamard_block, global_scale=global_scale)
+    codes, scales = act_quant(
+        x, gs, gather, hadamard_block=hadamard_block, out="packed", interpret=interpret, **config
+    )
+    g = gs[:, None] if _is_row_scale(global_scale) else gs[0]
+    return NVFP4Tensor(codes=codes, scales=scales, global_scale=g)
+
+
+def _is_row_scale(global_scale: nvfp4.GlobalScale) -> bool:
+    if isinstance(global_scale, str):
+        return True
+    return global_scale is not None and jnp.ndim(global_scale) > 0
+
+
+def act_global_scale_rows(
+    x: jax.Array,
+    *,
+    gather: jax.Array | None = None,
+    hadamard_block: int | None = None,
+    global_scale: nvfp4.GlobalScale = None,
+) -> jax.Array:
+    """Per-row global scales `[M]` of the transformed activation.
+
+    A static scale needs no pass over x. A dynamic one is an amax of the transformed x computed by
+    XLA (the gather does not change an amax, so it is skipped; a Hadamard does, so it is applied).
+    """
+    if global_scale is None or isinstance(global_scale, str):
+        xt = x
+        if hadamard_block:
+            if gather is not None:
+                xt = jnp.take(x, gather, axis=-1)
+            xt = block_hadamard(xt, hadamard_block)
+        return resolve_act_global_scale(xt, global_scale)
+    return resolve_act_global_scale(x[:, :1], global_scale)

@@ -1,0 +1,190 @@
+"""The one entry point the library calls for NVFP4 linears: picks the kernel by device.
+
+- "pallas": the Pallas kernels (Triton backend), on a GPU with Triton (compute capability 8.0-9.x,
+  the H100 here): `act_quant` (W4A4) then `nvfp4_matmul`.
+- "scaled_matmul": `jax.nn.scaled_matmul` with float4_e2m1fn values and float8_e4m3fn scales, which
+  cuDNN runs natively on compute capability >= 10 (elsewhere XLA decomposes it, slowly).
+- "reference": the pure-JAX reference (`reference.py`), used on CPUs.
+- "pallas_interpret": the Pallas kernels in interpret mode (CPU tests).
+
+`backend="auto"` chooses by the default device; the environment variable
+`PERMUQUANT_KERNEL_BACKEND` (one of the names above) overrides "auto".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from permuquant_jax.formats import nvfp4
+from permuquant_jax.formats.nvfp4 import NVFP4Tensor
+from permuquant_jax.kernels import act_quant as _aq
+from permuquant_jax.kernels import reference, tuning
+from permuquant_jax.kernels.nvfp4_matmul import PrepackedNVFP4, nvfp4_matmul, prepack, unprepack
+
+BACKENDS = ("auto", "pallas", "pallas_interpret", "scaled_matmul", "reference")
+ENV_BACKEND = "PERMUQUANT_KERNEL_BACKEND"
+
+# JAX 0.11 warns at every lowering of a Triton-backend pallas_call. Tested range: jax 0.10.2 (CPU,
+# interpret mode) and 0.11.2 (H100). Filtered by its exact text and category, nothing else.
+TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated and will be removed in a future JAX version\."
+
+
+@functools.cache
+def filter_triton_deprecation() -> None:
+    """Ignore exactly JAX's Triton-backend deprecation warning (installed once the kernels are used).
+
+    It is raised when the enclosing jit lowers, which can be after our call returns, so the filter is
+    process-wide rather than scoped to the call.
+    """
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+def _compute_capability() -> float | None:
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or cc is None:
+        return None
+    return float(cc)
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The concrete backend for `backend` on this process's default device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, found {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND)
+        if env:
+            if env not in BACKENDS or env == "auto":
+                raise ValueError(f"{ENV_BACKEND}={env!r}: expected one of {BACKENDS[1:]}")
+            return env
+        cc = _compute_capability()
+        if cc is None:
+            return "reference"
+        if cc >= 10.0:
+            return "scaled_matmul"
+        return "pallas" if cc >= 8.0 else "reference"
+    return backend
+
+
+def prepack_weight(w: NVFP4Tensor | PrepackedNVFP4) -> PrepackedNVFP4:
+    """Weights in the Pallas matmul's layout (do it once, offline; `nvfp4_linear` accepts either)."""
+    return w if isinstance(w, PrepackedNVFP4) else prepack(w)
+
+
+def _canonical(w: NVFP4Tensor | PrepackedNVFP4) -> NVFP4Tensor:
+    return unprepack(w) if isinstance(w, PrepackedNVFP4) else w
+
+
+def _check(x: jax.Array, w, bias, gather) -> tuple[int, int]:
+    if not isinstance(w, NVFP4Tensor | PrepackedNVFP4):
+        raise TypeError(f"w must be an NVFP4Tensor or a PrepackedNVFP4, found {type(w).__name__}")
+    n, k = w.shape
+    if len(w.shape) != 2:
+        raise ValueError(f"w must be 2-D [N, K] (rows are output channels), found logical shape {w.shape}")
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1]} input channels but w expects K = {k} (w is [N, K] = {w.shape})"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), found {bias.shape}")
+    if gather is not None and gather.shape != (k,):
+        raise ValueError(f"gather must have shape ({k},), found {gather.shape}")
+    return n, k
+
+
+def nvfp4_linear(
+    x: jax.Array,
+    w: NVFP4Tensor | PrepackedNVFP4,
+    bias: jax.Array | None = None,
+    *,
+    act_global_scale: nvfp4.GlobalScale = None,
+    gather: jax.Array | None = None,
+    hadamard_block: int | None = None,
+    w4a16: bool = False,
+    out_dtype: jnp.dtype | None = None,
+    backend: str = "auto",
+) -> jax.Array:
+    """`y [..., N] = Q(T(x)) W^T + bias` for NVFP4 weights `w [N, K]`, `x [..., K]`.
+
+    T = channel gather then block Hadamard (both optional; weights given with a Hadamard are already
+    rotated offline). Q = NVFP4 quantization with `act_global_scale` (None: dynamic per call; a float32
+    scalar: static; "per_row": per token), skipped when `w4a16`. fp32 accumulation; `out_dtype`
+    defaults to x's dtype. Semantics: `reference.nvfp4_linear_ref`.
+    """
+    n, k = _check(x, w, bias, gather)
+    out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
+    be = resolve_backend(backend)
+    if be == "reference":
+        return reference.nvfp4_linear_ref(
+            x,
+            _canonical(w),
+            bias,
+            act_global_scale=act_global_scale,
+            gather=gather,
+            hadamard_block=hadamard_block,
+            w4a16=w4a16,
+            out_dtype=out_dtype,
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if be == "scaled_matmul" and not w4a16:
+        y = _scaled_matmul_linear(
+            x2, _canonical(w), bias, act_global_scale, gather, hadamard_block, out_dtype
+        )
+        return y.reshape(*lead, n)
+    interpret = be == "pallas_interpret"
+    if not interpret:
+        filter_triton_deprecation()
+    wp = prepack_weight(w)
+    cfg = tuning.matmul_config(m, n, k)
+    if w4a16:
+        xin = reference.transform_act(x2, gather=gather, hadamard_block=hadamard_block)
+        y = nvfp4_matmul(xin, wp, None, bias, config=cfg, out_dtype=out_dtype, interpret=interpret)
+    else:
+        gs = _aq.act_global_scale_rows(
+            x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale
+        )
+        xv = _aq.act_quant(
+            x2,
+            gs,
+            gather,
+            hadamard_block=hadamard_block,
+            out="values",
+            interpret=interpret,
+            **tuning.act_quant_config(m, k, hadamard_block),
+        )
+        y = nvfp4_matmul(xv, wp, gs, bias, config=cfg, out_dtype=out_dtype, interpret=interpret)
+    return y.reshape(*lead, n)
+
+
+def _scaled_matmul_linear(x2, w: NVFP4Tensor, bias, act_global_scale, gather, hadamard_block, out_dtype):
+    """W4A4 through `jax.nn.scaled_matmul` (cuDNN's native NVFP4 on compute capability >= 10)."""
+    on_gpu = _compute_capability() is not None
+    if on_gpu:
+        filter_triton_deprecation()
+        xq = _aq.quantize_act(
+            x2,
+            gather=gather,
+            hadamard_block=hadamard_block,
+            global_scale=act_global_scale,
+            **tuning.act_quant_config(x2.shape[0], x2.shape[1], hadamard_block),
+        )
+    else:
+        xq = reference.quantize_act_ref(
+            x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale
+        )
+    xv, xs = nvfp4.to_scaled_matmul(xq)
+    wv, ws = nvfp4.to_scaled_matmul(w)
+    acc = jax.nn.scaled_matmul(xv[None], wv[None], xs[None], ws[None], preferred_element_type=jnp.float32)[0]
+    m, n = acc.shape
+    g = reference.row_global_scale(xq, m)[:, None] * reference.row_global_scale(w, n)[None, :]
+    y = acc * g
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)

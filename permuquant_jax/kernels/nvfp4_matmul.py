@@ -1,0 +1,252 @@
+"""NVFP4 block-scaled matmul kernel (Pallas, Triton backend) for Hopper: `y = x W^T`.
+
+W is NVFP4 (E2M1 codes, E4M3 scales per 16, FP32 global scale) in a *prepacked* layout; x is either
+the exact fp16 block values from the activation quantization kernel (W4A4) or a bf16/fp16 activation
+(W4A16). Hopper has no FP4 tensor cores, so the kernel decodes weights in registers, exactly:
+
+    fp16 bits of code c: ((c & 7) << 9) | ((c & 8) << 12)      = e2m1(c) * 2^-14   (bit placement)
+    fp16 bits of scale byte b: (b & 0x7f) << 7, times 2^15      = s * 2^7           (exact, normal)
+    product in fp16                                             = e2m1(c) * s * 2^-7 (exact: <= 6
+                                                                  significant bits, in [2^-17, 21])
+
+and multiplies on the tensor cores with fp32 accumulation; the epilogue multiplies by
+2^7 * g_x[m] * g_w[n], adds the bias and casts. The decoded weight tile is the *first* dot operand
+("swap AB": each program computes out^T = W x^T for a tile of output channels x tokens), which keeps
+it in registers on Hopper (wgmma with A from registers) instead of a round trip through shared memory.
+
+Prepacked layout (lossless, `prepack` / `unprepack`): codes `[Np, Kp/2]` in chunks of 128 channels;
+byte j of chunk c holds channel 128c + j in its low nibble and channel 128c + 64 + j in its high
+nibble, so one chunk decodes into two contiguous 64-channel halves with no interleaving. Scales stay
+in the canonical `[Np, Kp/16]` order (as raw E4M3 bytes), the global scale is a per-row float32
+vector `[N]`. N and K are zero-padded to multiples of 128 (padding decodes to zeros).
+The reference is `reference.nvfp4_matmul_ref`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from permuquant_jax.formats.nvfp4 import BLOCK_SIZE, NVFP4Tensor
+
+CHUNK = 128  # channels per prepacked chunk = the kernel's K step
+HALF = CHUNK // 2
+_GROUPS_PER_HALF = HALF // BLOCK_SIZE
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["codes", "scales", "global_scale"], meta_fields=["n", "k"]
+)
+@dataclasses.dataclass(frozen=True)
+class PrepackedNVFP4:
+    """NVFP4 weights `[n, k]` in the matmul kernel's layout (see the module docstring).
+
+    codes: uint8 `[Np, Kp/2]` (chunked nibble order); scales: uint8 `[Np, Kp/16]` (E4M3 bytes);
+    global_scale: float32 `[n]`; `n`, `k`: the logical shape.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    global_scale: jax.Array
+    n: int
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Logical shape `(N, K)`."""
+        return (self.n, self.k)
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def prepack(w: NVFP4Tensor) -> PrepackedNVFP4:
+    """Canonical NVFP4 weights `[N, K]` -> the kernel's prepacked layout (lossless; jittable)."""
+    if w.codes.ndim != 2:
+        raise ValueError(f"prepack takes 2-D weights [N, K/2] codes, found codes of shape {w.codes.shape}")
+    n, k = w.shape
+    np_, kp = _round_up(n, CHUNK), _round_up(k, CHUNK)
+    codes = jnp.pad(w.codes, ((0, np_ - n), (0, (kp - k) // 2)))
+    lo = codes & 15
+    hi = codes >> 4
+    c = jnp.stack([lo, hi], axis=-1).reshape(np_, kp // CHUNK, 2, HALF)  # [.., chunk, half, j]
+    packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(np_, kp // 2)
+    scales = jnp.pad(
+        jax.lax.bitcast_convert_type(w.scales, jnp.uint8), ((0, np_ - n), (0, (kp - k) // BLOCK_SIZE))
+    )
+    g = jnp.asarray(w.global_scale, jnp.float32)
+    g = jnp.broadcast_to(g.reshape(-1) if g.ndim else g, (n,))
+    return PrepackedNVFP4(codes=packed, scales=scales, global_scale=g, n=n, k=k)
+
+
+def unprepack(p: PrepackedNVFP4) -> NVFP4Tensor:
+    """Inverse of `prepack`: back to canonical NVFP4 `[N, K]` with a per-row global scale `[N, 1]`."""
+    np_, kp2 = p.codes.shape
+    kp = 2 * kp2
+    c = p.codes.reshape(np_, kp // CHUNK, HALF)
+    full = jnp.concatenate([c & 15, c >> 4], axis=-1).reshape(np_, kp)[: p.n, : p.k]
+    codes = full[:, 0::2] | (full[:, 1::2] << 4)
+    scales = jax.lax.bitcast_convert_type(p.scales[: p.n, : p.k // BLOCK_SIZE], jnp.float8_e4m3fn)
+    return NVFP4Tensor(codes=codes, scales=scales, global_scale=p.global_scale[:, None])
+
+
+def _iota(n: int) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _decode_half(nib: jax.Array, s16: jax.Array, bn: int) -> jax.Array:
+    """Nibbles uint8 `[bn, 64]` and scales fp16 (s * 2^7) `[bn, 4]` -> fp16 weights * 2^-7 `[bn, 64]`."""
+    c = nib.astype(jnp.uint16)
+    v = jax.lax.bitcast_convert_type(((c & 7) << 9) | ((c & 8) << 12), jnp.float16)
+    v = v.reshape(bn, _GROUPS_PER_HALF, BLOCK_SIZE) * s16[:, :, None]
+    return v.reshape(bn, HALF)
+
+
+def _load_scales(scales_ref, n0: int, g0: int, bn: int) -> jax.Array:
+    """E4M3 scale bytes `[bn, 4]` -> fp16 s * 2^7 (bit placement gives s * 2^-8, exact, subnormals too)."""
+    sb = plgpu.load(scales_ref.at[pl.ds(n0, bn), pl.ds(g0, _GROUPS_PER_HALF)])
+    s16 = jax.lax.bitcast_convert_type((sb & 0x7F).astype(jnp.uint16) << 7, jnp.float16)
+    return s16 * jnp.float16(2.0**15)
+
+
+def _matmul_kernel(
+    x_ref,
+    codes_ref,
+    scales_ref,
+    gx_ref,
+    gw_ref,
+    bias_ref,
+    o_ref,
+    *,
+    m,
+    n,
+    k,
+    bn,
+    bm,
+    k_steps,
+    split_k,
+    x_dtype,
+    out_dtype,
+):
+    pn, pm = pl.program_id(0), pl.program_id(1)
+    ps = pl.program_id(2) if split_k > 1 else 0
+    n0, m0 = pn * bn, pm * bm
+    rows_m = m0 + _iota(bm)
+    mmask = rows_m < m
+    step0 = ps * k_steps
+    dot_dtype = jnp.float16 if x_dtype == jnp.float16 else jnp.bfloat16
+
+    def body(t, acc):
+        kc = (step0 + t) * CHUNK
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kc // 2, HALF)])
+        g0 = kc // BLOCK_SIZE
+        s_lo = _load_scales(scales_ref, n0, g0, bn)
+        s_hi = _load_scales(scales_ref, n0, g0 + _GROUPS_PER_HALF, bn)
+        cols = kc + _iota(HALF)
+        xlo = plgpu.load(
+            x_ref.at[pl.ds(m0, bm), pl.ds(kc, HALF)], mask=mmask[:, None] & (cols < k)[None, :], other=0
+        )
+        xhi = plgpu.load(
+            x_ref.at[pl.ds(m0, bm), pl.ds(kc + HALF, HALF)],
+            mask=mmask[:, None] & ((cols + HALF) < k)[None, :],
+            other=0,
+        )
+        wlo = _decode_half(byte & 15, s_lo, bn).astype(dot_dtype)
+        whi = _decode_half(byte >> 4, s_hi, bn).astype(dot_dtype)
+        acc += jnp.dot(wlo, xlo.astype(dot_dtype).T, preferred_element_type=jnp.float32)
+        acc += jnp.dot(whi, xhi.astype(dot_dtype).T, preferred_element_type=jnp.float32)
+        return acc
+
+    acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bn, bm), jnp.float32))
+    cols_n = n0 + _iota(bn)
+    nmask = cols_n < n
+    omask = mmask[:, None] & nmask[None, :]
+    if split_k > 1:
+        plgpu.store(o_ref.at[ps, pl.ds(m0, bm), pl.ds(n0, bn)], acc.T, mask=omask)
+        return
+    gw = plgpu.load(gw_ref.at[pl.ds(n0, bn)], mask=nmask, other=0.0)
+    gx = plgpu.load(gx_ref.at[pl.ds(m0, bm)], mask=mmask, other=0.0)
+    b = plgpu.load(bias_ref.at[pl.ds(n0, bn)], mask=nmask, other=0.0)
+    y = acc * (gw * np.float32(2.0**7))[:, None] * gx[None, :] + b[:, None]
+    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.T.astype(out_dtype), mask=omask)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """Tile and launch parameters of the matmul kernel (tuning tables hold these)."""
+
+    block_n: int = 128
+    block_m: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    split_k: int = 1
+
+
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
+def nvfp4_matmul(
+    x: jax.Array,
+    w: PrepackedNVFP4,
+    x_scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    config: MatmulConfig = MatmulConfig(),
+    out_dtype: jnp.dtype = jnp.bfloat16,
+    interpret: bool = False,
+) -> jax.Array:
+    """`y [M, N] = (x * x_scale[:, None]) @ W^T + bias` with prepacked NVFP4 `W [N, K]`.
+
+    `x [M, K]`: fp16 block values from `act_quant(out="values")` with their per-row global scales
+    `x_scale [M]` (W4A4), or a bf16/fp16 activation with `x_scale=None` (W4A16; fp32 is rounded to
+    bf16 first).
+    """
+    m, k = x.shape
+    if k != w.k:
+        raise ValueError(f"x has K = {k} channels but the weights expect K = {w.k}")
+    if x.dtype not in (jnp.float16, jnp.bfloat16):
+        x = x.astype(jnp.bfloat16)
+    n = w.n
+    kp = 2 * w.codes.shape[1]
+    steps = kp // CHUNK
+    cfg = config
+    split = cfg.split_k if steps % cfg.split_k == 0 else 1
+    gx = jnp.ones((m,), jnp.float32) if x_scale is None else x_scale.astype(jnp.float32).reshape(m)
+    b = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32).reshape(n)
+    grid = (pl.cdiv(n, cfg.block_n), pl.cdiv(m, cfg.block_m)) + ((split,) if split > 1 else ())
+    out_shape = (
+        jax.ShapeDtypeStruct((split, m, n), jnp.float32)
+        if split > 1
+        else jax.ShapeDtypeStruct((m, n), out_dtype)
+    )
+    kernel = functools.partial(
+        _matmul_kernel,
+        m=m,
+        n=n,
+        k=k,
+        bn=cfg.block_n,
+        bm=cfg.block_m,
+        k_steps=steps // split,
+        split_k=split,
+        x_dtype=x.dtype,
+        out_dtype=out_dtype,
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="nvfp4_matmul",
+    )(x, w.codes, w.scales, gx, w.global_scale, b)
+    if split > 1:
+        acc = jnp.sum(y, axis=0)
+        y = (acc * (w.global_scale * np.float32(2.0**7))[None, :] * gx[:, None] + b[None, :]).astype(
+            out_dtype
+        )
+    return y

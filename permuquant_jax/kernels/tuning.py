@@ -1,0 +1,38 @@
+"""Tuning tables of the kernels: configs are data, chosen by shape; `benchmarks/gemm.py --sweep`
+measures the candidates on the GPU and prints the rows to paste here.
+
+Measured on one H100 80GB HBM3 (JAX 0.11.2); see benchmarks/NOTES-kernels.md.
+"""
+
+from __future__ import annotations
+
+from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
+
+# (max M, max N or None, config), first match wins. Small M is bound by memory: many CTAs over N and
+# split K keep enough weight bytes in flight; large M is bound by the tensor cores.
+MATMUL_TABLE: tuple[tuple[int, MatmulConfig], ...] = (
+    (16, MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=4, split_k=4)),
+    (64, MatmulConfig(block_n=128, block_m=64, num_warps=4, num_stages=4, split_k=2)),
+    (1024, MatmulConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, split_k=1)),
+    (1 << 62, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1)),
+)
+
+# Activation quantization: (block_m, block_k, num_warps, num_stages).
+ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 16, "block_k": 256, "num_warps": 4, "num_stages": 1}
+
+
+def matmul_config(m: int, n: int, k: int) -> MatmulConfig:
+    """The tuned matmul config for an `[m, k] x [n, k]^T` product."""
+    del n, k
+    for max_m, cfg in MATMUL_TABLE:
+        if m <= max_m:
+            return cfg
+    return MATMUL_TABLE[-1][1]
+
+
+def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[str, int]:
+    """The tuned activation-quantization config; the tile width holds whole Hadamard blocks."""
+    cfg = dict(ACT_QUANT_CONFIG)
+    if hadamard_block and cfg["block_k"] < hadamard_block:
+        cfg["block_k"] = hadamard_block
+    return cfg
