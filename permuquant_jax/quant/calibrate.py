@@ -1,0 +1,264 @@
+"""Calibration: jitted passes over a model with observer modules in place of its linears.
+
+`calibrate(model, batches)` substitutes an `InputObserver` for every chosen linear, runs the model over
+the batches inside `jax.jit` (one compilation, float32 accumulators whatever the model dtype, nothing
+stored per token, so memory does not grow with the number of samples), restores the linears and returns
+`CalibrationStats`: per linear input, the per-channel sum of x^2, max |x|, the token count and the
+tensor amax (for static activation global scales). Stats save to / load from a single .npz.
+
+Observers are ordinary NNX modules holding `nnx.Variable` accumulators, so they work inside scanned
+(stacked) blocks: their accumulators carry the stack axes and the model's scan writes them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from permuquant_jax.quant.sites import Path, get_node, parse_path, path_str, set_node
+
+Forward = Callable[[nnx.Module, object], object]
+
+
+def default_forward(model: nnx.Module, batch: object) -> object:
+    """Call the model on a batch: a dict as keyword arguments, a tuple/list as positional, else one arg."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    return model(batch)
+
+
+class ObserverStat(nnx.Variable):
+    """An accumulator of an observer module (mutated by every forward pass)."""
+
+
+class InputObserver(nnx.Module):
+    """Stands in for a linear: returns `inner(x)` and accumulates statistics of x (float32)."""
+
+    def __init__(self, inner: nnx.Module):
+        self.inner = inner
+        kernel = inner.kernel.get_value()
+        stack, k = kernel.shape[:-2], kernel.shape[-2]
+        self.sumsq = ObserverStat(jnp.zeros((*stack, k), jnp.float32))
+        self.absmax = ObserverStat(jnp.zeros((*stack, k), jnp.float32))
+        self.count = ObserverStat(jnp.zeros(stack, jnp.int32))
+        self.amax = ObserverStat(jnp.zeros(stack, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+        ax = jnp.max(jnp.abs(xf), axis=0)
+        self.sumsq[...] = self.sumsq[...] + jnp.sum(xf * xf, axis=0)
+        self.absmax[...] = jnp.maximum(self.absmax[...], ax)
+        self.count[...] = self.count[...] + xf.shape[0]
+        self.amax[...] = jnp.maximum(self.amax[...], jnp.max(ax))
+        return self.inner(x)
+
+
+def substitute(
+    model: nnx.Module, paths: Iterable[Path], make: Callable[[Path, nnx.Module], nnx.Module]
+) -> dict:
+    """Replace the modules at `paths` by `make(path, module)`; return {path: original} to `restore`."""
+    originals = {}
+    for p in paths:
+        p = parse_path(p)
+        orig = get_node(model, p)
+        originals[p] = orig
+        set_node(model, p, make(p, orig))
+    return originals
+
+
+def restore(model: nnx.Module, originals: dict) -> None:
+    """Put back the modules replaced by `substitute`."""
+    for p, orig in originals.items():
+        set_node(model, p, orig)
+
+
+def run_passes(
+    model: nnx.Module,
+    batches: Iterable[object],
+    *,
+    forward: Forward = default_forward,
+    variables: type[nnx.Variable] = ObserverStat,
+    desc: str = "calibration",
+    progress: bool = True,
+    total: int | None = None,
+) -> int:
+    """Run `forward(model, batch)` for every batch inside one jitted step that carries only the
+    `variables` (donated, updated in place); the rest of the model is a read-only argument. Returns
+    the number of batches run. The model's variables of that type hold the result afterwards."""
+    graphdef, carried, rest = nnx.split(model, variables, ...)
+
+    @jax.jit
+    def step(carried, rest, batch):
+        m = nnx.merge(graphdef, carried, rest)
+        forward(m, batch)
+        return nnx.state(m, variables)
+
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+    n = 0
+    for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+        carried = step(carried, rest, batch)
+        n += 1
+    if n == 0:
+        raise ValueError(f"{desc}: no calibration batches were given (expected at least one)")
+    nnx.update(model, carried)
+    return n
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one (possibly stacked) linear; arrays carry the stack axes first."""
+
+    sumsq: np.ndarray  # [*stack, K]
+    absmax: np.ndarray  # [*stack, K]
+    count: np.ndarray  # [*stack]
+    amax: np.ndarray  # [*stack]
+
+    @property
+    def sq_mean(self) -> np.ndarray:
+        """Per-channel E[x^2] `[*stack, K]` (float64)."""
+        c = np.maximum(self.count.astype(np.float64), 1.0)[..., None]
+        return self.sumsq.astype(np.float64) / c
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of every observed linear input, by module path; `fingerprint` names shapes seen."""
+
+    layers: dict[Path, LayerStats]
+    batches: int = 0
+
+    def __getitem__(self, path: Path | str) -> LayerStats:
+        return self.layers[parse_path(path)]
+
+    def fingerprint(self) -> str:
+        """A hash of the observed paths and shapes (checked when stats are reused on a model)."""
+        desc = sorted((path_str(p), list(s.sumsq.shape)) for p, s in self.layers.items())
+        return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+    def save(self, file: str) -> None:
+        """Write all statistics to one .npz (keys '<path>/<field>')."""
+        arrays = {"__meta__": np.frombuffer(json.dumps({"batches": self.batches}).encode(), np.uint8)}
+        for p, s in self.layers.items():
+            for f in ("sumsq", "absmax", "count", "amax"):
+                arrays[f"{path_str(p)}/{f}"] = getattr(s, f)
+        with open(file, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, file: str) -> CalibrationStats:
+        """Read statistics written by `save`."""
+        with np.load(file) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            fields: dict[str, dict[str, np.ndarray]] = {}
+            for key in z.files:
+                if key == "__meta__":
+                    continue
+                p, f = key.rsplit("/", 1)
+                fields.setdefault(p, {})[f] = z[key]
+        layers = {parse_path(p): LayerStats(**d) for p, d in fields.items()}
+        return cls(layers=layers, batches=int(meta["batches"]))
+
+    def check_model(self, model: nnx.Module, paths: Sequence[Path]) -> None:
+        """Raise ValueError if these stats do not cover `paths` with matching input shapes."""
+        for p in paths:
+            p = parse_path(p)
+            if p not in self.layers:
+                raise ValueError(
+                    f"calibration statistics have no entry for {path_str(p)!r}; recalibrate this model "
+                    f"(the stats cover {len(self.layers)} layers)"
+                )
+            shape = tuple(get_node(model, p).kernel.get_value().shape[:-1])
+            if tuple(self.layers[p].sumsq.shape) != shape:
+                raise ValueError(
+                    f"calibration statistics for {path_str(p)!r} have shape {self.layers[p].sumsq.shape}, "
+                    f"the model's input is {shape}; recalibrate this model"
+                )
+
+
+def calibrate(
+    model: nnx.Module,
+    batches: Iterable[object],
+    paths: Sequence[Path],
+    *,
+    forward: Forward = default_forward,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Collect `CalibrationStats` for the inputs of the linears at `paths` (the model is left unchanged)."""
+    originals = substitute(model, paths, lambda p, m: InputObserver(m))
+    try:
+        n = run_passes(model, batches, forward=forward, desc="calibration", progress=progress)
+        layers = {}
+        for p in originals:
+            o = get_node(model, p)
+            layers[p] = LayerStats(
+                sumsq=np.asarray(o.sumsq[...]), absmax=np.asarray(o.absmax[...]),
+                count=np.asarray(o.count[...]), amax=np.asarray(o.amax[...]),
+            )
+    finally:
+        restore(model, originals)
+    return CalibrationStats(layers=layers, batches=n)
+
+
+# --------------------------------------------------------------------------- acceptance pass
+
+
+class EvalStat(nnx.Variable):
+    """An accumulator of the acceptance pass (per-candidate squared errors, reference energy, amax)."""
+
+
+class EvalInput(nnx.Variable):
+    """Read-only inputs of the acceptance pass (candidate orders and scales, with stack axes)."""
+
+
+class EvalPart(nnx.Module):
+    """Candidates for the input columns `[start, start+size)` of one consumer."""
+
+    def __init__(self, start: int, size: int, perms: np.ndarray, scales: np.ndarray | None):
+        self.start = int(start)
+        self.size = int(size)
+        stack, c = perms.shape[:-2], perms.shape[-2]
+        self.perms = EvalInput(jnp.asarray(perms, jnp.int32))
+        self.scales = EvalInput(None if scales is None else jnp.asarray(scales, jnp.float32))
+        self.err = EvalStat(jnp.zeros((*stack, c), jnp.float32))
+        self.ref = EvalStat(jnp.zeros(stack, jnp.float32))
+        self.amax = EvalStat(jnp.zeros((*stack, c), jnp.float32))
+
+
+class EvalObserver(nnx.Module):
+    """Stands in for a linear: returns `inner(x)` (float) and, for every candidate of every part,
+    accumulates the squared error of the quantized part output against float on this x."""
+
+    def __init__(self, inner: nnx.Module, parts: Sequence[EvalPart], format: str, hadamard_block: int | None):
+        self.inner = inner
+        self.parts = nnx.List(list(parts))
+        self.format = format
+        self.hadamard_block = hadamard_block
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from permuquant_jax.formats.registry import get_format
+        from permuquant_jax.quant.permute import part_errors
+
+        fmt = get_format(self.format)
+        xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+        w = self.inner.kernel[...]
+        for part in self.parts:
+            s, n = part.start, part.size
+            err, ref, amax = part_errors(
+                xf[:, s : s + n], w[s : s + n], part.perms[...], part.scales.get_value(),
+                fmt.act_fake_quant, fmt.weight_fake_quant, self.hadamard_block,
+            )
+            part.err[...] = part.err[...] + err
+            part.ref[...] = part.ref[...] + ref
+            part.amax[...] = jnp.maximum(part.amax[...], amax)
+        return self.inner(x)

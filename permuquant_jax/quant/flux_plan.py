@@ -1,0 +1,216 @@
+"""The FLUX.1 site plan, calibration batches along the sampling schedule, and `quantize_flux`.
+
+Sites of a stacked `DoubleStreamBlock` (per stream s in img, txt; one permutation per block):
+- `s_norm1` (norm): LayerNorm+modulation -> `s_attn.qkv`; modulation rows shift1 [0, H), scale1 [H, 2H);
+- `s_norm2` (norm): -> `s_mlp.fc1`; rows shift2 [3H, 4H), scale2 [4H, 5H);
+- `s_mlp` (rows): `s_mlp.fc1` output rows -> GELU -> `s_mlp.fc2` input;
+- `attn_v` (heads): the V rows [2H, 3H) of img and txt `qkv` -> img and txt `proj`, one permutation
+  shared by both streams (the joint attention mixes their tokens), within each head;
+- `s_mod` (gather): the modulation linear's input silu(vec).
+Sites of a stacked `SingleStreamBlock`: `norm` (-> linear1; shift [0, H), scale [H, 2H) of
+`modulation.lin`), `attn_v` (heads: linear1 rows [2H, 3H) -> linear2 columns [0, H)), `mlp` (rows:
+linear1 rows [3H, 3H+M) -> GELU -> linear2 columns [H, H+M)), `mod` (gather).
+The last layer: `final_mod` (gather on `adaLN_modulation`), `final_norm` (norm -> `linear`, used only
+when the final projection is quantized). The embedders stay in 16 bits by default (`FLUX_KEEP`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from permuquant_jax.quant.permute import DEFAULT_ALPHAS
+from permuquant_jax.quant.report import QuantReport
+from permuquant_jax.quant.sites import NormRef, Ref, Site
+
+# Embeddings in and out and the final projection stay in 16 bits, as in SVDQuant.
+FLUX_KEEP: tuple[str, ...] = (
+    "img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.linear",
+)
+
+
+def flux_sites(model: nnx.Module) -> list[Site]:
+    """The complete PermuQuant site plan of a `FluxDiT` (see the module docstring)."""
+    cfg = model.config
+    h, m, hd, nh = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.head_dim, cfg.num_heads
+    heads = (hd,) * nh
+    db, sb = "double_blocks", "single_blocks"
+    sites: list[Site] = []
+    for s in ("img", "txt"):
+        mod = (db, f"{s}_mod", "lin")
+        sites += [
+            Site(f"{db}.{s}_mod", "gather", h, consumers=(Ref(mod),)),
+            Site(f"{db}.{s}_norm1", "norm", h, consumers=(Ref((db, f"{s}_attn", "qkv")),),
+                 norm=NormRef((db, f"{s}_norm1", "perm"), mod, 0, h), scalable=True),
+            Site(f"{db}.{s}_norm2", "norm", h, consumers=(Ref((db, f"{s}_mlp", "fc1")),),
+                 norm=NormRef((db, f"{s}_norm2", "perm"), mod, 3 * h, 4 * h), scalable=True),
+            Site(f"{db}.{s}_mlp", "rows", m, consumers=(Ref((db, f"{s}_mlp", "fc2")),),
+                 producers=(Ref((db, f"{s}_mlp", "fc1")),)),
+        ]
+    sites.append(Site(
+        f"{db}.attn_v", "heads", h,
+        consumers=(Ref((db, "img_attn", "proj")), Ref((db, "txt_attn", "proj"))),
+        producers=(Ref((db, "img_attn", "qkv"), 2 * h), Ref((db, "txt_attn", "qkv"), 2 * h)),
+        segments=heads, scalable=True,
+    ))
+    smod = (sb, "modulation", "lin")
+    sites += [
+        Site(f"{sb}.mod", "gather", h, consumers=(Ref(smod),)),
+        Site(f"{sb}.norm", "norm", h, consumers=(Ref((sb, "linear1")),),
+             norm=NormRef((sb, "pre_norm", "perm"), smod, 0, h), scalable=True),
+        Site(f"{sb}.attn_v", "heads", h, consumers=(Ref((sb, "linear2"), 0),),
+             producers=(Ref((sb, "linear1"), 2 * h),), segments=heads, scalable=True),
+        Site(f"{sb}.mlp", "rows", m, consumers=(Ref((sb, "linear2"), h),),
+             producers=(Ref((sb, "linear1"), 3 * h),)),
+        Site("final_layer.mod", "gather", h, consumers=(Ref(("final_layer", "adaLN_modulation")),)),
+        Site("final_layer.norm", "norm", h, consumers=(Ref(("final_layer", "linear")),),
+             norm=NormRef(("final_layer", "norm_final", "perm"), ("final_layer", "adaLN_modulation"), 0, h),
+             scalable=True),
+    ]
+    return sites
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def flux_schedule(num_steps: int, image_seq_len: int, *, shift: bool = True, base_shift: float = 0.5,
+                  max_shift: float = 1.15) -> np.ndarray:
+    """BFL's sampling timesteps (num_steps + 1 values from 1 to 0).
+
+    With `shift` (FLUX.1-dev), t -> e^mu / (e^mu + 1/t - 1) with mu linear in the image sequence length
+    (base_shift at 256 tokens, max_shift at 4096 tokens); FLUX.1-schnell uses the plain linear schedule.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, found {num_steps}")
+    t = np.linspace(1.0, 0.0, num_steps + 1)
+    if shift:
+        slope = (max_shift - base_shift) / (4096 - 256)
+        mu = base_shift + slope * (image_seq_len - 256)
+        with np.errstate(divide="ignore"):
+            t = np.where(t > 0, np.exp(mu) / (np.exp(mu) + (1.0 / np.maximum(t, 1e-30) - 1.0)), 0.0)
+    return t.astype(np.float64)
+
+
+def img_position_ids(batch: int, h: int, w: int) -> np.ndarray:
+    """Position ids (0, row, col) of packed latents, `[batch, h*w, 3]` float32."""
+    ids = np.zeros((h, w, 3), np.float32)
+    ids[..., 1] = np.arange(h)[:, None]
+    ids[..., 2] = np.arange(w)[None, :]
+    return np.broadcast_to(ids.reshape(1, h * w, 3), (batch, h * w, 3)).copy()
+
+
+def load_text_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Precomputed text conditioning from an .npz: `txt` [N, S, 4096] (T5) and `y` [N, 768] (CLIP pooled)."""
+    with np.load(path) as z:
+        missing = [k for k in ("txt", "y") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; expected 'txt' [N, S, D] and 'y' [N, V] "
+                             f"(found {z.files})")
+        txt, y = np.asarray(z["txt"], np.float32), np.asarray(z["y"], np.float32)
+    if txt.ndim != 3 or y.ndim != 2 or txt.shape[0] != y.shape[0]:
+        raise ValueError(f"{path}: 'txt' must be [N, S, D] and 'y' [N, V] with the same N; found "
+                         f"{txt.shape} and {y.shape}")
+    return txt, y
+
+
+def flux_calibration_batches(
+    model: nnx.Module,
+    *,
+    text: str | tuple[np.ndarray, np.ndarray] | None = None,
+    num_samples: int = 2,
+    num_steps: int | None = None,
+    calib_steps: int | None = None,
+    height: int = 256,
+    width: int = 256,
+    txt_len: int = 32,
+    guidance: float = 3.5,
+    seed: int = 0,
+    batch_size: int = 1,
+) -> list[dict[str, jax.Array]]:
+    """DiT inputs along real sampling trajectories of the float `model`, for calibration.
+
+    For each sample: noise latents, then BFL's Euler sampler over `num_steps` steps of the schedule
+    (shifted for guidance-distilled models, i.e. dev; 50 steps for dev, 4 for schnell by default),
+    recording the DiT inputs at `calib_steps` of them spread over the schedule (default: all).
+    text: an .npz path or (txt, y) arrays; None generates synthetic embeddings (only sensible for the
+    tiny model). height/width are image pixels (latent tokens: height/16 * width/16).
+    """
+    cfg = model.config
+    if height % 16 or width % 16:
+        raise ValueError(f"height and width must be multiples of 16, found {height}x{width}")
+    rng = np.random.default_rng(seed)
+    if text is None:
+        txt_all = rng.standard_normal((num_samples, txt_len, cfg.context_in_dim)).astype(np.float32)
+        y_all = rng.standard_normal((num_samples, cfg.vec_in_dim)).astype(np.float32)
+    else:
+        txt_all, y_all = load_text_embeddings(text) if isinstance(text, str) else text
+        if txt_all.shape[-1] != cfg.context_in_dim or y_all.shape[-1] != cfg.vec_in_dim:
+            raise ValueError(f"text embeddings have widths {txt_all.shape[-1]}/{y_all.shape[-1]}, the model "
+                             f"expects {cfg.context_in_dim}/{cfg.vec_in_dim}")
+        reps = -(-num_samples // txt_all.shape[0])
+        txt_all, y_all = np.tile(txt_all, (reps, 1, 1))[:num_samples], np.tile(y_all, (reps, 1))[:num_samples]
+    hl, wl = height // 16, width // 16
+    dev = bool(cfg.guidance_embed)
+    steps = num_steps or (50 if dev else 4)
+    sched = flux_schedule(steps, hl * wl, shift=dev)
+    pick = np.arange(steps) if not calib_steps else np.unique(np.linspace(0, steps - 1, calib_steps).round())
+    pick = set(int(i) for i in pick)
+
+    @nnx.jit
+    def velocity(m, img, img_ids, txt, txt_ids, t, y, g):
+        return m(img, img_ids, txt, txt_ids, t, y, g)
+
+    batches = []
+    for b0 in range(0, num_samples, batch_size):
+        txt = jnp.asarray(txt_all[b0 : b0 + batch_size])
+        y = jnp.asarray(y_all[b0 : b0 + batch_size])
+        bs = txt.shape[0]
+        img = jnp.asarray(rng.standard_normal((bs, hl * wl, cfg.in_channels)).astype(np.float32))
+        img_ids = jnp.asarray(img_position_ids(bs, hl, wl))
+        txt_ids = jnp.zeros((bs, txt.shape[1], 3), jnp.float32)
+        g = jnp.full((bs,), guidance, jnp.float32) if dev else None
+        for i in range(steps):
+            t = jnp.full((bs,), sched[i], jnp.float32)
+            batch = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g)
+            if i in pick:
+                batches.append(batch)
+            if i < steps - 1:
+                v = velocity(model, img, img_ids, txt, txt_ids, t, y, g)
+                img = (img + (sched[i + 1] - sched[i]) * v.astype(jnp.float32)).astype(jnp.float32)
+    return batches
+
+
+def quantize_flux(
+    model: nnx.Module,
+    batches: Sequence[Any],
+    *,
+    method: str = "permuquant",
+    format: str = "nvfp4",
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    tau: float = 0.0,
+    keep_bf16: Sequence[str] = FLUX_KEEP,
+    hadamard_block: int | None = 64,
+    smooth_alpha: float = 0.5,
+    act_scale: str = "static",
+    stats=None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> tuple[nnx.Module, QuantReport]:
+    """Quantize a `FluxDiT` in place with the FLUX site plan; returns `(model, report)`.
+
+    batches: from `flux_calibration_batches` (dicts of DiT inputs). keep_bf16: module-path patterns left
+    in float (default: embedders and final projection). See `api.quantize_model` for the other options;
+    the report's `permutations`, `layers[...]["act_global_scale"]` and `arrays()` hold the metadata.
+    """
+    from permuquant_jax.quant.api import quantize_model
+
+    return quantize_model(
+        model, batches, method=method, format=format, sites=flux_sites(model), keep=tuple(keep_bf16),
+        alphas=alphas, tau=tau, hadamard_block=hadamard_block, smooth_alpha=smooth_alpha,
+        act_scale=act_scale, stats=stats, backend=backend, progress=progress,
+    )

@@ -1,0 +1,224 @@
+"""The quantized linear: an NNX module with the same `__call__(x)` as the model's `Linear`.
+
+It holds the quantized weight (NVFP4: packed E2M1 codes `[*, N, K/2]`, E4M3 block scales `[*, N, K/16]`
+and a float32 global scale per layer; other registry formats: the fake-quantized weight values
+`[*, N, K]`), the bias, and the activation settings: an optional run-time smoothing vector (input
+order), the gather index (`x[..., gather]`), the Hadamard block and the static activation global scale.
+Leading `*` axes are stack axes of scanned blocks; a scan slices them like any other variable.
+
+With `format=None` it is a float linear with the same input transforms (kernel `[*, K, N]`): that is
+what folding a `gather` site into a float model produces, and the quantization step starts from it.
+NVFP4 formats call `kernels.dispatch.nvfp4_linear`; the others use the registry's fake-quant math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from permuquant_jax.formats.hadamard import block_hadamard
+
+
+class QuantParam(nnx.Param):
+    """Storage of a quantized weight (codes, block scales, global scales, or fake-quantized values)."""
+
+
+class QuantInput(nnx.Variable):
+    """Activation-side settings of a `QuantLinear`: gather index, smoothing vector, static global scale."""
+
+
+def _is_nvfp4(format: str | None) -> bool:
+    return format is not None and format.startswith("nvfp4")
+
+
+def _vmap_leading(fn, n: int):
+    for _ in range(n):
+        fn = jax.vmap(fn)
+    return fn
+
+
+class QuantLinear(nnx.Module):
+    """A linear layer with a quantized weight and quantized (or float) activations. See the module doc."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        format: str | None,
+        stack: Sequence[int] = (),
+        use_bias: bool = True,
+        hadamard_block: int | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        backend: str = "auto",
+    ):
+        """An empty layer (zero weights) of this shape; `from_linear` fills one from a float linear."""
+        stack = tuple(stack)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.format = format
+        self.hadamard_block = hadamard_block
+        self.backend = backend
+        k, n = self.in_features, self.out_features
+        if format is None:
+            self.kernel = nnx.Param(jnp.zeros((*stack, k, n), param_dtype))
+        elif _is_nvfp4(format):
+            self.w_codes = QuantParam(jnp.zeros((*stack, n, k // 2), jnp.uint8))
+            self.w_scales = QuantParam(jnp.zeros((*stack, n, k // 16), jnp.float8_e4m3fn))
+            self.w_global = QuantParam(jnp.ones(stack, jnp.float32))
+        else:
+            self.w_values = QuantParam(jnp.zeros((*stack, n, k), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((*stack, n), param_dtype)) if use_bias else None
+        self.gather = QuantInput(None)
+        self.smooth = QuantInput(None)
+        self.act_scale = QuantInput(None)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nnx.Module,
+        *,
+        format: str | None,
+        hadamard_block: int | None = None,
+        act_global_scale: np.ndarray | float | None = None,
+        name: str = "linear",
+        backend: str = "auto",
+    ) -> QuantLinear:
+        """Quantize a float linear (kernel `[*, K, N]`, bias) or a float `QuantLinear` (keeps its gather
+        index and smoothing). The kernel is taken as is: fold permutations and scales into it first.
+
+        hadamard_block: rotate the weight offline along K (activations are rotated at run time).
+        act_global_scale: static activation global scale per layer (`[*stack]` or scalar); None = dynamic.
+        """
+        kernel = jnp.asarray(linear.kernel.get_value())
+        stack = kernel.shape[:-2]
+        k, n = kernel.shape[-2:]
+        bias = getattr(linear, "bias", None)
+        bias = None if bias is None else bias.get_value()
+        q = cls(k, n, format=format, stack=stack, use_bias=bias is not None, hadamard_block=hadamard_block,
+                param_dtype=kernel.dtype, backend=backend)
+        if isinstance(linear, QuantLinear):
+            q.gather.set_value(linear.gather.get_value())
+            q.smooth.set_value(linear.smooth.get_value())
+        if bias is not None:
+            q.bias.set_value(bias)
+        if format is None:
+            if hadamard_block:
+                raise ValueError("a float QuantLinear (format=None) takes no Hadamard block")
+            q.kernel.set_value(kernel)
+            return q
+        from permuquant_jax.formats.common import check_finite
+        from permuquant_jax.formats.registry import get_format
+
+        fmt = get_format(format)
+        if k % fmt.group:
+            raise ValueError(
+                f"{name}: {k} input channels are not a multiple of the {format} group size {fmt.group}; "
+                "keep this layer in 16 bits (keep patterns) or pad it"
+            )
+        check_finite(kernel, name)
+        w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)  # [*, N, K]
+        if hadamard_block:
+            if k % hadamard_block:
+                raise ValueError(f"{name}: Hadamard block {hadamard_block} does not divide K = {k}")
+            w = block_hadamard(w, hadamard_block)
+        if _is_nvfp4(format):
+            from permuquant_jax.formats import nvfp4
+
+            t = _vmap_leading(lambda a: nvfp4.quantize(a), len(stack))(w)
+            q.w_codes.set_value(t.codes)
+            q.w_scales.set_value(t.scales)
+            q.w_global.set_value(jnp.asarray(t.global_scale, jnp.float32).reshape(stack))
+        else:
+            wq = _vmap_leading(fmt.weight_fake_quant, len(stack))(w)
+            q.w_values.set_value(wq.astype(kernel.dtype))
+        if act_global_scale is not None and fmt.act_bits is not None:
+            q.act_scale.set_value(jnp.broadcast_to(jnp.asarray(act_global_scale, jnp.float32), stack))
+        return q
+
+    def compose_gather(self, perm: np.ndarray, start: int, size: int) -> None:
+        """Reorder the gathered input columns `[start, start+size)` by `perm [*stack, size]`."""
+        from permuquant_jax.quant.sites import _permute_axis
+
+        perm = jnp.asarray(perm, jnp.int32)
+        g = self.gather.get_value()
+        if g is None:
+            stack = perm.shape[:-1]
+            g = jnp.broadcast_to(jnp.arange(self.in_features, dtype=jnp.int32), (*stack, self.in_features))
+        self.gather.set_value(_permute_axis(g, perm, -1, start, size).astype(jnp.int32))
+
+    def set_smoothing(self, inv_scale: np.ndarray, start: int, size: int) -> None:
+        """Multiply input columns `[start, start+size)` by `inv_scale [*stack, size]` at run time.
+
+        Must come before any gather (the vector is in input order, which then equals kernel order).
+        """
+        if self.gather.get_value() is not None:
+            raise ValueError("set_smoothing must be applied before a gather permutation on the same layer")
+        v = jnp.asarray(inv_scale, jnp.float32)
+        sm = self.smooth.get_value()
+        if sm is None:
+            sm = jnp.ones((*v.shape[:-1], self.in_features), jnp.float32)
+        self.smooth.set_value(sm.at[..., start : start + size].multiply(v))
+
+    # ------------------------------------------------------------------ forward
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight storage (codes and scales, or values) and bias."""
+        total = 0
+        for _, v in nnx.state(self, nnx.Param).flat_state():
+            a = v.get_value()
+            total += a.size * a.dtype.itemsize
+        return int(total)
+
+    def _input(self, x: jax.Array) -> jax.Array:
+        sm = self.smooth.get_value()
+        if sm is not None:
+            x = (x.astype(jnp.float32) * sm).astype(x.dtype)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects {self.in_features} input features, found shape {x.shape}")
+        x = self._input(x)
+        g = self.gather.get_value()
+        bias = None if self.bias is None else self.bias.get_value()
+        if self.format is None:
+            if g is not None:
+                x = jnp.take(x, g, axis=-1)
+            y = jnp.dot(x, self.kernel.get_value())
+            return y if bias is None else y + bias
+        if _is_nvfp4(self.format):
+            from permuquant_jax.formats.nvfp4 import NVFP4Tensor
+            from permuquant_jax.formats.registry import get_format
+            from permuquant_jax.kernels.dispatch import nvfp4_linear
+
+            w = NVFP4Tensor(
+                codes=self.w_codes.get_value(), scales=self.w_scales.get_value(),
+                global_scale=self.w_global.get_value(),
+            )
+            return nvfp4_linear(
+                x, w, bias, act_global_scale=self.act_scale.get_value(), gather=g,
+                hadamard_block=self.hadamard_block, w4a16=get_format(self.format).act_bits is None,
+                out_dtype=x.dtype, backend=self.backend,
+            )
+        from permuquant_jax.formats.registry import get_format
+
+        fmt = get_format(self.format)
+        xf = x.astype(jnp.float32)
+        if g is not None:
+            xf = jnp.take(xf, g, axis=-1)
+        if self.hadamard_block:
+            xf = block_hadamard(xf, self.hadamard_block)
+        if fmt.act_bits is not None:
+            xf = fmt.act_fake_quant(xf)
+        y = jnp.matmul(xf, self.w_values.get_value().astype(jnp.float32).T)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        return y.astype(x.dtype)

@@ -1,0 +1,280 @@
+"""Choosing channel orders: the joint second-moment criterion, candidate orders, and acceptance.
+
+The paper's score for input channel i of a linear y = x W^T is
+v_i = (mu_a[i]^2)^alpha * (mu_w[i]^2)^(1 - alpha), with mu_a[i] = E[x_i^2] over calibration tokens and
+mu_w[i] = mean_j W[j, i]^2. Only the order matters, so we sort by alpha*log(mu_a) + (1-alpha)*log(mu_w)
+(descending, stable, so equal scores keep their original order and results are deterministic).
+
+Every candidate order is judged by the error it gives where it matters: the relative error of the
+quantized layer output against float on calibration data. `part_errors` is that measurement, shared by
+the single-layer `choose_for_layer` and the model-wide acceptance pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from permuquant_jax.formats.hadamard import block_hadamard
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+_EPS = 1e-30
+
+
+def _segment_lengths(
+    size: int, segments: Sequence[int] | int | None, group: int, what: str
+) -> tuple[int, ...]:
+    """Normalize `segments`: None (one segment), an int (equal segments) or a sequence of lengths."""
+    if segments is None:
+        segs: tuple[int, ...] = (size,)
+    elif isinstance(segments, int | np.integer):
+        if segments <= 0 or size % int(segments):
+            raise ValueError(f"{what}: segment length {segments} must divide the channel count {size}")
+        segs = (int(segments),) * (size // int(segments))
+    else:
+        segs = tuple(int(s) for s in segments)
+        if sum(segs) != size or min(segs) <= 0:
+            raise ValueError(f"{what}: segment lengths {segs} must be positive and sum to {size}")
+    bad = [s for s in segs if s % group]
+    if bad:
+        raise ValueError(
+            f"{what}: every segment must hold whole quantization groups of {group} channels; "
+            f"found segment lengths {sorted(set(bad))}"
+        )
+    return segs
+
+
+def order_from_moments(
+    act_sq_mean: np.ndarray,
+    weight_sq_mean: np.ndarray,
+    alpha: float = 0.5,
+    segments: Sequence[int] | int | None = None,
+    group: int = 16,
+) -> np.ndarray:
+    """Channels sorted by the joint score (descending) within each segment; int32 permutation."""
+    mu_a = np.asarray(act_sq_mean, np.float64)
+    mu_w = np.asarray(weight_sq_mean, np.float64)
+    if mu_a.shape != mu_w.shape or mu_a.ndim != 1:
+        raise ValueError(
+            f"activation and weight moments must be 1-D of one length; found {mu_a.shape} and {mu_w.shape}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], found {alpha}")
+    score = alpha * np.log(np.maximum(mu_a, _EPS)) + (1.0 - alpha) * np.log(np.maximum(mu_w, _EPS))
+    segs = _segment_lengths(mu_a.size, segments, group, "order_from_moments")
+    out = []
+    start = 0
+    for n in segs:
+        out.append(start + np.argsort(-score[start : start + n], kind="stable"))
+        start += n
+    return np.concatenate(out).astype(np.int32)
+
+
+def joint_order(
+    act_sq_mean: np.ndarray | jax.Array,
+    weight: np.ndarray | jax.Array,
+    alpha: float = 0.5,
+    group: int = 16,
+    segments: Sequence[int] | int | None = None,
+) -> np.ndarray:
+    """The paper's joint second-moment order of the input channels of one linear layer.
+
+    act_sq_mean: `[K]` mean of x_i^2 over calibration tokens. weight: `[N, K]` (PyTorch layout: rows
+    are output channels; pass `kernel.T` for an NNX kernel `[K, N]`). Returns an int32 permutation
+    `p` (`x[..., p]` and `weight[:, p]` are the reordered operands), channels sorted by descending
+    score, within each segment if `segments` is given (an int length or a sequence of lengths).
+    """
+    w = np.asarray(weight, np.float64)
+    k = np.asarray(act_sq_mean).shape[-1]
+    if w.ndim != 2 or w.shape[1] != k:
+        raise ValueError(
+            f"weight must be [N, K] with K = len(act_sq_mean) = {k} (PyTorch layout; pass kernel.T for an "
+            f"NNX kernel [K, N]); found shape {w.shape}"
+        )
+    if k % group:
+        raise ValueError(f"the channel count {k} must be a multiple of the group size {group}")
+    return order_from_moments(np.asarray(act_sq_mean), np.mean(w * w, axis=0), alpha, segments, group)
+
+
+def deal_order(order: np.ndarray, block: int, segments: Sequence[int] | int | None = None) -> np.ndarray:
+    """Deal a sorted order round-robin into blocks of `block` channels (within each segment).
+
+    Position j of the sorted order goes to block j mod n_blocks, so every block (a quantization group or
+    a Hadamard block) receives one channel of each rank band: large channels are spread out instead of
+    packed together (DuQuant's zigzag). Used as an extra candidate before a block Hadamard rotation.
+    """
+    order = np.asarray(order)
+    segs = _segment_lengths(order.size, segments, block, "deal_order")
+    out = []
+    start = 0
+    for n in segs:
+        seg = order[start : start + n]
+        nb = n // block
+        # sorted position j -> block j % nb, slot j // nb
+        out.append(seg.reshape(block, nb).T.reshape(-1))
+        start += n
+    return np.concatenate(out).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate transform of a channel space: an order and (SmoothQuant) per-channel scales."""
+
+    label: str
+    perm: np.ndarray  # int32 [n]
+    scale: np.ndarray | None = None  # float32 [n] in original channel order: x / scale, W * scale
+
+
+def make_candidates(
+    act_sq_mean: np.ndarray,
+    weight_sq_mean: np.ndarray,
+    *,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    segments: Sequence[int] | int | None = None,
+    group: int = 16,
+    deal_block: int | None = None,
+    include_identity: bool = True,
+    dedup: bool = True,
+) -> list[Candidate]:
+    """Identity (first, the reference the acceptance rule compares to) and the joint order per alpha.
+
+    With `deal_block`, each sorted order is also offered dealt into blocks of that size (for the
+    Hadamard variant). With `dedup`, orders equal to one already listed are dropped (keep them to get
+    the same number of candidates for every layer of a stack).
+    """
+    n = np.asarray(act_sq_mean).size
+    cands: list[Candidate] = []
+    seen: set[bytes] = set()
+
+    def add(label: str, perm: np.ndarray) -> None:
+        key = perm.tobytes()
+        if not dedup or key not in seen:
+            seen.add(key)
+            cands.append(Candidate(label, perm))
+
+    if include_identity:
+        add("identity", np.arange(n, dtype=np.int32))
+    for a in alphas:
+        order = order_from_moments(act_sq_mean, weight_sq_mean, float(a), segments, group)
+        add(f"sort(a={a:g})", order)
+        if deal_block:
+            add(f"deal{deal_block}(a={a:g})", deal_order(order, deal_block, segments))
+    if not cands:
+        raise ValueError("no candidate orders: give at least one alpha or include the identity")
+    return cands
+
+
+def part_errors(
+    x: jax.Array,
+    w_kn: jax.Array,
+    perms: jax.Array,
+    scales: jax.Array | None,
+    act_fake_quant,
+    weight_fake_quant,
+    hadamard_block: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Squared output error of each candidate for one linear (or one column range of it). Jittable.
+
+    x `[T, n]`, w_kn `[n, N]` (NNX kernel layout), perms `[C, n]` int, scales `[C, n]` or None.
+    For candidate c: x' = (x / s)[:, p], W' = (W * s)[p]; optionally block-Hadamard both along n;
+    y_q = Q_a(x') Q_w(W'^T)^T. Returns (sum of (y_q - y)^2 per candidate `[C]`, sum of y^2 (scalar),
+    max |x'| per candidate `[C]`), all float32; y = x W at full float32 precision.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    x = x.astype(jnp.float32)
+    w = w_kn.astype(jnp.float32)
+    y = jnp.matmul(x, w, precision=hi)
+    ref = jnp.sum(y * y)
+
+    def one(args):
+        p, s = args
+        xc, wc = x, w
+        if s is not None:
+            xc = xc / s
+            wc = wc * s[:, None]
+        xc = jnp.take(xc, p, axis=1)
+        wt = jnp.take(wc, p, axis=0).T  # [N, n]
+        if hadamard_block:
+            xc = block_hadamard(xc, hadamard_block)
+            wt = block_hadamard(wt, hadamard_block)
+        yq = jnp.matmul(act_fake_quant(xc), weight_fake_quant(wt).T, precision=hi)
+        d = yq - y
+        return jnp.sum(d * d), jnp.max(jnp.abs(xc))
+
+    err, amax = jax.lax.map(one, (perms, scales))
+    return err, ref, amax
+
+
+def _fmt(format):
+    from permuquant_jax.formats.registry import get_format
+
+    return get_format(format) if isinstance(format, str) else format
+
+
+@functools.partial(jax.jit, static_argnames=("format_name", "hadamard_block"))
+def _layer_errors(x, w_kn, perms, scales, format_name, hadamard_block):
+    fmt = _fmt(format_name)
+    return part_errors(x, w_kn, perms, scales, fmt.act_fake_quant, fmt.weight_fake_quant, hadamard_block)
+
+
+def accept(errors: Sequence[float], tau: float = 0.0, identity_index: int = 0) -> tuple[int, bool, float]:
+    """The acceptance rule: (index kept, accepted?, relative gain of the best candidate).
+
+    The best candidate is kept only if (E_identity - E_best) / E_identity > tau; otherwise the
+    identity (`identity_index`) is kept. A zero identity error accepts nothing.
+    """
+    e = np.asarray(errors, np.float64)
+    best = int(np.argmin(e))
+    e_id = float(e[identity_index])
+    gain = (e_id - float(e[best])) / e_id if e_id > 0 else 0.0
+    if best != identity_index and gain > tau:
+        return best, True, gain
+    return identity_index, False, gain
+
+
+def choose_for_layer(
+    x_calib: np.ndarray | jax.Array,
+    weight: np.ndarray | jax.Array,
+    *,
+    format: str = "nvfp4",
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    tau: float = 0.0,
+    segments: Sequence[int] | int | None = None,
+    hadamard_block: int | None = None,
+) -> tuple[np.ndarray | None, dict]:
+    """Choose a channel order for one linear from its calibration activations.
+
+    x_calib `[..., K]` (activations of the layer input), weight `[N, K]` (PyTorch layout). Candidates:
+    the identity and the joint order for each alpha; each is scored by the relative output error of the
+    quantized layer (`format` from the registry, optional block Hadamard after the order) against float
+    on `x_calib`. Returns `(perm, report)`: `perm` is None when the identity is kept.
+    """
+    fmt = _fmt(format)
+    x = jnp.asarray(x_calib, jnp.float32)
+    w = np.asarray(weight, np.float32)
+    k = x.shape[-1]
+    if w.ndim != 2 or w.shape[1] != k:
+        raise ValueError(f"weight must be [N, K] with K = x_calib.shape[-1] = {k}; found shape {w.shape}")
+    x = x.reshape(-1, k)
+    mu_a = np.asarray(jnp.mean(x * x, axis=0))
+    cands = make_candidates(
+        mu_a, np.mean(w.astype(np.float64) ** 2, axis=0), alphas=alphas, segments=segments, group=fmt.group
+    )
+    perms = jnp.asarray(np.stack([c.perm for c in cands]))
+    err, ref, _ = _layer_errors(x, jnp.asarray(w.T), perms, None, fmt.name, hadamard_block)
+    rel = np.asarray(err, np.float64) / max(float(ref), _EPS)
+    idx, accepted, gain = accept(rel, tau)
+    report = {
+        "candidates": [{"label": c.label, "error": float(e)} for c, e in zip(cands, rel, strict=True)],
+        "chosen": cands[idx].label,
+        "accepted": accepted,
+        "gain": gain,
+        "error_identity": float(rel[0]),
+        "error_chosen": float(rel[idx]),
+    }
+    return (cands[idx].perm if accepted else None), report
