@@ -1,0 +1,372 @@
+"""``load_flux``: FLUX.1 checkpoints as people download them -> :class:`FluxDiT`.
+
+Reads a Black Forest Labs single file (``flux1-dev.safetensors``; keys with or without the
+``model.diffusion_model.`` prefix of ComfyUI files), a diffusers ``transformer/`` folder
+(``config.json`` + one or more ``diffusion_pytorch_model*.safetensors`` + index) or a whole diffusers
+pipeline folder. Keys and shapes are checked against the inferred config before any tensor is read;
+tensors are then streamed one by one, converted to the requested dtype and placed into the model, so
+the peak host memory stays close to the size of the output model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from permuquant_jax.convert.keymap import SourceTensor, bfl_keymap, diffusers_keymap
+from permuquant_jax.convert.safetensors_io import FLOAT_DTYPES, CheckpointError, SafetensorsFile
+from permuquant_jax.models.flux import FluxConfig, FluxDiT
+
+BFL_PREFIX = "model.diffusion_model."
+CONFIG_METADATA_KEY = "permuquant.flux_config"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+_LOADABLE = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def default_checkpoint_path() -> Path:
+    """The tiny FLUX-architecture checkpoint (BFL layout) shipped inside the package."""
+    return Path(str(importlib.resources.files("permuquant_jax") / "assets" / "flux_tiny.safetensors"))
+
+
+@dataclasses.dataclass
+class CheckpointSource:
+    """An opened checkpoint: its layout, where each (unprefixed) key lives, and config hints."""
+
+    path: Path
+    layout: str  # "bfl" or "diffusers"
+    files: dict[str, SafetensorsFile]  # unprefixed key -> file holding it
+    stored_key: dict[str, str]  # unprefixed key -> key as stored
+    diffusers_config: dict | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.files[key].tensors[self.stored_key[key]].shape
+
+    def read(self, key: str) -> np.ndarray:
+        return self.files[key].read(self.stored_key[key])
+
+    def where(self, key: str) -> Path:
+        return self.files[key].path
+
+
+def open_checkpoint(path: str | os.PathLike | None = None) -> CheckpointSource:
+    """Find and open the transformer weights at ``path`` (file or folder; None = the embedded tiny)."""
+    path = default_checkpoint_path() if path is None else Path(path)
+    if path.is_file():
+        return _from_files(path, [SafetensorsFile(path)])
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if (path / "transformer").is_dir():
+        return _open_diffusers_dir(path / "transformer")
+    if (path / "config.json").is_file():
+        return _open_diffusers_dir(path)
+    single = sorted(path.glob("*.safetensors"))
+    if len(single) == 1 and not (path / "model_index.json").exists():
+        return _from_files(single[0], [SafetensorsFile(single[0])])
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
+    raise CheckpointError(
+        f"{path}: no FLUX transformer in this directory: expected transformer/ (a diffusers pipeline), "
+        f"config.json + {DIFFUSERS_WEIGHTS} (a diffusers transformer folder) or a single .safetensors "
+        f"file; found: [{shown}]")
+
+
+def _open_diffusers_dir(folder: Path) -> CheckpointSource:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: a diffusers transformer folder needs config.json; not found")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    cls = config.get("_class_name", "FluxTransformer2DModel")
+    if cls != "FluxTransformer2DModel":
+        raise CheckpointError(f"{config_path}: _class_name is '{cls}', expected 'FluxTransformer2DModel'")
+    index_path = folder / DIFFUSERS_INDEX
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a safetensors index (expected a JSON object with "
+                                  f"'weight_map': {e!r})") from None
+        shards: dict[str, SafetensorsFile] = {}
+        for key, shard in weight_map.items():
+            if shard not in shards:
+                if not (folder / shard).is_file():
+                    raise CheckpointError(f"{folder / shard}: shard listed in {index_path.name} (for key "
+                                          f"'{key}') does not exist")
+                shards[shard] = SafetensorsFile(folder / shard)
+            if key not in shards[shard].tensors:
+                raise CheckpointError(f"{folder / shard}: the index says it holds key '{key}', but the "
+                                      "file has no such tensor")
+        files = list(shards.values())
+    elif (folder / DIFFUSERS_WEIGHTS).is_file():
+        files = [SafetensorsFile(folder / DIFFUSERS_WEIGHTS)]
+    else:
+        raise CheckpointError(
+            f"{folder}: has config.json but neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
+    source = _from_files(folder, files)
+    if source.layout != "diffusers":
+        raise CheckpointError(f"{folder}: config.json describes a diffusers FluxTransformer2DModel but the "
+                              f"weights use the BFL key layout (key '{next(iter(source.stored_key))}')")
+    source.diffusers_config = config
+    return source
+
+
+def _from_files(path: Path, files: list[SafetensorsFile]) -> CheckpointSource:
+    where: dict[str, SafetensorsFile] = {}
+    for f in files:
+        for k in f.tensors:
+            if k in where:
+                raise CheckpointError(f"{f.path}: key '{k}' also appears in {where[k].path}")
+            where[k] = f
+    keys = list(where)
+    bfl = [k for k in keys if k == "img_in.weight" or k.endswith(".img_in.weight")]
+    if bfl:
+        prefix = min(bfl, key=len)[: -len("img_in.weight")]
+        # An all-in-one file (ComfyUI) also holds the VAE and text encoders outside the prefix.
+        selected = [k for k in keys if k.startswith(prefix)] if prefix else keys
+        layout = "bfl"
+    elif "x_embedder.weight" in where:
+        prefix, selected, layout = "", keys, "diffusers"
+    else:
+        _raise_foreign(path, keys)
+    stored = {k[len(prefix):]: k for k in selected}
+    return CheckpointSource(
+        path=path, layout=layout, files={k: where[s] for k, s in stored.items()}, stored_key=stored,
+        metadata=dict(files[0].metadata) if len(files) == 1 else {})
+
+
+_FOREIGN = (
+    ("a VAE (autoencoder)", re.compile(r"(^|\.)(decoder\.(conv_in|up|mid)|quant_conv|post_quant_conv)")),
+    ("an SD-family UNet", re.compile(r"(^|\.)(input_blocks|output_blocks|down_blocks\.\d+\.resnets|"
+                                     r"time_embed\.|time_embedding\.)")),
+    ("an SD3 MMDiT", re.compile(r"(^|\.)joint_blocks\.")),
+    ("a T5 text encoder", re.compile(r"(^|\.)encoder\.block\.\d+\.layer")),
+    ("a CLIP text encoder", re.compile(r"(^|\.)text_model\.")),
+)
+
+
+def _raise_foreign(path: Path, keys: list[str]):
+    if not keys:
+        raise CheckpointError(f"{path}: holds no tensors; expected a FLUX.1 transformer checkpoint")
+    what, hit = "another model", keys[0]
+    for name, pattern in _FOREIGN:
+        match = next((k for k in keys if pattern.search(k)), None)
+        if match is not None:
+            what, hit = name, match
+            break
+    raise CheckpointError(
+        f"{path}: not a FLUX.1 transformer checkpoint: it looks like {what} (key '{hit}'); expected key "
+        "'img_in.weight' (BFL layout) or 'x_embedder.weight' (diffusers layout)")
+
+
+def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """RoPE axes for a head dim: FLUX's (16, 56, 56) for 128, the same proportions otherwise."""
+    a0 = 2 * max(1, round(head_dim / 16))
+    a1 = 2 * ((head_dim - a0) // 4)
+    return a0, a1, head_dim - a0 - a1
+
+
+def infer_config(source: CheckpointSource) -> FluxConfig:
+    """The :class:`FluxConfig` a checkpoint describes (diffusers config.json, else keys and shapes)."""
+
+    def shape(key: str, expected: str) -> tuple[int, ...]:
+        if key not in source.stored_key:
+            raise CheckpointError(f"{source.path}: missing key '{key}' (expected {expected})")
+        return source.shape(key)
+
+    def count(prefix: str) -> int:
+        pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+        idx = [int(m.group(1)) for k in source.stored_key if (m := pat.match(k))]
+        return max(idx) + 1 if idx else 0
+
+    if source.diffusers_config is not None:
+        c = source.diffusers_config
+        if c.get("patch_size", 1) != 1:
+            raise CheckpointError(f"{source.path}/config.json: patch_size is {c['patch_size']}, expected 1 "
+                                  "(FLUX packs 2x2 latents before the transformer)")
+        try:
+            heads, head_dim = int(c.get("num_attention_heads", 24)), int(c.get("attention_head_dim", 128))
+            fields = dict(
+                in_channels=int(c.get("in_channels", 64)),
+                out_channels=int(c.get("out_channels") or c.get("in_channels", 64)),
+                vec_in_dim=int(c.get("pooled_projection_dim", 768)),
+                context_in_dim=int(c.get("joint_attention_dim", 4096)),
+                hidden_size=heads * head_dim, num_heads=heads,
+                depth=int(c.get("num_layers", 19)), depth_single_blocks=int(c.get("num_single_layers", 38)),
+                axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
+                guidance_embed=bool(c.get("guidance_embeds", False)),
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source.path}/config.json: bad value ({e})") from None
+        mlp = shape("transformer_blocks.0.ff.net.0.proj.weight", "a [mlp_hidden, hidden] weight")[0]
+        fields["mlp_ratio"] = mlp / fields["hidden_size"]
+    else:
+        diff = source.layout == "diffusers"
+        names = (("x_embedder", "context_embedder", "time_text_embed.text_embedder.linear_1", "proj_out",
+                  "transformer_blocks.", "single_transformer_blocks.",
+                  "transformer_blocks.0.attn.norm_q.weight",
+                  "transformer_blocks.0.ff.net.0.proj.weight", "time_text_embed.guidance_embedder.",
+                  "transformer_blocks.0.attn.to_q.bias") if diff else
+                 ("img_in", "txt_in", "vector_in.in_layer", "final_layer.linear", "double_blocks.",
+                  "single_blocks.", "double_blocks.0.img_attn.norm.query_norm.scale",
+                  "double_blocks.0.img_mlp.0.weight", "guidance_in.", "double_blocks.0.img_attn.qkv.bias"))
+        img_in, txt_in, vec_in, final, dbl, sgl, qnorm, fc1, guid, qkv_bias = names
+        hidden, in_ch = shape(img_in + ".weight", "a [hidden, in_channels] weight")
+        depth, depth_single = count(dbl), count(sgl)
+        if depth == 0 or depth_single == 0:
+            raise CheckpointError(f"{source.path}: found {depth} '{dbl}N.*' and {depth_single} '{sgl}N.*' "
+                                  "blocks; a FLUX.1 transformer has at least one of each")
+        head_dim = shape(qnorm, "a [head_dim] scale")[0]
+        if head_dim < 1 or hidden % head_dim:
+            raise CheckpointError(f"{source.path}: key '{qnorm}': head dim {head_dim} does not divide the "
+                                  f"hidden size {hidden} (from '{img_in}.weight')")
+        # RoPE axes cannot be read off the weights: FLUX's for head dim 128 unless the file says.
+        axes, theta = default_axes_dim(head_dim), 10_000
+        meta = source.metadata.get(CONFIG_METADATA_KEY)
+        if meta:
+            try:
+                meta_cfg = json.loads(meta)
+                axes, theta = tuple(meta_cfg["axes_dim"]), int(meta_cfg.get("theta", theta))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{source.path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON "
+                                      f"object with 'axes_dim': {meta[:80]!r}") from None
+        fields = dict(
+            in_channels=in_ch, out_channels=shape(final + ".weight", "a [out_channels, hidden] weight")[0],
+            vec_in_dim=shape(vec_in + ".weight", "a [hidden, vec_in_dim] weight")[1],
+            context_in_dim=shape(txt_in + ".weight", "a [hidden, context_in_dim] weight")[1],
+            hidden_size=hidden, num_heads=hidden // head_dim,
+            mlp_ratio=shape(fc1, "a [mlp_hidden, hidden] weight")[0] / hidden,
+            depth=depth, depth_single_blocks=depth_single, axes_dim=axes, theta=theta,
+            guidance_embed=any(k.startswith(guid) for k in source.stored_key),
+            qkv_bias=qkv_bias in source.stored_key or diff,
+        )
+    try:
+        return FluxConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{source.path}: inconsistent FLUX config from the checkpoint: {e}") from None
+
+
+def read_flux_config(path: str | os.PathLike | None = None) -> FluxConfig:
+    """The :class:`FluxConfig` of the checkpoint at ``path``, from its header only."""
+    return infer_config(open_checkpoint(path))
+
+
+def _check_keys(source: CheckpointSource, table: dict[str, SourceTensor], cfg: FluxConfig) -> None:
+    present = source.stored_key
+    missing = [k for k in table if k not in present]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{source.path}: missing key '{_stored(source, missing[0])}' (expected shape "
+            f"{list(table[missing[0]].shape)}){more}; the checkpoint's other keys describe {_describe(cfg)}")
+    unexpected = [k for k in present if k not in table]
+    if unexpected:
+        k = unexpected[0]
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{source.where(k)}: unexpected key '{present[k]}' (shape {list(source.shape(k))}){more}; "
+            f"not part of a FLUX.1 transformer with {_describe(cfg)}")
+    for k, entry in table.items():
+        found = source.shape(k)
+        if found != entry.shape:
+            raise CheckpointError(
+                f"{source.where(k)}: key '{present[k]}': expected shape {list(entry.shape)}, found "
+                f"{list(found)} (for {_describe(cfg)})")
+        dtype = source.files[k].tensors[present[k]].dtype
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source.where(k)}: key '{present[k]}': expected a float tensor "
+                                  f"(BF16, F16, F32, F8_E4M3), found {dtype}")
+
+
+def _stored(source: CheckpointSource, key: str) -> str:
+    prefix = ""
+    if source.stored_key:
+        k0, s0 = next(iter(source.stored_key.items()))
+        prefix = s0[: len(s0) - len(k0)]
+    return prefix + key
+
+
+def _describe(cfg: FluxConfig) -> str:
+    return (f"hidden_size={cfg.hidden_size}, heads={cfg.num_heads}, depth={cfg.depth}+"
+            f"{cfg.depth_single_blocks}, mlp={cfg.mlp_hidden_dim}, guidance_embed={cfg.guidance_embed}")
+
+
+def load_flux(
+    path: str | os.PathLike | None = None,
+    dtype=jnp.bfloat16,
+    *,
+    config: FluxConfig | None = None,
+    attention_impl: str | None = None,
+    progress: bool = False,
+) -> FluxDiT:
+    """Load a FLUX.1 transformer checkpoint into a :class:`FluxDiT` with parameters in ``dtype``.
+
+    ``path``: a BFL single ``.safetensors`` file, a diffusers ``transformer/`` folder, a diffusers
+    pipeline folder, or None for the tiny model shipped in the package. ``config`` overrides the
+    config inferred from the checkpoint (keys and shapes are checked against it). Stored tensors may
+    be BF16, F16, F32 or F8_E4M3; each is read, cast to ``dtype`` and placed in turn.
+
+    Raises :class:`CheckpointError` (a ``ValueError``) with a one-line message for anything that is
+    not a loadable FLUX.1 transformer.
+    """
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _LOADABLE]:
+        raise ValueError(f"load_flux: dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    source = open_checkpoint(path)
+    cfg = config or infer_config(source)
+    table = bfl_keymap(cfg) if source.layout == "bfl" else diffusers_keymap(cfg)
+    _check_keys(source, table, cfg)
+
+    model = nnx.eval_shape(
+        lambda: FluxDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl))
+    by_target: dict[tuple[str, ...], list[SourceTensor]] = {}
+    for entry in table.values():
+        targets = {p.target for p in entry.pieces}
+        assert len(targets) == 1, entry.key
+        by_target.setdefault(entry.pieces[0].target, []).append(entry)
+
+    items: Iterable = by_target.items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=len(by_target), desc=f"loading {source.path.name}", unit="tensor")
+    for target, entries in items:
+        var = _variable(model, target)
+        buf = np.empty(var.get_value().shape, np_dtype)
+        for entry in entries:
+            arr = source.read(entry.key)
+            for piece in entry.pieces:
+                rows = arr if piece.src is None else arr[piece.src[0] : piece.src[1]]
+                dest = buf if piece.layer is None else buf[piece.layer]
+                cols = slice(None) if piece.dst is None else slice(*piece.dst)
+                if entry.is_matrix:
+                    dest[:, cols] = rows.T
+                else:
+                    dest[cols] = rows
+            del arr
+        var.set_value(jnp.asarray(buf))
+        del buf
+    for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not isinstance(var.get_value(), jax.Array):
+            raise AssertionError(f"load_flux: parameter {'.'.join(map(str, path_))} was not loaded")
+    return model
+
+
+def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
+    obj = model
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
