@@ -73,6 +73,37 @@ def check_finite(x: jax.Array, name: str) -> None:
         )
 
 
+@jax.custom_batching.custom_vmap
+def _ieee_divide(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.lax.optimization_barrier(a / jax.lax.optimization_barrier(b))
+
+
+@_ieee_divide.def_vmap
+def _ieee_divide_vmap(axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array):
+    # vmap would broadcast an unbatched operand inside the division, where XLA can rewrite it
+    # again: give both operands the batch axis before the barriers.
+    a = a if in_batched[0] else jnp.broadcast_to(a, (axis_size, *a.shape))
+    b = b if in_batched[1] else jnp.broadcast_to(b, (axis_size, *b.shape))
+    return _ieee_divide(a, b), True
+
+
+def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
+    """`a / b` with IEEE (correctly rounded) division, also under jit and vmap.
+
+    XLA's algebraic simplifier rewrites a division by a broadcast (a scalar, a constant, a per-row
+    or per-block scale) into a multiplication by the rounded reciprocal, and (A / B) / C into
+    A / (B * C); both are off by an ulp for some inputs, so jit, vmap and eager would disagree
+    with each other and with torchao. Both operands are broadcast to one shape (with the batch
+    axis under vmap) and the divisor and quotient pass through optimization barriers, which keeps
+    every division a true one in the written order (at the cost of materializing them).
+    """
+    a = jnp.asarray(a)
+    shape = jnp.broadcast_shapes(a.shape, jnp.shape(b))
+    a = jnp.broadcast_to(a, shape)
+    b = jnp.broadcast_to(jnp.asarray(b, a.dtype), shape)
+    return _ieee_divide(a, b)
+
+
 def is_concrete(x: object) -> bool:
     """True if `x` is a Python number or a non-traced array (its value can be inspected)."""
     return not isinstance(x, jax.core.Tracer)

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from permuquant_jax.formats.common import check_float_input, check_group
+from permuquant_jax.formats.common import check_float_input, check_group, true_divide
 
 GROUP_SIZES = (16, 32, 64, 128)
 BITS = tuple(range(2, 9))
@@ -72,10 +72,10 @@ def quantize(
     m = qmax(bits)
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
     amax = jnp.max(jnp.abs(xb), axis=-1)
-    scales = (amax / m).astype(scale_dtype)
+    scales = true_divide(amax, m).astype(scale_dtype)
     s32 = scales.astype(jnp.float32)
     safe = jnp.where(s32 == 0, jnp.float32(1.0), s32)
-    q = jnp.clip(jnp.round(xb / safe[..., None]), -m, m)
+    q = jnp.clip(jnp.round(true_divide(xb, safe[..., None])), -m, m)
     q = jnp.where(jnp.isnan(q), 0.0, q)  # int8 of NaN is undefined; the NaN scale carries it
     return IntQTensor(values=q.astype(jnp.int8).reshape(x.shape), scales=scales, bits=bits, group=group)
 

@@ -12,8 +12,9 @@ Numerics follow torchao 0.18 (`torchao.prototype.mx_formats.nvfp4_tensor.nvfp4_q
 The block scale is clamped below to the smallest normal E4M3 (2**-6), never to zero, so a block
 whose scale underflows against a large global scale still gets a finite scale, and an all-zero
 block gets scale byte 0x08 and codes 0 (dequantizes to zeros, never NaN). One deviation from
-torchao, where it would produce NaN: a global scale of exactly 0 (an all-zero tensor or row, or an
-amax so small that amax / 2688 underflows) is replaced by 1.0, which gives zeros.
+torchao, only where torchao divides by zero or overflows to inf and returns NaN: a computed global
+scale below 2**-120 (an all-zero tensor or row, or one with amax < 2688 * 2**-120, about 2e-33)
+is replaced by 1.0, which quantizes that tensor or row to zeros.
 
 Packed layout: `codes[..., i]` holds element 2i in bits 0-3 and element 2i+1 in bits 4-7; a code
 is sign (bit 3) and a magnitude index (bits 0-2) into (0, 0.5, 1, 1.5, 2, 3, 4, 6).
@@ -28,13 +29,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from permuquant_jax.formats.common import check_finite, check_float_input, check_group, is_concrete
+from permuquant_jax.formats.common import (
+    check_finite,
+    check_float_input,
+    check_group,
+    is_concrete,
+    true_divide,
+)
 
 F4_E2M1_MAX = 6.0
 F8E4M3_MAX = 448.0
 BLOCK_SIZE = 16
 # Smallest normal E4M3 value: torchao clamps block scales to it (torch.finfo(float8_e4m3fn).tiny).
 F8E4M3_MIN_NORMAL = 2.0**-6
+# Below this a global scale would make (1 / s_g) / s_b overflow to inf (with s_b = 2**-6); such
+# scales (all-zero tensors or rows included) are replaced by 1.0.
+MIN_GLOBAL_SCALE = 2.0**-120
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Value of each 4-bit code 0..15; codes 8..15 are the negatives (8 is -0.0).
@@ -115,7 +125,7 @@ def unpack_codes(codes: jax.Array) -> jax.Array:
 
 def global_scale_from_amax(amax: jax.Array) -> jax.Array:
     """torchao's `per_tensor_amax_to_scale`: float32 amax / (448 * 6)."""
-    return jnp.asarray(amax, jnp.float32) / (F8E4M3_MAX * F4_E2M1_MAX)
+    return true_divide(jnp.asarray(amax, jnp.float32), F8E4M3_MAX * F4_E2M1_MAX)
 
 
 def _resolve_global_scale(x32: jax.Array, global_scale: GlobalScale) -> jax.Array:
@@ -138,16 +148,17 @@ def _resolve_global_scale(x32: jax.Array, global_scale: GlobalScale) -> jax.Arra
             )
         if is_concrete(gs):
             g = np.asarray(gs)
-            if not (np.isfinite(g).all() and (g > 0).all()):
+            if not (np.isfinite(g).all() and (g >= MIN_GLOBAL_SCALE).all()):
                 raise ValueError(
-                    f"a static global_scale must be finite and > 0, found {g if g.size < 8 else g.min()}; "
-                    "compute it as amax / 2688 with global_scale_from_amax"
+                    f"a static global_scale must be finite and >= 2**-120, found "
+                    f"{g if g.size < 8 else g.min()}; compute it as amax / 2688 with global_scale_from_amax"
                 )
         if gs.ndim:
             gs = jnp.broadcast_to(gs, row_shape)
-    # torchao would divide by zero here and return NaN; a zero scale only arises for an all-zero
-    # tensor/row (or one so small that amax/2688 underflows): use 1.0, which quantizes it to zeros.
-    return jnp.where(gs == 0, jnp.float32(1.0), gs)
+    # torchao returns NaN here (0/0, or inf * 0 once (1/s_g)/s_b overflows); such scales only
+    # arise for all-zero (or < 2e-33) tensors/rows: use 1.0, which quantizes them to zeros.
+    # `gs < MIN` is False for NaN, so a NaN scale (NaN input) still propagates.
+    return jnp.where(gs < MIN_GLOBAL_SCALE, jnp.float32(1.0), gs)
 
 
 def quantize(x: jax.Array, global_scale: GlobalScale = None) -> NVFP4Tensor:
@@ -166,13 +177,12 @@ def quantize(x: jax.Array, global_scale: GlobalScale = None) -> NVFP4Tensor:
     x32 = x.astype(jnp.float32)
     gs = _resolve_global_scale(x32, global_scale)
     xb = x32.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    block_scale = jnp.max(jnp.abs(xb), axis=-1) / F4_E2M1_MAX
-    scales = jnp.clip(block_scale / gs, F8E4M3_MIN_NORMAL, F8E4M3_MAX).astype(jnp.float8_e4m3fn)
-    reciprocal = (1.0 / gs) / scales.astype(jnp.float32)
+    block_scale = true_divide(jnp.max(jnp.abs(xb), axis=-1), F4_E2M1_MAX)
+    scales = jnp.clip(true_divide(block_scale, gs), F8E4M3_MIN_NORMAL, F8E4M3_MAX).astype(jnp.float8_e4m3fn)
+    reciprocal = true_divide(true_divide(jnp.float32(1.0), gs), scales.astype(jnp.float32))
     scaled = jnp.clip(xb * reciprocal[..., None], -F4_E2M1_MAX, F4_E2M1_MAX)
     codes = pack_codes(encode_e2m1(scaled).reshape(x.shape))
     return NVFP4Tensor(codes=codes, scales=scales, global_scale=gs)
-
 
 
 def quantize_weight(w: jax.Array, *, name: str, global_scale: GlobalScale = None) -> NVFP4Tensor:
