@@ -329,9 +329,10 @@ class FluxDiT(nnx.Module):
         n_txt = txt.shape[1]
         img_ids = _batched_ids(img_ids, b, n_img, "img_ids")
         txt_ids = _batched_ids(txt_ids, b, n_txt, "txt_ids")
-        need(len(cfg.axes_dim) == img_ids.shape[-1],
-             f"position ids have {img_ids.shape[-1]} axes but the model's RoPE has {len(cfg.axes_dim)} "
-             f"(axes_dim {list(cfg.axes_dim)})")
+        for name, ids in (("img_ids", img_ids), ("txt_ids", txt_ids)):
+            need(ids.shape[-1] == len(cfg.axes_dim),
+                 f"{name} have {ids.shape[-1]} position axes but the model's RoPE has {len(cfg.axes_dim)} "
+                 f"(axes_dim {list(cfg.axes_dim)})")
         need(y.shape == (b, cfg.vec_in_dim), f"y must be ({b}, {cfg.vec_in_dim}), got shape {y.shape}")
         timesteps = _batched_scalar(timesteps, b, "timesteps")
         if cfg.guidance_embed:
