@@ -60,6 +60,19 @@ def _no_global_scale(name: str, fn: Callable[[jax.Array], jax.Array]) -> Callabl
     return wrapped
 
 
+_nvfp4_fq_static = jax.jit(nvfp4.fake_quant, static_argnums=1)
+_nvfp4_fq_traced = jax.jit(nvfp4.fake_quant)
+_mxfp4_fq = jax.jit(mxfp4.fake_quant)
+_intq_fq = jax.jit(intq.fake_quant, static_argnums=(1, 2, 3))
+
+
+def _nvfp4_fake_quant(x: jax.Array, global_scale: nvfp4.GlobalScale = None) -> jax.Array:
+    """`nvfp4.fake_quant`, compiled once per shape (and per global-scale mode)."""
+    if global_scale is None or isinstance(global_scale, str):
+        return _nvfp4_fq_static(x, global_scale)
+    return _nvfp4_fq_traced(x, global_scale)
+
+
 def _identity(x: jax.Array, global_scale: object = None) -> jax.Array:
     return x
 
@@ -74,13 +87,13 @@ def _nvfp4(name: str, weight_only: bool) -> QuantFormat:
         bits_per_weight=4 + 8 / nvfp4.BLOCK_SIZE,
         packable=True,
         uses_global_scale=True,
-        weight_fake_quant=nvfp4.fake_quant,
-        act_fake_quant=_identity if weight_only else nvfp4.fake_quant,
+        weight_fake_quant=_nvfp4_fake_quant,
+        act_fake_quant=_identity if weight_only else _nvfp4_fake_quant,
     )
 
 
 def _mxfp4(name: str, weight_only: bool) -> QuantFormat:
-    fq = _no_global_scale(name, mxfp4.fake_quant)
+    fq = _no_global_scale(name, _mxfp4_fq)
     return QuantFormat(
         name=name,
         family="mxfp4",
@@ -97,7 +110,7 @@ def _mxfp4(name: str, weight_only: bool) -> QuantFormat:
 
 def _int(name: str, wbits: int, abits: int | None, group: int) -> QuantFormat:
     def quantizer(bits: int) -> Callable[..., jax.Array]:
-        return _no_global_scale(name, lambda x: intq.fake_quant(x, bits, group, jnp.bfloat16))
+        return _no_global_scale(name, lambda x: _intq_fq(x, bits, group, jnp.bfloat16))
 
     return QuantFormat(
         name=name,
