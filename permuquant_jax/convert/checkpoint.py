@@ -169,7 +169,8 @@ def _raise_foreign(path: Path, keys: list[str]):
             break
     raise CheckpointError(
         f"{path}: not a FLUX.1 transformer checkpoint: it looks like {what} (key '{hit}'); expected key "
-        "'img_in.weight' (BFL layout) or 'x_embedder.weight' (diffusers layout)")
+        "'img_in.weight' (BFL layout) or 'x_embedder.weight' (diffusers layout); pass the transformer "
+        "(e.g. flux1-dev.safetensors or a pipeline's transformer/ folder)")
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
