@@ -1,0 +1,36 @@
+"""PermuQuant: calibration, permutation sites, choice and acceptance, folding, baselines, quantized linear.
+
+Entry points: `quantize_model` (any Flax NNX model), `quantize_flux` (the FLUX plan), `choose_for_layer`
+(one layer from its activations), `joint_order` (the paper's criterion).
+"""
+
+from permuquant_jax.quant.api import plan_sites, quantize_model
+from permuquant_jax.quant.baselines import METHODS, smoothquant_scales
+from permuquant_jax.quant.calibrate import CalibrationStats, LayerStats, calibrate
+from permuquant_jax.quant.flux_plan import (
+    FLUX_KEEP,
+    flux_calibration_batches,
+    flux_schedule,
+    flux_sites,
+    quantize_flux,
+)
+from permuquant_jax.quant.linear import QuantLinear
+from permuquant_jax.quant.permute import accept, choose_for_layer, deal_order, joint_order, make_candidates
+from permuquant_jax.quant.report import QuantReport, SiteReport
+from permuquant_jax.quant.sites import (
+    NormRef,
+    Ref,
+    Site,
+    find_linears,
+    fold_permutation,
+    fold_smoothing,
+    gather_sites,
+)
+
+__all__ = [
+    "FLUX_KEEP", "METHODS", "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport", "Ref",
+    "Site", "SiteReport", "accept", "calibrate", "choose_for_layer", "deal_order", "find_linears",
+    "flux_calibration_batches", "flux_schedule", "flux_sites", "fold_permutation", "fold_smoothing",
+    "gather_sites", "joint_order", "make_candidates", "plan_sites", "quantize_flux", "quantize_model",
+    "smoothquant_scales",
+]

@@ -1,0 +1,123 @@
+"""The FLUX site plan: invariance of folding per site kind, schedule, calibration batches, quantize_flux."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from permuquant_jax.models.flux import FluxConfig, FluxDiT
+from permuquant_jax.models.layers import Linear
+from permuquant_jax.quant import (
+    QuantLinear,
+    flux_calibration_batches,
+    flux_schedule,
+    flux_sites,
+    fold_permutation,
+    fold_smoothing,
+    quantize_flux,
+)
+from permuquant_jax.quant.sites import stack_shape
+
+# FLUX architecture at a small width (compile time is what costs here, not the width)
+CFG = FluxConfig(hidden_size=64, num_heads=2, axes_dim=(8, 12, 12), depth=2, depth_single_blocks=2,
+                 context_in_dim=64, vec_in_dim=32, in_channels=16, out_channels=16, mlp_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    model = FluxDiT(CFG, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+    batches = flux_calibration_batches(model, num_samples=2, num_steps=2, height=64, width=64, txt_len=8,
+                                       batch_size=2, seed=int(np.random.default_rng().integers(1 << 30)))
+    fwd = nnx.jit(lambda m, b: m(**b))
+    refs = [np.asarray(fwd(model, b)) for b in batches]
+    return model, batches, refs, fwd
+
+
+def _random_perm(rng, stack, size, segments):
+    out = np.empty((*stack, size), np.int32)
+    for idx in np.ndindex(stack):
+        parts, o = [], 0
+        for n in segments or (size,):
+            parts.append(o + rng.permutation(n))
+            o += n
+        out[idx] = np.concatenate(parts)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["rows", "heads", "norm", "gather", "all"])
+def test_folding_random_permutations_is_invariant(flux, kind):
+    model, batches, refs, fwd = flux
+    m = nnx.clone(model)
+    rng = np.random.default_rng()
+    n = 0
+    for s in flux_sites(m):
+        if kind not in ("all", s.kind):
+            continue
+        stack = stack_shape(m, s.consumers[0].path)
+        fold_permutation(m, s, _random_perm(rng, stack, s.size, s.segments))
+        if kind == "all" and s.scalable:  # SmoothQuant folding is invariant too
+            fold_smoothing(m, s, rng.uniform(0.5, 2.0, (*stack, s.size)))
+        n += 1
+    assert n >= 1
+    for b, r in zip(batches, refs, strict=True):
+        out = np.asarray(fwd(m, b))
+        assert np.linalg.norm(out - r) <= 1e-5 * np.linalg.norm(r), kind
+
+
+def test_plan_covers_every_quantized_linear(flux):
+    model = flux[0]
+    sites = flux_sites(model)
+    assert len(sites) == 15  # 2 x 4 per stream + shared V; 4 single; 2 final
+    kinds = {s.name: s.kind for s in sites}
+    assert kinds["double_blocks.attn_v"] == "heads" and kinds["single_blocks.mlp"] == "rows"
+    v = next(s for s in sites if s.name == "double_blocks.attn_v")
+    assert len(v.consumers) == 2 and len(v.producers) == 2 and v.segments == (32, 32)
+
+
+def test_schedule_is_bfl_shifted_schedule():
+    t = flux_schedule(4, 4096)
+    mu = 1.15  # max_shift at 4096 tokens
+    lin = np.linspace(1, 0, 5)
+    np.testing.assert_allclose(t[1:-1], np.exp(mu) / (np.exp(mu) + 1 / lin[1:-1] - 1), rtol=1e-12)
+    assert t[0] == 1.0 and t[-1] == 0.0
+    np.testing.assert_allclose(flux_schedule(4, 4096, shift=False), lin)
+    mid = flux_schedule(2, 256)[1]  # base_shift at 256 tokens
+    np.testing.assert_allclose(mid, np.exp(0.5) / (np.exp(0.5) + 1))
+
+
+def test_calibration_batches_follow_the_trajectory(flux):
+    model, batches, _, fwd = flux
+    assert len(batches) == 2
+    np.testing.assert_allclose(np.asarray(batches[0]["timesteps"]), 1.0)
+    assert batches[0]["img"].shape == (2, 16, 16) and batches[0]["txt"].shape == (2, 8, 64)
+    assert float(batches[1]["timesteps"][0]) == pytest.approx(flux_schedule(2, 16)[1], rel=1e-6)
+    # the second input is the first Euler step of the float model
+    v = fwd(model, batches[0])
+    dt = flux_schedule(2, 16)[1] - 1.0
+    np.testing.assert_allclose(np.asarray(batches[1]["img"]), np.asarray(batches[0]["img"] + dt * v),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_flux(flux):
+    """The whole FLUX plan with PermuQuant-H (plain PermuQuant is exercised on the generic model)."""
+    model, batches, refs, fwd = flux
+    q, rep = quantize_flux(nnx.clone(model), batches, method="permuquant-h", hadamard_block=32,
+                           progress=False)
+    d, s = CFG.depth, CFG.depth_single_blocks
+    assert rep.n_sites == 9 * d + 4 * s + 1  # final_layer.norm feeds the 16-bit final projection
+    for sr in rep.sites:
+        assert sr.error_chosen <= sr.error_identity
+        assert sr.accepted == (sr.chosen != "identity")
+    assert isinstance(q.double_blocks.img_attn.qkv, QuantLinear)
+    assert isinstance(q.single_blocks.linear2, QuantLinear)
+    assert isinstance(q.img_in, Linear) and isinstance(q.final_layer.linear, Linear)
+    assert q.double_blocks.img_attn.qkv.w_codes[...].shape[0] == d  # stacked, one weight per block
+    out = [np.asarray(fwd(q, b)) for b in batches]
+    num = sum(np.sum((o - r) ** 2) for o, r in zip(out, refs, strict=True))
+    err = np.sqrt(num / sum(np.sum(r**2) for r in refs))
+    assert err < 0.5
+    # the folded permutations are real permutations of the site
+    for name, perm in rep.permutations.items():
+        p = np.asarray(perm)
+        assert np.array_equal(np.sort(p, -1), np.broadcast_to(np.arange(p.shape[-1]), p.shape)), name
