@@ -1,0 +1,212 @@
+"""The main job end to end: `python -m permuquant_jax.convert`, saving, loading, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+import permuquant_jax
+from permuquant_jax.assets.make_tiny import tiny_tensors
+from permuquant_jax.convert import load_flux
+from permuquant_jax.convert.cli import main
+from permuquant_jax.convert.saved import METADATA_FILE, SavedModelError, load, load_metadata, save_quantized
+from permuquant_jax.models.flux import FluxConfig
+from permuquant_jax.quant.flux_plan import flux_calibration_batches, quantize_flux
+from permuquant_jax.quant.linear import QuantLinear
+
+# Small calibration so a whole conversion stays in seconds on the CPU.
+FAST = ["--calib-samples", "1", "--heldout-samples", "1", "--steps", "3", "--timesteps", "2",
+        "--resolution", "64", "--no-progress"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def schnell_like_file(tmp_path_factory) -> Path:
+    """A tiny BFL-layout checkpoint without guidance embedder (the schnell key set), written here."""
+    cfg = FluxConfig(**{**FluxConfig.tiny().to_dict(), "guidance_embed": False})
+    path = tmp_path_factory.mktemp("src") / "flux-tiny-schnell.safetensors"
+    rng_seed = int(np.random.default_rng().integers(1 << 30))
+    save_file(tiny_tensors(rng_seed, cfg), str(path))
+    return path
+
+
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("PERMUQUANT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "permuquant_jax.convert", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+
+
+def _assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_embedded_default_end_to_end(tmp_path, capsys):
+    dst = tmp_path / "flux-tiny-nvfp4"
+    assert main(["--out", str(dst), *FAST]) == 0
+    out = capsys.readouterr().out
+    for row in ("parameter bytes", "sites accepted", "held-out rel. error", "wall time"):
+        assert row in out
+    assert sorted(p.name for p in dst.iterdir()) == ["params", "permuquant.json", "report.json", "report.md"]
+    meta = load_metadata(dst)
+    assert meta["format"] == "nvfp4" and meta["method"] == "permuquant"
+    assert meta["source"]["embedded"] is True and len(meta["source"]["sha256"]) == 64
+    assert meta["library_version"] == permuquant_jax.__version__ and meta["jax_version"] == jax.__version__
+    assert 0 < meta["heldout_rel_error"] < 0.5
+    report = json.loads((dst / "report.json").read_text())
+    assert len(report["sites"]) == meta["sites_total"] > 0
+    # every quantized layer is NVFP4: packed codes are uint8 [.., N, K/2], block scales E4M3 [.., N, K/16]
+    codes = {k: v for k, v in meta["tensors"].items() if k.endswith("w_codes")}
+    assert codes and all(v["dtype"] == "uint8" for v in codes.values())
+    for k, v in codes.items():
+        sc = meta["tensors"][k.replace("w_codes", "w_scales")]
+        assert sc["dtype"] == "float8_e4m3fn" and sc["shape"][-1] * 8 == v["shape"][-1]
+    # nothing else was left beside DST
+    assert [p.name for p in tmp_path.iterdir()] == ["flux-tiny-nvfp4"]
+    # the loaded model runs
+    model = permuquant_jax.load(dst)
+    b = flux_calibration_batches(model, num_samples=1, num_steps=2, calib_steps=1, height=32, width=48)[0]
+    y = model(**b)
+    assert y.shape == (1, 6, 64) and bool(jnp.isfinite(y.astype(jnp.float32)).all())
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h"])
+def test_each_method_on_a_bfl_file(schnell_like_file, tmp_path, capsys, method):
+    dst = tmp_path / f"out-{method}"
+    assert main([str(schnell_like_file), "--out", str(dst), "--method", method, *FAST]) == 0
+    meta = load_metadata(dst)
+    assert meta["method"] == method and meta["config"]["guidance_embed"] is False
+    err = meta["heldout_rel_error"]
+    print(f"{method}: held-out relative output error {err:.4f}")
+    assert np.isfinite(err) and 0 < err < 0.5
+    kinds = {k.rsplit(".", 1)[-1] for k in meta["tensors"]}
+    assert {"w_codes", "w_scales", "w_global"} <= kinds
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    dst = tmp_path / "never"
+    assert main(["--dry-run", "--out", str(dst), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "permutation sites" in out and "parameter bytes" in out and "dry run: nothing written" in out
+    assert "double_blocks.img_attn.qkv" in out and "single_blocks.linear2" in out
+    assert not dst.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_save_load_bit_identical(tmp_path):
+    model = load_flux(None, dtype=jnp.bfloat16)
+    batches = flux_calibration_batches(model, num_samples=1, num_steps=3, calib_steps=2, height=64, width=64)
+    model, report = quantize_flux(model, batches, progress=False)
+    save_quantized(model, tmp_path / "m", metadata={"format": "nvfp4", "method": "permuquant"}, report=report)
+    loaded = load(tmp_path / "m")
+    n_quant = sum(isinstance(n, QuantLinear) for _, n in nnx.iter_graph(loaded))
+    assert n_quant == len(load_metadata(tmp_path / "m")["quant_layers"]) > 0
+    rng = np.random.default_rng()
+    b = dict(batches[-1])
+    b["img"] = jnp.asarray(rng.standard_normal(b["img"].shape), jnp.float32)
+    a, c = model(**b), loaded(**b)
+    assert a.dtype == c.dtype and np.array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+
+
+def test_load_rejects_mismatched_or_corrupted(tmp_path):
+    model = load_flux(None, dtype=jnp.bfloat16)
+    batches = flux_calibration_batches(model, num_samples=1, num_steps=2, calib_steps=1, height=32, width=32)
+    model, _ = quantize_flux(model, batches, method="rtn", progress=False)
+    d = tmp_path / "m"
+    save_quantized(model, d, metadata={"format": "nvfp4", "method": "rtn"})
+    meta_file = d / METADATA_FILE
+    good = meta_file.read_text()
+
+    def edit(fn):
+        meta = json.loads(good)
+        fn(meta)
+        meta_file.write_text(json.dumps(meta))
+
+    edit(lambda m: m.update(format_version=99))
+    with pytest.raises(SavedModelError, match="format_version 99"):
+        load(d)
+    edit(lambda m: m.update(library_version="99.0.0"))
+    with pytest.raises(SavedModelError, match="upgrade permuquant-jax"):
+        load(d)
+    edit(lambda m: m.update(tensors_sha256="0" * 64))
+    with pytest.raises(SavedModelError, match="SHA-256 does not match"):
+        load(d)
+    meta_file.write_text(good[: len(good) // 2])
+    with pytest.raises(SavedModelError, match="not valid JSON"):
+        load(d)
+    meta_file.unlink()
+    with pytest.raises(SavedModelError, match="no permuquant.json"):
+        load(d)
+
+
+def test_failed_conversion_leaves_no_output(tmp_path, monkeypatch):
+    import permuquant_jax.convert.saved as saved
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(saved, "save_quantized", boom)
+    dst = tmp_path / "dst"
+    assert main(["--out", str(dst), "--method", "rtn", *FAST]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- command-line errors
+# In subprocesses: the exit code, the single 'error:' line and the absence of a traceback are what a
+# user sees.
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file(tiny_tensors(1), str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    vae = tmp_path / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": np.zeros((128, 3, 3, 3), np.float32),
+               "decoder.conv_out.bias": np.zeros((3,), np.float32)}, str(vae))
+    a_file = tmp_path / "plainfile"
+    a_file.write_text("x")
+    existing = tmp_path / "exists"
+    existing.mkdir()
+
+    cases = [
+        ([str(truncated), "--out", str(tmp_path / "d1")], ("truncated.safetensors",), tmp_path / "d1"),
+        ([str(vae), "--out", str(tmp_path / "d2")], ("vae.safetensors",), tmp_path / "d2"),
+        ([str(good), "--out", str(a_file / "dst")], ("plainfile",), a_file / "dst"),
+        ([str(good), "--out", str(existing)], ("--overwrite",), None),
+        ([str(good), "--out", str(tmp_path / "d3"), "--format", "nvfp5"], ("nvfp5", "nvfp4"), tmp_path / "d3"),
+        ([str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "d4")], ("missing.safetensors",),
+         tmp_path / "d4"),
+        ([str(good), "--out", str(tmp_path / "d5"), "--calib", str(tmp_path / "none.npz")], ("none.npz",),
+         tmp_path / "d5"),
+    ]
+    for args, needles, dst in cases:
+        proc = _run_cli(args + FAST)
+        _assert_user_error(proc, *needles)
+        if dst is not None:
+            assert not dst.exists(), args
+    assert list(existing.iterdir()) == []
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_help_documents_every_option():
+    proc = _run_cli(["--help"])
+    assert proc.returncode == 0
+    for opt in ("--out", "--format", "--method", "--alpha", "--tau", "--calib", "--calib-samples",
+                "--timesteps", "--keep-bf16", "--dry-run", "--overwrite", "default"):
+        assert opt in proc.stdout, opt
