@@ -282,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
                       resolution=res, guidance=args.guidance, seed=args.seed),
         source=dict(path=str(src.absolute()), sha256=file_sha256(src, progress=progress), embedded=not args.src),
         heldout_rel_error=err,
+        permutations=report.permutations,
+        act_global_scales={k: v.get("act_global_scale") for k, v in report.layers.items()},
         sites_accepted=report.n_accepted,
         sites_total=report.n_sites,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
