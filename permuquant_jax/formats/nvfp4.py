@@ -170,7 +170,8 @@ def quantize(x: jax.Array, global_scale: GlobalScale = None) -> NVFP4Tensor:
 
     Jittable and vmappable (pass a string global_scale as a static argument). Does not check for
     NaN/Inf: NaN in the input propagates (its block dequantizes to NaN, and with the dynamic
-    global scale the whole tensor does); use `quantize_weight` for weights.
+    global scale the whole tensor, or row, does); Inf gives NaN under a dynamic global scale and
+    saturates to 6 * 448 * global_scale under a static one. Use `quantize_weight` for weights.
     """
     check_float_input(x, "nvfp4.quantize")
     check_group(x, BLOCK_SIZE, "nvfp4.quantize")
