@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from permuquant_jax.assets.make_tiny import tiny_tensors, write_tiny
 from permuquant_jax.convert import (
     CheckpointError,
+    checkpoint,
     default_checkpoint_path,
     load_flux,
     read_flux_config,
@@ -53,7 +54,10 @@ def assert_model_holds(model: FluxDiT, tensors: dict[str, np.ndarray], dtype) ->
     assert seen == set(arrays)
 
 
-def test_default_checkpoint_is_the_tiny_model(tiny):
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_default_checkpoint_is_the_tiny_model(tiny, layerwise, monkeypatch):
+    if layerwise:  # the path large stacked tensors take: assembled per layer into a donated buffer
+        monkeypatch.setattr(checkpoint, "LAYERWISE_MIN_BYTES", 0)
     path = default_checkpoint_path()
     assert path.is_file() and path.stat().st_size <= 8_000_000
     model = load_flux()

@@ -11,6 +11,7 @@ the peak host memory stays close to the size of the output model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import os
@@ -346,24 +347,55 @@ def load_flux(
         items = tqdm(items, total=len(by_target), desc=f"loading {source.path.name}", unit="tensor")
     for target, entries in items:
         var = _variable(model, target)
-        buf = np.empty(var.get_value().shape, np_dtype)
-        for entry in entries:
-            arr = source.read(entry.key)
-            for piece in entry.pieces:
-                rows = arr if piece.src is None else arr[piece.src[0] : piece.src[1]]
-                dest = buf if piece.layer is None else buf[piece.layer]
-                cols = slice(None) if piece.dst is None else slice(*piece.dst)
-                if entry.is_matrix:
-                    dest[:, cols] = rows.T
-                else:
-                    dest[cols] = rows
-            del arr
-        var.set_value(jnp.asarray(buf))
-        del buf
+        shape = var.get_value().shape
+        stacked = entries[0].pieces[0].layer is not None
+        if stacked and np.prod(shape) * np_dtype.itemsize >= LAYERWISE_MIN_BYTES:
+            # Assemble one layer at a time on the host and write it into the stacked device array
+            # in place (donated), so no second copy of a large stacked tensor ever exists.
+            value = jnp.zeros(shape, dtype)
+            by_layer: dict[int, list[SourceTensor]] = {}
+            for entry in entries:
+                by_layer.setdefault(entry.pieces[0].layer, []).append(entry)
+            for layer, layer_entries in sorted(by_layer.items()):
+                buf = np.empty(shape[1:], np_dtype)
+                _fill(source, layer_entries, buf, stacked=False)
+                value = _write_layer(value, jnp.asarray(buf), layer)
+                del buf
+        else:
+            buf = np.empty(shape, np_dtype)
+            _fill(source, entries, buf, stacked=stacked)
+            value = jnp.asarray(buf)
+            del buf
+        var.set_value(value)
     for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if not isinstance(var.get_value(), jax.Array):
             raise AssertionError(f"load_flux: parameter {'.'.join(map(str, path_))} was not loaded")
     return model
+
+
+# Stacked tensors at least this large are assembled layer by layer (see load_flux).
+LAYERWISE_MIN_BYTES = 16 * 2**20
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked: jax.Array, layer_value: jax.Array, index) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer_value, index, 0)
+
+
+def _fill(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray, *, stacked: bool) -> None:
+    """Read each source tensor and write its pieces into ``buf`` (cast, transposed for weights).
+    With ``stacked=False`` ``buf`` is one layer's slice and the pieces' layer indices are ignored."""
+    for entry in entries:
+        arr = source.read(entry.key)
+        for piece in entry.pieces:
+            rows = arr if piece.src is None else arr[piece.src[0] : piece.src[1]]
+            dest = buf[piece.layer] if stacked and piece.layer is not None else buf
+            cols = slice(None) if piece.dst is None else slice(*piece.dst)
+            if entry.is_matrix:
+                dest[:, cols] = rows.T
+            else:
+                dest[cols] = rows
+        del arr
 
 
 def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
