@@ -10,6 +10,8 @@ from permuquant_jax.models.flux import FluxConfig, FluxDiT
 from permuquant_jax.models.layers import Linear
 from permuquant_jax.quant import (
     QuantLinear,
+    QuantReport,
+    apply_structure,
     flux_calibration_batches,
     flux_schedule,
     flux_sites,
@@ -117,6 +119,10 @@ def test_quantize_flux(flux):
     num = sum(np.sum((o - r) ** 2) for o, r in zip(out, refs, strict=True))
     err = np.sqrt(num / sum(np.sum(r**2) for r in refs))
     assert err < 0.5
+    # a fresh float model given the quantized structure and the quantized state is the same model
+    fresh = apply_structure(FluxDiT(CFG, rngs=nnx.Rngs(0)), QuantReport.from_json(rep.to_json()))
+    nnx.update(fresh, nnx.state(q))
+    np.testing.assert_array_equal(np.asarray(fwd(fresh, batches[0])), out[0])
     # the folded permutations are real permutations of the site
     for name, perm in rep.permutations.items():
         p = np.asarray(perm)

@@ -52,6 +52,7 @@ from permuquant_jax.quant.sites import (
     gather_sites,
     get_node,
     match_any,
+    parse_path,
     path_str,
     stack_shape,
     validate_sites,
@@ -304,14 +305,49 @@ def quantize_model(
         q = QuantLinear.from_linear(lin, format=fmt.name, hadamard_block=hb, act_global_scale=gs,
                                     name=path_str(p), backend=backend)
         _set(model, p, q)
+        kernel = lin.kernel.get_value()
         report.layers[path_str(p)] = {
-            "act_global_scale": None if gs is None else np.asarray(gs).tolist(),
+            "format": fmt.name,
+            "in_features": int(kernel.shape[-2]),
+            "out_features": int(kernel.shape[-1]),
+            "stack": list(kernel.shape[:-2]),
+            "use_bias": getattr(lin, "bias", None) is not None,
+            "param_dtype": jnp.dtype(kernel.dtype).name,
             "hadamard_block": hb,
+            "act_global_scale": None if gs is None else np.asarray(gs).tolist(),
             "gather": q.gather.get_value() is not None,
             "smooth": q.smooth.get_value() is not None,
         }
     report.permutations = perms_out
+    report.gather_indices = {
+        path_str(s.norm.gather): list(np.shape(get_node(model, s.norm.gather).get_value()))
+        for s in plan if s.norm is not None and get_node(model, s.norm.gather).get_value() is not None
+    }
     return model, report
+
+
+def apply_structure(model: nnx.Module, report: QuantReport) -> nnx.Module:
+    """Give a float model (e.g. a freshly built or abstract FluxDiT) the structure of the quantized
+    model that `report` describes: a `QuantLinear` of the right format and shapes at every quantized
+    path and the norm gather indices, all with placeholder values. Then `nnx.update(model, state)` with
+    the quantized model's saved state (e.g. from orbax) restores it exactly. Returns `model`.
+    """
+    for path, d in report.layers.items():
+        q = QuantLinear(
+            d["in_features"], d["out_features"], format=d["format"], stack=tuple(d["stack"]),
+            use_bias=d["use_bias"], hadamard_block=d["hadamard_block"], param_dtype=jnp.dtype(d["param_dtype"]),
+        )
+        stack, k = tuple(d["stack"]), d["in_features"]
+        if d["gather"]:
+            q.gather.set_value(jnp.zeros((*stack, k), jnp.int32))
+        if d["smooth"]:
+            q.smooth.set_value(jnp.ones((*stack, k), jnp.float32))
+        if d["act_global_scale"] is not None:
+            q.act_scale.set_value(jnp.ones(stack, jnp.float32))
+        _set(model, parse_path(path), q)
+    for path, shape in report.gather_indices.items():
+        get_node(model, parse_path(path)).set_value(jnp.zeros(tuple(shape), jnp.int32))
+    return model
 
 
 def _set(model, path, value):

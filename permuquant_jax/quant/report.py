@@ -46,6 +46,7 @@ class QuantReport:
     sites: list[SiteReport] = field(default_factory=list)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per quantized linear: settings
     permutations: dict[str, list] = field(default_factory=dict)  # folded site orders, [*stack, size]
+    gather_indices: dict[str, list] = field(default_factory=dict)  # norm GatherIndex path -> shape
 
     @property
     def n_sites(self) -> int:
@@ -69,7 +70,8 @@ class QuantReport:
     def from_dict(cls, d: dict[str, Any]) -> QuantReport:
         sites = [SiteReport(**{**s, "layer": tuple(s["layer"])}) for s in d.get("sites", [])]
         return cls(method=d["method"], format=d["format"], config=d.get("config", {}), sites=sites,
-                   layers=d.get("layers", {}), permutations=d.get("permutations", {}))
+                   layers=d.get("layers", {}), permutations=d.get("permutations", {}),
+                   gather_indices=d.get("gather_indices", {}))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Folded permutations as int32 arrays (`perm/<site>`) and static activation global scales
