@@ -56,8 +56,7 @@ def write_checkpoint(path: Path, hidden: int, stored: str) -> int:
     from permuquant_jax.models.flux import FluxConfig
 
     cfg = FluxConfig(hidden_size=hidden, num_heads=hidden // 128)
-    dtype = {"bf16": ml_dtypes.bfloat16, "f32": np.float32, "f16": np.float16,
-             "f8": ml_dtypes.float8_e4m3fn}[stored]
+    dtype = {"bf16": ml_dtypes.bfloat16, "f32": np.float32, "f16": np.float16, "f8": ml_dtypes.float8_e4m3fn}[stored]
     rng = np.random.default_rng(0)
     tensors = {}
     for key, entry in bfl_keymap(cfg).items():
@@ -96,8 +95,7 @@ def main() -> None:
         for stored in args.stored:
             path = Path(tmp) / f"synthetic-{stored}.safetensors"
             size = write_checkpoint(path, args.hidden, stored)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(path)], check=True, capture_output=True,
-                                 text=True)
+            out = subprocess.run([sys.executable, "-c", CHILD, str(path)], check=True, capture_output=True, text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             ratio = (r["peak"] - r["baseline"]) / r["model_bytes"]
             rows.append((stored, size, r, ratio))
@@ -112,7 +110,8 @@ def main() -> None:
         lines.append(
             f"| {stored} | {size / gb:.2f} GB | {r['model_bytes'] / gb:.3f} GB | {r['baseline'] / gb:.2f} GB | "
             f"{r['peak'] / gb:.2f} GB | {(r['peak'] - r['baseline']) / gb:.3f} GB | **{ratio:.3f}x** | "
-            f"{r['seconds']:.1f} s |")
+            f"{r['seconds']:.1f} s |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -13,8 +13,18 @@ def grid_ids(batch: int, h: int, w: int, offset: int = 0) -> np.ndarray:
     return np.broadcast_to(ids.reshape(1, h * w, 3), (batch, h * w, 3)).copy()
 
 
-def make_inputs(rng: np.random.Generator, *, batch: int, h: int, w: int, n_txt: int, in_channels: int,
-                context_dim: int, vec_dim: int, guidance: bool) -> dict[str, np.ndarray | None]:
+def make_inputs(
+    rng: np.random.Generator,
+    *,
+    batch: int,
+    h: int,
+    w: int,
+    n_txt: int,
+    in_channels: int,
+    context_dim: int,
+    vec_dim: int,
+    guidance: bool,
+) -> dict[str, np.ndarray | None]:
     """Random FluxDiT inputs (BFL names): packed latents on an h x w grid, text, pooled vector."""
     txt_ids = np.zeros((batch, n_txt, 3), np.float32)
     # FLUX uses zero text ids; random small ints here also exercise the first RoPE axis.
@@ -69,3 +79,19 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """||a - b|| / ||b|| (Frobenius, float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def bfl_to_model(key: str) -> tuple[str, int | None, bool]:
+    """Where a BFL checkpoint key lives in FluxDiT, by BFL's naming rule (independent of the loader):
+    (dotted model path, layer index on the stacked axis or None, True if a transposed weight)."""
+    import re
+
+    key = key.replace("_mlp.0.", "_mlp.fc1.").replace("_mlp.2.", "_mlp.fc2.")
+    key = key.replace("adaLN_modulation.1.", "adaLN_modulation.")
+    is_weight = key.endswith(".weight")
+    if is_weight:
+        key = key[: -len("weight")] + "kernel"
+    m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.*)", key)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2)), is_weight
+    return key, None, is_weight

@@ -3,7 +3,6 @@ errors, the scan write-back of mutated variables, gather indices, dtypes."""
 
 from __future__ import annotations
 
-import re
 import secrets
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from flux_ref import make_inputs, rel_err
+from flux_ref import bfl_to_model, make_inputs, rel_err
 
 from permuquant_jax.convert import load_flux
 from permuquant_jax.models import FluxConfig, FluxDiT, Linear, abstract_flux, param_count
@@ -21,34 +20,54 @@ ARGS = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
 # The key/shape table of the released FLUX.1-dev file (flux1-dev.safetensors, BFL layout, PyTorch
 # [out, in] weights). Block keys are listed for one block; the file repeats them for every index.
 DEV_TOP = {
-    "img_in.weight": (3072, 64), "img_in.bias": (3072,),
-    "txt_in.weight": (3072, 4096), "txt_in.bias": (3072,),
-    "time_in.in_layer.weight": (3072, 256), "time_in.in_layer.bias": (3072,),
-    "time_in.out_layer.weight": (3072, 3072), "time_in.out_layer.bias": (3072,),
-    "vector_in.in_layer.weight": (3072, 768), "vector_in.in_layer.bias": (3072,),
-    "vector_in.out_layer.weight": (3072, 3072), "vector_in.out_layer.bias": (3072,),
-    "guidance_in.in_layer.weight": (3072, 256), "guidance_in.in_layer.bias": (3072,),
-    "guidance_in.out_layer.weight": (3072, 3072), "guidance_in.out_layer.bias": (3072,),
-    "final_layer.linear.weight": (64, 3072), "final_layer.linear.bias": (64,),
-    "final_layer.adaLN_modulation.1.weight": (6144, 3072), "final_layer.adaLN_modulation.1.bias": (6144,),
+    "img_in.weight": (3072, 64),
+    "img_in.bias": (3072,),
+    "txt_in.weight": (3072, 4096),
+    "txt_in.bias": (3072,),
+    "time_in.in_layer.weight": (3072, 256),
+    "time_in.in_layer.bias": (3072,),
+    "time_in.out_layer.weight": (3072, 3072),
+    "time_in.out_layer.bias": (3072,),
+    "vector_in.in_layer.weight": (3072, 768),
+    "vector_in.in_layer.bias": (3072,),
+    "vector_in.out_layer.weight": (3072, 3072),
+    "vector_in.out_layer.bias": (3072,),
+    "guidance_in.in_layer.weight": (3072, 256),
+    "guidance_in.in_layer.bias": (3072,),
+    "guidance_in.out_layer.weight": (3072, 3072),
+    "guidance_in.out_layer.bias": (3072,),
+    "final_layer.linear.weight": (64, 3072),
+    "final_layer.linear.bias": (64,),
+    "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+    "final_layer.adaLN_modulation.1.bias": (6144,),
 }
 DEV_DOUBLE_BLOCK = {  # double_blocks.{0..18}.
     f"{s}_{k}": shape
     for s in ("img", "txt")
     for k, shape in {
-        "mod.lin.weight": (18432, 3072), "mod.lin.bias": (18432,),
-        "attn.qkv.weight": (9216, 3072), "attn.qkv.bias": (9216,),
-        "attn.norm.query_norm.scale": (128,), "attn.norm.key_norm.scale": (128,),
-        "attn.proj.weight": (3072, 3072), "attn.proj.bias": (3072,),
-        "mlp.0.weight": (12288, 3072), "mlp.0.bias": (12288,),
-        "mlp.2.weight": (3072, 12288), "mlp.2.bias": (3072,),
+        "mod.lin.weight": (18432, 3072),
+        "mod.lin.bias": (18432,),
+        "attn.qkv.weight": (9216, 3072),
+        "attn.qkv.bias": (9216,),
+        "attn.norm.query_norm.scale": (128,),
+        "attn.norm.key_norm.scale": (128,),
+        "attn.proj.weight": (3072, 3072),
+        "attn.proj.bias": (3072,),
+        "mlp.0.weight": (12288, 3072),
+        "mlp.0.bias": (12288,),
+        "mlp.2.weight": (3072, 12288),
+        "mlp.2.bias": (3072,),
     }.items()
 }
 DEV_SINGLE_BLOCK = {  # single_blocks.{0..37}.
-    "linear1.weight": (21504, 3072), "linear1.bias": (21504,),
-    "linear2.weight": (3072, 15360), "linear2.bias": (3072,),
-    "norm.query_norm.scale": (128,), "norm.key_norm.scale": (128,),
-    "modulation.lin.weight": (9216, 3072), "modulation.lin.bias": (9216,),
+    "linear1.weight": (21504, 3072),
+    "linear1.bias": (21504,),
+    "linear2.weight": (3072, 15360),
+    "linear2.bias": (3072,),
+    "norm.query_norm.scale": (128,),
+    "norm.key_norm.scale": (128,),
+    "modulation.lin.weight": (9216, 3072),
+    "modulation.lin.bias": (9216,),
 }
 
 
@@ -63,27 +82,22 @@ def model_params_from_table(table: dict[str, tuple[int, ...]]) -> dict[str, tupl
     """Expected FluxDiT params: kernels [in, out]; blocks stacked on a leading depth axis."""
     out: dict[str, list] = {}
     for key, shape in table.items():
-        key = key.replace("_mlp.0.", "_mlp.fc1.").replace("_mlp.2.", "_mlp.fc2.")
-        key = key.replace("adaLN_modulation.1.", "adaLN_modulation.")
-        if key.endswith(".weight"):
-            key, shape = key[: -len("weight")] + "kernel", shape[::-1]
-        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.*)", key)
-        if m:
-            entry = out.setdefault(f"{m.group(1)}.{m.group(3)}", [0, shape])
+        path, layer, is_weight = bfl_to_model(key)
+        shape = shape[::-1] if is_weight else shape
+        if layer is not None:
+            entry = out.setdefault(path, [0, shape])
             assert entry[1] == shape
             entry[0] += 1
         else:
-            out[key] = [None, shape]
+            out[path] = [None, shape]
     return {k: (shape if n is None else (n, *shape)) for k, (n, shape) in out.items()}
 
 
-@pytest.mark.parametrize("name,guidance,count", [("dev", True, 11_901_408_320),
-                                                 ("schnell", False, 11_891_178_560)])
+@pytest.mark.parametrize("name,guidance,count", [("dev", True, 11_901_408_320), ("schnell", False, 11_891_178_560)])
 def test_full_size_shapes_match_real_checkpoint(name, guidance, count):
     cfg = FluxConfig.flux1_dev() if guidance else FluxConfig.flux1_schnell()
     model = abstract_flux(cfg, jnp.bfloat16)
-    got = {".".join(map(str, p)): tuple(v.get_value().shape)
-           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    got = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     table = real_table(guidance)
     assert sum(int(np.prod(s)) for s in table.values()) == count
     assert param_count(model) == count, name
@@ -130,8 +144,17 @@ def forward(model, *args):
 def tiny_inputs():
     cfg = FluxConfig.tiny()
     rng = np.random.default_rng(secrets.randbits(32))
-    return make_inputs(rng, batch=2, h=2, w=3, n_txt=4, in_channels=cfg.in_channels,
-                       context_dim=cfg.context_in_dim, vec_dim=cfg.vec_in_dim, guidance=True)
+    return make_inputs(
+        rng,
+        batch=2,
+        h=2,
+        w=3,
+        n_txt=4,
+        in_channels=cfg.in_channels,
+        context_dim=cfg.context_in_dim,
+        vec_dim=cfg.vec_in_dim,
+        guidance=True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -153,9 +176,14 @@ def test_input_errors(tiny_model, tiny_inputs, change, match):
 
 
 def test_guidance_given_to_schnell_like_model_is_an_error(tiny_inputs):
-    model = nnx.eval_shape(lambda: FluxDiT(FluxConfig(hidden_size=128, num_heads=2, axes_dim=(8, 28, 28),
-                                                      depth=1, depth_single_blocks=1, guidance_embed=False),
-                                           rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: FluxDiT(
+            FluxConfig(
+                hidden_size=128, num_heads=2, axes_dim=(8, 28, 28), depth=1, depth_single_blocks=1, guidance_embed=False
+            ),
+            rngs=nnx.Rngs(0),
+        )
+    )
     with pytest.raises(ValueError, match=r"no guidance embedder .* guidance=None"):
         model(*[tiny_inputs[k] for k in ARGS])
 
@@ -245,8 +273,7 @@ def test_gather_index_with_folded_modulation_rows_is_exact(tiny_model, tiny_inpu
 def test_bf16_close_to_fp32(tiny_model, tiny_inputs):
     args = [tiny_inputs[k] for k in ARGS]
     ref = np.asarray(forward(tiny_model, *args))
-    state = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a,
-                         nnx.state(tiny_model))
+    state = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, nnx.state(tiny_model))
     bf = nnx.eval_shape(lambda: FluxDiT(FluxConfig.tiny(), rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
     nnx.update(bf, state)
     out = forward(bf, *args)

@@ -34,11 +34,37 @@ def _jax_forward(model, inputs):
     "cfg",
     [
         # guidance-distilled (dev-like), 2 heads of 16, non-square 3x5 latent grid
-        dict(heads=2, head_dim=16, axes=(4, 6, 6), in_ch=16, out_ch=None, ctx=24, vec=12, depth=2, single=3,
-             guidance=True, grid=(3, 5), n_txt=7, layout="pipeline"),
+        dict(
+            heads=2,
+            head_dim=16,
+            axes=(4, 6, 6),
+            in_ch=16,
+            out_ch=None,
+            ctx=24,
+            vec=12,
+            depth=2,
+            single=3,
+            guidance=True,
+            grid=(3, 5),
+            n_txt=7,
+            layout="pipeline",
+        ),
         # no guidance (schnell-like), 3 heads of 8, out_channels != in_channels, 4x2 grid
-        dict(heads=3, head_dim=8, axes=(2, 2, 4), in_ch=8, out_ch=12, ctx=16, vec=10, depth=1, single=2,
-             guidance=False, grid=(4, 2), n_txt=5, layout="transformer"),
+        dict(
+            heads=3,
+            head_dim=8,
+            axes=(2, 2, 4),
+            in_ch=8,
+            out_ch=12,
+            ctx=16,
+            vec=10,
+            depth=1,
+            single=2,
+            guidance=False,
+            grid=(4, 2),
+            n_txt=5,
+            layout="transformer",
+        ),
     ],
     ids=["guidance-pipeline", "no-guidance-transformer"],
 )
@@ -53,9 +79,16 @@ def test_parity_diffusers_folder(cfg, tmp_path, monkeypatch):
     seed = secrets.randbits(32)
     rng = np.random.default_rng(seed)
     ref_model = FluxTransformer2DModel(
-        patch_size=1, in_channels=cfg["in_ch"], out_channels=cfg["out_ch"], num_layers=cfg["depth"],
-        num_single_layers=cfg["single"], attention_head_dim=cfg["head_dim"], num_attention_heads=cfg["heads"],
-        joint_attention_dim=cfg["ctx"], pooled_projection_dim=cfg["vec"], guidance_embeds=cfg["guidance"],
+        patch_size=1,
+        in_channels=cfg["in_ch"],
+        out_channels=cfg["out_ch"],
+        num_layers=cfg["depth"],
+        num_single_layers=cfg["single"],
+        attention_head_dim=cfg["head_dim"],
+        num_attention_heads=cfg["heads"],
+        joint_attention_dim=cfg["ctx"],
+        pooled_projection_dim=cfg["vec"],
+        guidance_embeds=cfg["guidance"],
         axes_dims_rope=cfg["axes"],
     ).eval()
     randomize_torch_module(ref_model, rng)
@@ -72,8 +105,17 @@ def test_parity_diffusers_folder(cfg, tmp_path, monkeypatch):
     assert model.config.guidance_embed == cfg["guidance"]
     assert model.config.out_channels == (cfg["out_ch"] or cfg["in_ch"])
     h, w = cfg["grid"]
-    inputs = make_inputs(rng, batch=2, h=h, w=w, n_txt=cfg["n_txt"], in_channels=cfg["in_ch"],
-                         context_dim=cfg["ctx"], vec_dim=cfg["vec"], guidance=cfg["guidance"])
+    inputs = make_inputs(
+        rng,
+        batch=2,
+        h=h,
+        w=w,
+        n_txt=cfg["n_txt"],
+        in_channels=cfg["in_ch"],
+        context_dim=cfg["ctx"],
+        vec_dim=cfg["vec"],
+        guidance=cfg["guidance"],
+    )
     ref = diffusers_forward(ref_model, inputs)
     out = _jax_forward(model, inputs)
     assert out.shape == ref.shape == (2, h * w, cfg["out_ch"] or cfg["in_ch"])
@@ -122,7 +164,7 @@ def _bfl_full_width_tensors(rng: np.random.Generator, depth: int, single: int) -
     for k, shape in shapes.items():
         if len(shape) == 2:  # uniform with variance 1/fan_in
             a = np.float32(np.sqrt(3.0 / shape[1]))
-            vals = (rng.random(shape, dtype=np.float32) * (2 * a) - a)
+            vals = rng.random(shape, dtype=np.float32) * (2 * a) - a
         elif k.endswith(".bias"):
             vals = rng.random(shape, dtype=np.float32) * 0.2 - 0.1
         else:
@@ -156,8 +198,7 @@ def test_parity_bfl_file_full_width(tmp_path):
 
     model = load_flux(path, jnp.float32)
     assert model.config.hidden_size == 3072 and model.config.guidance_embed
-    inputs = make_inputs(rng, batch=2, h=2, w=3, n_txt=4, in_channels=64, context_dim=4096, vec_dim=768,
-                         guidance=True)
+    inputs = make_inputs(rng, batch=2, h=2, w=3, n_txt=4, in_channels=64, context_dim=4096, vec_dim=768, guidance=True)
     ref = diffusers_forward(ref_model, inputs)
     del ref_model
     out = _jax_forward(model, inputs)

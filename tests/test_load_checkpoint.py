@@ -35,8 +35,7 @@ def tiny() -> dict[str, np.ndarray]:
 
 
 def _model_arrays(model: FluxDiT) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def assert_model_holds(model: FluxDiT, tensors: dict[str, np.ndarray], dtype) -> None:
@@ -145,21 +144,32 @@ def _header_len(data: bytes) -> int:
 
 def test_vae_checkpoint(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",),
-                                  up_block_types=("UpDecoderBlock2D",))
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
     folder = tmp_path / "vae"
     vae.save_pretrained(folder)
     expect_error(folder, "config.json", "_class_name is 'AutoencoderKL'", "'FluxTransformer2DModel'")
-    expect_error(folder / "diffusion_pytorch_model.safetensors", "looks like a VAE (autoencoder)", "key '",
-                 "'img_in.weight'")
+    expect_error(
+        folder / "diffusion_pytorch_model.safetensors", "looks like a VAE (autoencoder)", "key '", "'img_in.weight'"
+    )
 
 
-@pytest.mark.parametrize("keys", [
-    ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
-     "model.diffusion_model.out.2.weight"),  # SD 1.x/SDXL original layout
-    ("conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight"),  # diffusers
-])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        (
+            "model.diffusion_model.input_blocks.0.0.weight",
+            "model.diffusion_model.time_embed.0.weight",
+            "model.diffusion_model.out.2.weight",
+        ),  # SD 1.x/SDXL original layout
+        ("conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight"),  # diffusers
+    ],
+)
 def test_sd_unet_checkpoint(keys, tmp_path):
     p = tmp_path / "unet.safetensors"
     save_file({k: np.zeros((4, 4), np.float16) for k in keys}, str(p))
@@ -187,8 +197,7 @@ def test_wrong_shape(tiny, tmp_path):
     tensors["single_blocks.2.linear2.weight"] = np.zeros((128, 600), ml_dtypes.bfloat16)
     p = tmp_path / "resized.safetensors"
     save_file(tensors, str(p))
-    expect_error(p, str(p), "key 'single_blocks.2.linear2.weight'", "expected shape [128, 640]",
-                 "found [128, 600]")
+    expect_error(p, str(p), "key 'single_blocks.2.linear2.weight'", "expected shape [128, 640]", "found [128, 600]")
 
 
 def test_integer_tensor(tiny, tmp_path):
@@ -203,8 +212,13 @@ def test_directory_without_transformer(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "text_encoder").mkdir()
     (tmp_path / "model_index.json").write_text("{}")
-    expect_error(tmp_path, str(tmp_path), "no FLUX transformer in this directory", "transformer/",
-                 "found: [model_index.json, text_encoder/, vae/]")
+    expect_error(
+        tmp_path,
+        str(tmp_path),
+        "no FLUX transformer in this directory",
+        "transformer/",
+        "found: [model_index.json, text_encoder/, vae/]",
+    )
     expect_error(tmp_path / "nope", "no such file or directory")
     (tmp_path / "transformer").mkdir()
     expect_error(tmp_path, "transformer", "needs config.json")
@@ -217,5 +231,6 @@ def test_diffusers_folder_with_missing_shard(tmp_path):
     shard = "diffusion_pytorch_model-00001-of-00002.safetensors"
     index = {"metadata": {}, "weight_map": {"x_embedder.weight": shard}}
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    expect_error(tmp_path, "diffusion_pytorch_model-00001-of-00002.safetensors", "does not exist",
-                 "'x_embedder.weight'")
+    expect_error(
+        tmp_path, "diffusion_pytorch_model-00001-of-00002.safetensors", "does not exist", "'x_embedder.weight'"
+    )

@@ -80,7 +80,8 @@ def open_checkpoint(path: str | os.PathLike | None = None) -> CheckpointSource:
     raise CheckpointError(
         f"{path}: no FLUX transformer in this directory: expected transformer/ (a diffusers pipeline), "
         f"config.json + {DIFFUSERS_WEIGHTS} (a diffusers transformer folder) or a single .safetensors "
-        f"file; found: [{shown}]")
+        f"file; found: [{shown}]"
+    )
 
 
 def _open_diffusers_dir(folder: Path) -> CheckpointSource:
@@ -99,28 +100,32 @@ def _open_diffusers_dir(folder: Path) -> CheckpointSource:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index (expected a JSON object with "
-                                  f"'weight_map': {e!r})") from None
+            raise CheckpointError(
+                f"{index_path}: not a safetensors index (expected a JSON object with 'weight_map': {e!r})"
+            ) from None
         shards: dict[str, SafetensorsFile] = {}
         for key, shard in weight_map.items():
             if shard not in shards:
                 if not (folder / shard).is_file():
-                    raise CheckpointError(f"{folder / shard}: shard listed in {index_path.name} (for key "
-                                          f"'{key}') does not exist")
+                    raise CheckpointError(
+                        f"{folder / shard}: shard listed in {index_path.name} (for key '{key}') does not exist"
+                    )
                 shards[shard] = SafetensorsFile(folder / shard)
             if key not in shards[shard].tensors:
-                raise CheckpointError(f"{folder / shard}: the index says it holds key '{key}', but the "
-                                      "file has no such tensor")
+                raise CheckpointError(
+                    f"{folder / shard}: the index says it holds key '{key}', but the file has no such tensor"
+                )
         files = list(shards.values())
     elif (folder / DIFFUSERS_WEIGHTS).is_file():
         files = [SafetensorsFile(folder / DIFFUSERS_WEIGHTS)]
     else:
-        raise CheckpointError(
-            f"{folder}: has config.json but neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
+        raise CheckpointError(f"{folder}: has config.json but neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
     source = _from_files(folder, files)
     if source.layout != "diffusers":
-        raise CheckpointError(f"{folder}: config.json describes a diffusers FluxTransformer2DModel but the "
-                              f"weights use the BFL key layout (key '{next(iter(source.stored_key))}')")
+        raise CheckpointError(
+            f"{folder}: config.json describes a diffusers FluxTransformer2DModel but the "
+            f"weights use the BFL key layout (key '{next(iter(source.stored_key))}')"
+        )
     source.diffusers_config = config
     return source
 
@@ -143,16 +148,25 @@ def _from_files(path: Path, files: list[SafetensorsFile]) -> CheckpointSource:
         prefix, selected, layout = "", keys, "diffusers"
     else:
         _raise_foreign(path, keys)
-    stored = {k[len(prefix):]: k for k in selected}
+    stored = {k[len(prefix) :]: k for k in selected}
     return CheckpointSource(
-        path=path, layout=layout, files={k: where[s] for k, s in stored.items()}, stored_key=stored,
-        metadata=dict(files[0].metadata) if len(files) == 1 else {})
+        path=path,
+        layout=layout,
+        files={k: where[s] for k, s in stored.items()},
+        stored_key=stored,
+        metadata=dict(files[0].metadata) if len(files) == 1 else {},
+    )
 
 
 _FOREIGN = (
     ("a VAE (autoencoder)", re.compile(r"(^|\.)(decoder\.(conv_in|up|mid)|quant_conv|post_quant_conv)")),
-    ("an SD-family UNet", re.compile(r"(^|\.)(input_blocks|output_blocks|down_blocks\.\d+\.resnets|"
-                                     r"time_embed\.|time_embedding\.)")),
+    (
+        "an SD-family UNet",
+        re.compile(
+            r"(^|\.)(input_blocks|output_blocks|down_blocks\.\d+\.resnets|"
+            r"time_embed\.|time_embedding\.)"
+        ),
+    ),
     ("an SD3 MMDiT", re.compile(r"(^|\.)joint_blocks\.")),
     ("a T5 text encoder", re.compile(r"(^|\.)encoder\.block\.\d+\.layer")),
     ("a CLIP text encoder", re.compile(r"(^|\.)text_model\.")),
@@ -171,7 +185,8 @@ def _raise_foreign(path: Path, keys: list[str]):
     raise CheckpointError(
         f"{path}: not a FLUX.1 transformer checkpoint: it looks like {what} (key '{hit}'); expected key "
         "'img_in.weight' (BFL layout) or 'x_embedder.weight' (diffusers layout); pass the transformer "
-        "(e.g. flux1-dev.safetensors or a pipeline's transformer/ folder)")
+        "(e.g. flux1-dev.safetensors or a pipeline's transformer/ folder)"
+    )
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
@@ -197,8 +212,10 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
     if source.diffusers_config is not None:
         c = source.diffusers_config
         if c.get("patch_size", 1) != 1:
-            raise CheckpointError(f"{source.path}/config.json: patch_size is {c['patch_size']}, expected 1 "
-                                  "(FLUX packs 2x2 latents before the transformer)")
+            raise CheckpointError(
+                f"{source.path}/config.json: patch_size is {c['patch_size']}, expected 1 "
+                "(FLUX packs 2x2 latents before the transformer)"
+            )
         try:
             heads, head_dim = int(c.get("num_attention_heads", 24)), int(c.get("attention_head_dim", 128))
             fields = dict(
@@ -206,8 +223,10 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
                 out_channels=int(c.get("out_channels") or c.get("in_channels", 64)),
                 vec_in_dim=int(c.get("pooled_projection_dim", 768)),
                 context_in_dim=int(c.get("joint_attention_dim", 4096)),
-                hidden_size=heads * head_dim, num_heads=heads,
-                depth=int(c.get("num_layers", 19)), depth_single_blocks=int(c.get("num_single_layers", 38)),
+                hidden_size=heads * head_dim,
+                num_heads=heads,
+                depth=int(c.get("num_layers", 19)),
+                depth_single_blocks=int(c.get("num_single_layers", 38)),
                 axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
                 guidance_embed=bool(c.get("guidance_embeds", False)),
             )
@@ -217,24 +236,47 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
         fields["mlp_ratio"] = mlp / fields["hidden_size"]
     else:
         diff = source.layout == "diffusers"
-        names = (("x_embedder", "context_embedder", "time_text_embed.text_embedder.linear_1", "proj_out",
-                  "transformer_blocks.", "single_transformer_blocks.",
-                  "transformer_blocks.0.attn.norm_q.weight",
-                  "transformer_blocks.0.ff.net.0.proj.weight", "time_text_embed.guidance_embedder.",
-                  "transformer_blocks.0.attn.to_q.bias") if diff else
-                 ("img_in", "txt_in", "vector_in.in_layer", "final_layer.linear", "double_blocks.",
-                  "single_blocks.", "double_blocks.0.img_attn.norm.query_norm.scale",
-                  "double_blocks.0.img_mlp.0.weight", "guidance_in.", "double_blocks.0.img_attn.qkv.bias"))
+        names = (
+            (
+                "x_embedder",
+                "context_embedder",
+                "time_text_embed.text_embedder.linear_1",
+                "proj_out",
+                "transformer_blocks.",
+                "single_transformer_blocks.",
+                "transformer_blocks.0.attn.norm_q.weight",
+                "transformer_blocks.0.ff.net.0.proj.weight",
+                "time_text_embed.guidance_embedder.",
+                "transformer_blocks.0.attn.to_q.bias",
+            )
+            if diff
+            else (
+                "img_in",
+                "txt_in",
+                "vector_in.in_layer",
+                "final_layer.linear",
+                "double_blocks.",
+                "single_blocks.",
+                "double_blocks.0.img_attn.norm.query_norm.scale",
+                "double_blocks.0.img_mlp.0.weight",
+                "guidance_in.",
+                "double_blocks.0.img_attn.qkv.bias",
+            )
+        )
         img_in, txt_in, vec_in, final, dbl, sgl, qnorm, fc1, guid, qkv_bias = names
         hidden, in_ch = shape(img_in + ".weight", "a [hidden, in_channels] weight")
         depth, depth_single = count(dbl), count(sgl)
         if depth == 0 or depth_single == 0:
-            raise CheckpointError(f"{source.path}: found {depth} '{dbl}N.*' and {depth_single} '{sgl}N.*' "
-                                  "blocks; a FLUX.1 transformer has at least one of each")
+            raise CheckpointError(
+                f"{source.path}: found {depth} '{dbl}N.*' and {depth_single} '{sgl}N.*' "
+                "blocks; a FLUX.1 transformer has at least one of each"
+            )
         head_dim = shape(qnorm, "a [head_dim] scale")[0]
         if head_dim < 1 or hidden % head_dim:
-            raise CheckpointError(f"{source.path}: key '{qnorm}': head dim {head_dim} does not divide the "
-                                  f"hidden size {hidden} (from '{img_in}.weight')")
+            raise CheckpointError(
+                f"{source.path}: key '{qnorm}': head dim {head_dim} does not divide the "
+                f"hidden size {hidden} (from '{img_in}.weight')"
+            )
         # RoPE axes cannot be read off the weights: FLUX's for head dim 128 unless the file says.
         axes, theta = default_axes_dim(head_dim), 10_000
         meta = source.metadata.get(CONFIG_METADATA_KEY)
@@ -243,15 +285,22 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
                 meta_cfg = json.loads(meta)
                 axes, theta = tuple(meta_cfg["axes_dim"]), int(meta_cfg.get("theta", theta))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{source.path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON "
-                                      f"object with 'axes_dim': {meta[:80]!r}") from None
+                raise CheckpointError(
+                    f"{source.path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON "
+                    f"object with 'axes_dim': {meta[:80]!r}"
+                ) from None
         fields = dict(
-            in_channels=in_ch, out_channels=shape(final + ".weight", "a [out_channels, hidden] weight")[0],
+            in_channels=in_ch,
+            out_channels=shape(final + ".weight", "a [out_channels, hidden] weight")[0],
             vec_in_dim=shape(vec_in + ".weight", "a [hidden, vec_in_dim] weight")[1],
             context_in_dim=shape(txt_in + ".weight", "a [hidden, context_in_dim] weight")[1],
-            hidden_size=hidden, num_heads=hidden // head_dim,
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
             mlp_ratio=shape(fc1, "a [mlp_hidden, hidden] weight")[0] / hidden,
-            depth=depth, depth_single_blocks=depth_single, axes_dim=axes, theta=theta,
+            depth=depth,
+            depth_single_blocks=depth_single,
+            axes_dim=axes,
+            theta=theta,
             guidance_embed=any(k.startswith(guid) for k in source.stored_key),
             qkv_bias=qkv_bias in source.stored_key or diff,
         )
@@ -273,24 +322,29 @@ def _check_keys(source: CheckpointSource, table: dict[str, SourceTensor], cfg: F
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(
             f"{source.path}: missing key '{_stored(source, missing[0])}' (expected shape "
-            f"{list(table[missing[0]].shape)}){more}; the checkpoint's other keys describe {_describe(cfg)}")
+            f"{list(table[missing[0]].shape)}){more}; the checkpoint's other keys describe {_describe(cfg)}"
+        )
     unexpected = [k for k in present if k not in table]
     if unexpected:
         k = unexpected[0]
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(
             f"{source.where(k)}: unexpected key '{present[k]}' (shape {list(source.shape(k))}){more}; "
-            f"not part of a FLUX.1 transformer with {_describe(cfg)}")
+            f"not part of a FLUX.1 transformer with {_describe(cfg)}"
+        )
     for k, entry in table.items():
         found = source.shape(k)
         if found != entry.shape:
             raise CheckpointError(
                 f"{source.where(k)}: key '{present[k]}': expected shape {list(entry.shape)}, found "
-                f"{list(found)} (for {_describe(cfg)})")
+                f"{list(found)} (for {_describe(cfg)})"
+            )
         dtype = source.files[k].tensors[present[k]].dtype
         if dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{source.where(k)}: key '{present[k]}': expected a float tensor "
-                                  f"(BF16, F16, F32, F8_E4M3), found {dtype}")
+            raise CheckpointError(
+                f"{source.where(k)}: key '{present[k]}': expected a float tensor "
+                f"(BF16, F16, F32, F8_E4M3), found {dtype}"
+            )
 
 
 def _stored(source: CheckpointSource, key: str) -> str:
@@ -302,8 +356,10 @@ def _stored(source: CheckpointSource, key: str) -> str:
 
 
 def _describe(cfg: FluxConfig) -> str:
-    return (f"hidden_size={cfg.hidden_size}, heads={cfg.num_heads}, depth={cfg.depth}+"
-            f"{cfg.depth_single_blocks}, mlp={cfg.mlp_hidden_dim}, guidance_embed={cfg.guidance_embed}")
+    return (
+        f"hidden_size={cfg.hidden_size}, heads={cfg.num_heads}, depth={cfg.depth}+"
+        f"{cfg.depth_single_blocks}, mlp={cfg.mlp_hidden_dim}, guidance_embed={cfg.guidance_embed}"
+    )
 
 
 def load_flux(
@@ -332,8 +388,7 @@ def load_flux(
     table = bfl_keymap(cfg) if source.layout == "bfl" else diffusers_keymap(cfg)
     _check_keys(source, table, cfg)
 
-    model = nnx.eval_shape(
-        lambda: FluxDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl))
+    model = nnx.eval_shape(lambda: FluxDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl))
     by_target: dict[tuple[str, ...], list[SourceTensor]] = {}
     for entry in table.values():
         targets = {p.target for p in entry.pieces}

@@ -46,9 +46,18 @@ class _Builder:
     def __init__(self) -> None:
         self.table: dict[str, SourceTensor] = {}
 
-    def linear(self, key: str, target: tuple[str, ...], n_in: int, n_out: int, layer: int | None = None,
-               *, bias: bool = True, dst: tuple[int, int] | None = None,
-               split: tuple[tuple[tuple[int, int], tuple[int, int]], ...] | None = None) -> None:
+    def linear(
+        self,
+        key: str,
+        target: tuple[str, ...],
+        n_in: int,
+        n_out: int,
+        layer: int | None = None,
+        *,
+        bias: bool = True,
+        dst: tuple[int, int] | None = None,
+        split: tuple[tuple[tuple[int, int], tuple[int, int]], ...] | None = None,
+    ) -> None:
         """A torch Linear ``key.weight`` [n_out, n_in] (+ ``key.bias``) -> ``target.kernel/bias``."""
         if split is None:
             pieces_k = (Piece(target + ("kernel",), layer, None, dst),)
@@ -143,6 +152,11 @@ def diffusers_keymap(cfg: FluxConfig) -> dict[str, SourceTensor]:
         b.linear(p + "proj_out", t + ("linear2",), h + m, h, i)
     b.linear("proj_out", ("final_layer", "linear"), h, cfg.out_channels)
     # diffusers' AdaLayerNormContinuous stores (scale, shift); the model uses (shift, scale).
-    b.linear("norm_out.linear", ("final_layer", "adaLN_modulation"), h, 2 * h,
-             split=(((0, h), (h, 2 * h)), ((h, 2 * h), (0, h))))
+    b.linear(
+        "norm_out.linear",
+        ("final_layer", "adaLN_modulation"),
+        h,
+        2 * h,
+        split=(((0, h), (h, 2 * h)), ((h, 2 * h), (0, h))),
+    )
     return b.table

@@ -51,21 +51,25 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes, expected an "
-                                      "8-byte header length then a JSON header)")
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file (only {size} bytes, expected an "
+                    "8-byte header length then a JSON header)"
+                )
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > _MAX_HEADER or n > size - 8:
                 raise CheckpointError(
                     f"{self.path}: not a safetensors file (its first 8 bytes give a header of {n} bytes, "
-                    f"the file has {size} bytes)")
+                    f"the file has {size} bytes)"
+                )
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON: {e})") from None
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: not a safetensors file (header is a JSON "
-                                  f"{type(header).__name__}, expected an object)")
+            raise CheckpointError(
+                f"{self.path}: not a safetensors file (header is a JSON {type(header).__name__}, expected an object)"
+            )
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         data_size = size - self.data_start
@@ -76,17 +80,20 @@ class SafetensorsFile:
                 if not all(isinstance(s, int) and s >= 0 for s in shape):
                     raise ValueError
             except (TypeError, KeyError, ValueError):
-                raise CheckpointError(f"{self.path}: not a safetensors file (bad header entry for key "
-                                      f"'{key}': {entry!r})") from None
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file (bad header entry for key '{key}': {entry!r})"
+                ) from None
             itemsize = FLOAT_DTYPES[dtype].itemsize if dtype in FLOAT_DTYPES else _OTHER_SIZES.get(dtype)
             if itemsize is not None and end - begin != itemsize * math.prod(shape):
                 raise CheckpointError(
                     f"{self.path}: corrupt header: tensor '{key}' ({dtype} {list(shape)}) needs "
-                    f"{itemsize * math.prod(shape)} bytes but its offsets span {end - begin}")
+                    f"{itemsize * math.prod(shape)} bytes but its offsets span {end - begin}"
+                )
             if end > data_size:
                 raise CheckpointError(
                     f"{self.path}: truncated file: tensor '{key}' ends at data byte {end} but the file holds "
-                    f"only {data_size} data bytes (re-download the file)")
+                    f"only {data_size} data bytes (re-download the file)"
+                )
             self.tensors[key] = TensorInfo(key, dtype, shape, begin, end)
 
     def keys(self) -> list[str]:
@@ -98,7 +105,8 @@ class SafetensorsFile:
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
                 f"{self.path}: tensor '{key}' is stored as {info.dtype}; expected a float dtype "
-                f"({', '.join(FLOAT_DTYPES)})")
+                f"({', '.join(FLOAT_DTYPES)})"
+            )
         dtype = FLOAT_DTYPES[info.dtype]
         out = np.empty(info.shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -106,6 +114,7 @@ class SafetensorsFile:
             f.seek(self.data_start + info.begin)
             got = f.readinto(view)
         if got != info.end - info.begin:
-            raise CheckpointError(f"{self.path}: truncated file: tensor '{key}' has {got} of "
-                                  f"{info.end - info.begin} bytes")
+            raise CheckpointError(
+                f"{self.path}: truncated file: tensor '{key}' has {got} of {info.end - info.begin} bytes"
+            )
         return out

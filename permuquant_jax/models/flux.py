@@ -56,8 +56,16 @@ class FluxConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
-        for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size",
-                     "num_heads", "depth", "depth_single_blocks"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "vec_in_dim",
+            "context_in_dim",
+            "hidden_size",
+            "num_heads",
+            "depth",
+            "depth_single_blocks",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"FluxConfig.{name} must be a positive integer, got {value!r}")
@@ -71,8 +79,9 @@ class FluxConfig:
                 f"head dim is {self.head_dim} (hidden_size {self.hidden_size} / num_heads {self.num_heads})"
             )
         if any(a <= 0 or a % 2 for a in self.axes_dim):
-            raise ValueError(f"FluxConfig: every RoPE axis dim must be a positive even number, got "
-                             f"{list(self.axes_dim)}")
+            raise ValueError(
+                f"FluxConfig: every RoPE axis dim must be a positive even number, got {list(self.axes_dim)}"
+            )
         if self.mlp_hidden_dim < 1 or self.mlp_hidden_dim != self.hidden_size * self.mlp_ratio:
             raise ValueError(
                 f"FluxConfig: mlp_ratio {self.mlp_ratio} times hidden_size {self.hidden_size} must be a "
@@ -106,8 +115,9 @@ class FluxConfig:
         Width 128 (2 heads of 64, RoPE axes 8/28/28), MLP 512, 2 double + 4 single blocks, with the
         guidance embedder, so every code path of the full model runs.
         """
-        return cls(hidden_size=128, num_heads=2, axes_dim=(8, 28, 28), depth=2, depth_single_blocks=4,
-                   guidance_embed=True)
+        return cls(
+            hidden_size=128, num_heads=2, axes_dim=(8, 28, 28), depth=2, depth_single_blocks=4, guidance_embed=True
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -247,6 +257,9 @@ class FluxDiT(nnx.Module):
     ``txt`` (B, S, context_in_dim), ``txt_ids`` (B, S, 3), ``timesteps`` (B,) in [0, 1],
     ``y`` (B, vec_in_dim) pooled text, ``guidance`` (B,) guidance scale (guidance-distilled models
     only). Returns (B, L, out_channels) in ``dtype``.
+
+    ``dtype`` is the computation dtype, ``param_dtype`` (default: ``dtype``) the storage dtype;
+    ``attention_impl`` picks the attention kernel (see :func:`~permuquant_jax.models.layers.attention`).
     """
 
     def __init__(
@@ -258,6 +271,11 @@ class FluxDiT(nnx.Module):
         param_dtype: Dtype = None,
         attention_impl: str | None = None,
     ):
+        if attention_impl not in (None, "auto", "xla", "cudnn"):
+            raise ValueError(
+                f"FluxDiT: attention_impl must be None/'auto' (cuDNN on GPU when it accepts the "
+                f"shapes, else XLA), 'xla' or 'cudnn'; got {attention_impl!r}"
+            )
         param_dtype = param_dtype or dtype
         self.config = config
         self.dtype = dtype
@@ -270,9 +288,7 @@ class FluxDiT(nnx.Module):
         self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, h, **kw) if config.guidance_embed else None
         self.txt_in = Linear(config.context_in_dim, h, **kw)
         block_kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.double_blocks = _stacked(
-            lambda r: DoubleStreamBlock(config, **block_kw, rngs=r), config.depth, rngs
-        )
+        self.double_blocks = _stacked(lambda r: DoubleStreamBlock(config, **block_kw, rngs=r), config.depth, rngs)
         self.single_blocks = _stacked(
             lambda r: SingleStreamBlock(config, **block_kw, rngs=r), config.depth_single_blocks, rngs
         )
@@ -321,29 +337,38 @@ class FluxDiT(nnx.Module):
                 raise ValueError(f"FluxDiT input: {msg}")
 
         img, txt, y = jnp.asarray(img), jnp.asarray(txt), jnp.asarray(y)
-        need(img.ndim == 3 and img.shape[-1] == cfg.in_channels,
-             f"img must be (batch, tokens, {cfg.in_channels}) packed latents, got shape {img.shape}")
+        need(
+            img.ndim == 3 and img.shape[-1] == cfg.in_channels,
+            f"img must be (batch, tokens, {cfg.in_channels}) packed latents, got shape {img.shape}",
+        )
         b, n_img = img.shape[:2]
-        need(txt.ndim == 3 and txt.shape[0] == b and txt.shape[-1] == cfg.context_in_dim,
-             f"txt must be ({b}, tokens, {cfg.context_in_dim}), got shape {txt.shape}")
+        need(
+            txt.ndim == 3 and txt.shape[0] == b and txt.shape[-1] == cfg.context_in_dim,
+            f"txt must be ({b}, tokens, {cfg.context_in_dim}), got shape {txt.shape}",
+        )
         n_txt = txt.shape[1]
         img_ids = _batched_ids(img_ids, b, n_img, "img_ids")
         txt_ids = _batched_ids(txt_ids, b, n_txt, "txt_ids")
         for name, ids in (("img_ids", img_ids), ("txt_ids", txt_ids)):
-            need(ids.shape[-1] == len(cfg.axes_dim),
-                 f"{name} have {ids.shape[-1]} position axes but the model's RoPE has {len(cfg.axes_dim)} "
-                 f"(axes_dim {list(cfg.axes_dim)})")
+            need(
+                ids.shape[-1] == len(cfg.axes_dim),
+                f"{name} have {ids.shape[-1]} position axes but the model's RoPE has {len(cfg.axes_dim)} "
+                f"(axes_dim {list(cfg.axes_dim)})",
+            )
         need(y.shape == (b, cfg.vec_in_dim), f"y must be ({b}, {cfg.vec_in_dim}), got shape {y.shape}")
         timesteps = _batched_scalar(timesteps, b, "timesteps")
         if cfg.guidance_embed:
-            need(guidance is not None,
-                 "this model is guidance-distilled (guidance_embed=True, e.g. FLUX.1-dev): pass guidance, "
-                 "e.g. jnp.full((batch,), 3.5)")
+            need(
+                guidance is not None,
+                "this model is guidance-distilled (guidance_embed=True, e.g. FLUX.1-dev): pass guidance, "
+                "e.g. jnp.full((batch,), 3.5)",
+            )
             guidance = _batched_scalar(guidance, b, "guidance")
         else:
-            need(guidance is None,
-                 "this model has no guidance embedder (guidance_embed=False, e.g. FLUX.1-schnell): pass "
-                 "guidance=None")
+            need(
+                guidance is None,
+                "this model has no guidance embedder (guidance_embed=False, e.g. FLUX.1-schnell): pass guidance=None",
+            )
         return img, img_ids, txt, txt_ids, timesteps, y, guidance
 
 
@@ -352,8 +377,9 @@ def _batched_ids(ids: Any, batch: int, tokens: int, name: str) -> jax.Array:
     if ids.ndim == 2:
         ids = jnp.broadcast_to(ids[None], (batch, *ids.shape))
     if ids.ndim != 3 or ids.shape[:2] != (batch, tokens):
-        raise ValueError(f"FluxDiT input: {name} must be ({batch}, {tokens}, n_axes) to match the tokens, "
-                         f"got shape {ids.shape}")
+        raise ValueError(
+            f"FluxDiT input: {name} must be ({batch}, {tokens}, n_axes) to match the tokens, got shape {ids.shape}"
+        )
     return ids
 
 

@@ -157,9 +157,7 @@ class MLP(nnx.Module):
 class SelfAttention(nnx.Module):
     """Fused ``qkv`` projection, per-head QK RMS norm, output ``proj`` (attention itself is joint)."""
 
-    def __init__(
-        self, dim: int, num_heads: int, *, qkv_bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
-    ):
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -203,9 +201,7 @@ def rope_frequencies(ids: jax.Array, axes_dim: Sequence[int], theta: float) -> t
     Axis i uses ``axes_dim[i]`` channels; pair j of an axis rotates by ``pos * theta**(-2j/dim)``.
     """
     omegas = [1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d) for d in axes_dim]
-    angles = [
-        ids[..., i : i + 1].astype(jnp.float32) * jnp.asarray(om, jnp.float32) for i, om in enumerate(omegas)
-    ]
+    angles = [ids[..., i : i + 1].astype(jnp.float32) * jnp.asarray(om, jnp.float32) for i, om in enumerate(omegas)]
     angle = jnp.concatenate(angles, axis=-1)[:, :, None, :]
     return jnp.cos(angle), jnp.sin(angle)
 
@@ -227,12 +223,37 @@ def attention(
 ) -> jax.Array:
     """RoPE on q and k, then softmax attention; q, k, v (B, L, H, D) -> (B, L, H*D).
 
-    ``implementation`` goes to :func:`jax.nn.dot_product_attention` ("xla", "cudnn" or None for
-    JAX's choice).
+    ``implementation``: "xla" or "cudnn" (passed to :func:`jax.nn.dot_product_attention`), or
+    None / "auto": cuDNN's fused attention on a GPU for bf16/fp16 with a head dim it accepts, XLA
+    otherwise (always on the CPU).
     """
     cos, sin = pe
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    impl = resolve_attention_impl(implementation, q)
+    try:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    except (ValueError, NotImplementedError, RuntimeError):
+        if implementation not in (None, "auto"):
+            raise
+        # cuDNN refused these shapes or this cuDNN version at trace time: use XLA's attention.
+        out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     b, l, h, d = out.shape
     return out.reshape(b, l, h * d)
+
+
+def resolve_attention_impl(implementation: str | None, q: jax.Array) -> str:
+    """The attention implementation ``attention`` uses for ``implementation`` and queries ``q``."""
+    if implementation not in (None, "auto"):
+        if implementation not in ("xla", "cudnn"):
+            raise ValueError(f"attention implementation must be None, 'auto', 'xla' or 'cudnn', got {implementation!r}")
+        return implementation
+    head_dim = q.shape[-1]
+    if (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim <= 128
+        and head_dim % 8 == 0
+    ):
+        return "cudnn"
+    return "xla"
