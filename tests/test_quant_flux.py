@@ -127,3 +127,18 @@ def test_quantize_flux(flux):
     for name, perm in rep.permutations.items():
         p = np.asarray(perm)
         assert np.array_equal(np.sort(p, -1), np.broadcast_to(np.arange(p.shape[-1]), p.shape)), name
+
+
+def test_text_embeddings_from_npz(flux, tmp_path):
+    model = flux[0]
+    rng = np.random.default_rng()
+    txt, y = rng.standard_normal((3, 5, 64)).astype(np.float32), rng.standard_normal((3, 32)).astype(np.float32)
+    np.savez(tmp_path / "emb.npz", txt=txt, y=y)
+    # one step: the inputs at t = 1, no model call
+    b = flux_calibration_batches(model, text=str(tmp_path / "emb.npz"), num_samples=4, num_steps=1, height=32,
+                                 width=32, batch_size=2)
+    assert len(b) == 2 and b[0]["txt"].shape == (2, 5, 64)
+    np.testing.assert_array_equal(np.asarray(b[1]["txt"]), np.concatenate([txt[2:], txt[:1]]))
+    np.savez(tmp_path / "bad.npz", txt=txt)
+    with pytest.raises(ValueError, match=r"missing arrays \['y'\]"):
+        flux_calibration_batches(model, text=str(tmp_path / "bad.npz"), num_steps=1)

@@ -73,6 +73,9 @@ def test_calibration_stats_match_numpy_and_round_trip(setup, tmp_path):
         assert int(s.count) == a.shape[0]
         np.testing.assert_allclose(float(s.amax), np.abs(a).max(), rtol=1e-5)
     assert isinstance(model.fc1, nnx.Linear)  # the observers were removed
+    again = calibrate(model, batches, [("fc1",), ("fc2",), ("head",)], progress=False)
+    for p in stats.layers:  # deterministic
+        np.testing.assert_array_equal(again.layers[p].sumsq, stats.layers[p].sumsq)
     stats.save(str(tmp_path / "stats.npz"))
     back = CalibrationStats.load(str(tmp_path / "stats.npz"))
     assert back.batches == 3 and back.fingerprint() == stats.fingerprint()
