@@ -124,6 +124,12 @@ def test_parity_diffusers_folder(cfg, tmp_path, monkeypatch):
     assert err <= TOL, f"rel err {err:.3e} > {TOL} (seed {seed})"
     # the two batch elements really differ, so a batch mix-up would show
     assert rel_err(out[0], out[1]) > 1e-2
+    if cfg["layout"] == "transformer":
+        # the bare diffusers-layout file, no config.json: everything inferred from keys and shapes
+        # (the RoPE axes by the default rule, which gives this config's (2, 2, 4) for head dim 8)
+        bare = load_flux(root / "diffusion_pytorch_model.safetensors", jnp.float32)
+        assert bare.config == model.config
+        np.testing.assert_array_equal(_jax_forward(bare, inputs), out)
 
 
 def _bfl_full_width_tensors(rng: np.random.Generator, depth: int, single: int) -> dict[str, np.ndarray]:
