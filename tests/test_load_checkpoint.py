@@ -128,6 +128,13 @@ def test_not_safetensors(tmp_path):
     r = tmp_path / "badjson.safetensors"
     r.write_bytes(struct.pack("<Q", 5) + b"{nope" + b"\0" * 10)
     expect_error(r, str(r), "header is not JSON")
+    g = tmp_path / "flux1-dev-Q8_0.gguf"
+    g.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 4)
+    expect_error(g, str(g), "GGUF file", "use the .safetensors checkpoint")
+    torch = pytest.importorskip("torch")
+    pt = tmp_path / "flux.pt"
+    torch.save({"img_in.weight": torch.zeros(4, 4)}, pt)
+    expect_error(pt, str(pt), "PyTorch .pt/.ckpt", "convert it to .safetensors")
 
 
 def test_truncated(tmp_path):

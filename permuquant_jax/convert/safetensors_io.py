@@ -47,21 +47,27 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{self.path}: not a safetensors file (only {size} bytes, expected an "
-                    "8-byte header length then a JSON header)"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > _MAX_HEADER or n > size - 8:
-                raise CheckpointError(
-                    f"{self.path}: not a safetensors file (its first 8 bytes give a header of {n} bytes, "
-                    f"the file has {size} bytes)"
-                )
-            raw = f.read(n)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head, raw = f.read(8), b""
+                if len(head) == 8:
+                    (n,) = struct.unpack("<Q", head)
+                    if 0 < n <= min(_MAX_HEADER, size - 8):
+                        raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read the file ({e.strerror})") from None
+        if len(head) < 8:
+            raise CheckpointError(
+                f"{self.path}: not a safetensors file (only {size} bytes, expected an "
+                "8-byte header length then a JSON header)"
+            )
+        if not raw:
+            kind = _sniff(head)
+            raise CheckpointError(
+                f"{self.path}: not a safetensors file ({kind + '; ' if kind else ''}its first 8 bytes give a "
+                f"header of {n} bytes, the file has {size} bytes)"
+            )
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -110,11 +116,25 @@ class SafetensorsFile:
         dtype = FLOAT_DTYPES[info.dtype]
         out = np.empty(info.shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + info.begin)
-            got = f.readinto(view)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + info.begin)
+                got = f.readinto(view)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor '{key}' ({e.strerror})") from None
         if got != info.end - info.begin:
             raise CheckpointError(
                 f"{self.path}: truncated file: tensor '{key}' has {got} of {info.end - info.begin} bytes"
             )
         return out
+
+
+def _sniff(head: bytes) -> str:
+    """Name a few formats people mistake for safetensors, from their first bytes."""
+    if head.startswith(b"GGUF"):
+        return "this is a GGUF file: use the .safetensors checkpoint"
+    if head.startswith(b"PK\x03\x04"):
+        return "this is a zip / PyTorch .pt/.ckpt file: convert it to .safetensors first"
+    if head[:1] == b"\x80":
+        return "this is a Python pickle: convert it to .safetensors first"
+    return ""
