@@ -187,9 +187,7 @@ def test_mxfp4_and_intq_jit_vmap_match_eager(rng: np.random.Generator) -> None:
     xs = jnp.asarray((rng.standard_t(2.5, (3, 8, 256)) * rng.uniform(0.1, 10, (3, 8, 1))).astype(np.float32))
     eager_mx = [mxfp4.quantize(x) for x in xs]
     for got in (jax.jit(jax.vmap(mxfp4.quantize))(xs), jax.vmap(mxfp4.quantize)(xs)):
-        np.testing.assert_array_equal(
-            np.asarray(got.codes), np.stack([np.asarray(e.codes) for e in eager_mx])
-        )
+        np.testing.assert_array_equal(np.asarray(got.codes), np.stack([np.asarray(e.codes) for e in eager_mx]))
         np.testing.assert_array_equal(
             np.asarray(mxfp4.scale_bytes(got)), np.stack([np.asarray(mxfp4.scale_bytes(e)) for e in eager_mx])
         )
@@ -197,9 +195,7 @@ def test_mxfp4_and_intq_jit_vmap_match_eager(rng: np.random.Generator) -> None:
         eager = [intq.quantize(x, bits, group, sdt) for x in xs]
         fn = jax.vmap(lambda x, b=bits, g=group, d=sdt: intq.quantize(x, b, g, d))
         for got in (jax.jit(fn)(xs), fn(xs)):
-            np.testing.assert_array_equal(
-                np.asarray(got.values), np.stack([np.asarray(e.values) for e in eager])
-            )
+            np.testing.assert_array_equal(np.asarray(got.values), np.stack([np.asarray(e.values) for e in eager]))
             np.testing.assert_array_equal(
                 np.asarray(got.scales.astype(jnp.float32)),
                 np.stack([np.asarray(e.scales.astype(jnp.float32)) for e in eager]),

@@ -309,9 +309,7 @@ def test_jit_and_vmap_match_eager(gs) -> None:
     batched = jax.vmap(lambda x: nvfp4.quantize(x, gs))(xs)
     np.testing.assert_array_equal(np.asarray(batched.codes), np.stack([np.asarray(e.codes) for e in eager]))
     np.testing.assert_array_equal(_u8(batched.scales), np.stack([_u8(e.scales) for e in eager]))
-    np.testing.assert_array_equal(
-        _bits(batched.global_scale), np.stack([_bits(e.global_scale) for e in eager])
-    )
+    np.testing.assert_array_equal(_bits(batched.global_scale), np.stack([_bits(e.global_scale) for e in eager]))
     fq = jax.vmap(lambda x: nvfp4.fake_quant(x, gs))(xs)
     assert fq.dtype == jnp.bfloat16
     np.testing.assert_array_equal(_bits(fq), np.stack([_bits(nvfp4.fake_quant(x, gs)) for x in xs]))

@@ -90,6 +90,11 @@ def test_mxfp4_idempotent_sign_symmetric_and_bounded(x: np.ndarray) -> None:
     scale = np.repeat(np.asarray(mxfp4.quantize(jnp.asarray(x)).scales.astype(jnp.float32)), 32, axis=-1)
     t = np.abs(x.astype(np.float64)) / scale
     err = np.abs(np.asarray(y, np.float64) - x)
+    # Blocks with amax < 2**-124 (scale byte <= 2) are outside the range this bound holds in:
+    # torchao divides by 2**-126 there, and XLA flushes subnormal results to zero. Tiny errors.
+    normal = scale >= 2.0**-124
+    assert (err[~normal] <= 2.0**-121).all()
+    t, err, scale, y = t[normal], err[normal], scale[normal], np.asarray(y)[normal]
     # half a step inside the grid; above 6 (FLOOR scales reach amax / scale < 8) saturation
     assert (err[t <= 6] <= scale[t <= 6] * 1.0 + np.abs(y[t <= 6]) * 2.0**-23).all()
     assert (t < 8).all() and (err[t > 6] <= 2 * scale[t > 6]).all()
@@ -120,9 +125,7 @@ def test_mxfp4_round_trips_its_grid(q: mxfp4.MXFP4Tensor) -> None:
     np.testing.assert_array_equal(_bits(mxfp4.dequantize(q2)), _bits(x))
 
 
-INT_SETTINGS = st.tuples(
-    st.integers(2, 8), st.sampled_from([16, 32, 64]), st.sampled_from(["float32", "bfloat16"])
-)
+INT_SETTINGS = st.tuples(st.integers(2, 8), st.sampled_from([16, 32, 64]), st.sampled_from(["float32", "bfloat16"]))
 
 
 @SETTINGS
@@ -131,9 +134,7 @@ def test_intq_idempotent_sign_symmetric_and_bounded(x: np.ndarray, cfg) -> None:
     bits, group, sdt = cfg
     y = _int_fq(jnp.asarray(x), bits, group, jnp.dtype(sdt))
     np.testing.assert_array_equal(np.asarray(_int_fq(y, bits, group, jnp.dtype(sdt))), np.asarray(y))
-    np.testing.assert_array_equal(
-        np.asarray(_int_fq(jnp.asarray(-x), bits, group, jnp.dtype(sdt))), -np.asarray(y)
-    )
+    np.testing.assert_array_equal(np.asarray(_int_fq(jnp.asarray(-x), bits, group, jnp.dtype(sdt))), -np.asarray(y))
     q = _int_q(jnp.asarray(x), bits, group, jnp.dtype(sdt))
     s = np.repeat(np.asarray(q.scales.astype(jnp.float32)), group, axis=-1).astype(np.float64)
     err = np.abs(np.asarray(y, np.float64) - x)
@@ -162,7 +163,5 @@ def test_intq_round_trips_its_grid(q: intq.IntQTensor, sdt: str) -> None:
     x = _int_dq(q)
     q2 = _int_q(x, q.bits, q.group, jnp.dtype(sdt))
     np.testing.assert_array_equal(np.asarray(q2.values), np.asarray(q.values))
-    np.testing.assert_array_equal(
-        np.asarray(q2.scales.astype(jnp.float32)), np.asarray(q.scales.astype(jnp.float32))
-    )
+    np.testing.assert_array_equal(np.asarray(q2.scales.astype(jnp.float32)), np.asarray(q.scales.astype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(intq.dequantize(q2)), np.asarray(x))

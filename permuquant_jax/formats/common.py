@@ -73,35 +73,49 @@ def check_finite(x: jax.Array, name: str) -> None:
         )
 
 
-@jax.custom_batching.custom_vmap
-def _ieee_divide(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jax.lax.optimization_barrier(a / jax.lax.optimization_barrier(b))
-
-
-@_ieee_divide.def_vmap
-def _ieee_divide_vmap(axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array):
-    # vmap would broadcast an unbatched operand inside the division, where XLA can rewrite it
-    # again: give both operands the batch axis before the barriers.
-    a = a if in_batched[0] else jnp.broadcast_to(a, (axis_size, *a.shape))
-    b = b if in_batched[1] else jnp.broadcast_to(b, (axis_size, *b.shape))
-    return _ieee_divide(a, b), True
-
-
 def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
-    """`a / b` with IEEE (correctly rounded) division, also under jit and vmap.
+    """`a / b` in float32, correctly rounded (IEEE round to nearest even) on every backend.
 
-    XLA's algebraic simplifier rewrites a division by a broadcast (a scalar, a constant, a per-row
-    or per-block scale) into a multiplication by the rounded reciprocal, and (A / B) / C into
-    A / (B * C); both are off by an ulp for some inputs, so jit, vmap and eager would disagree
-    with each other and with torchao. Both operands are broadcast to one shape (with the batch
-    axis under vmap) and the divisor and quotient pass through optimization barriers, which keeps
-    every division a true one in the written order (at the cost of materializing them).
+    Compilers do not keep `a / b` exact: XLA rewrites a division by a broadcast (a scalar, a
+    per-row or per-block scale) into a multiplication by the rounded reciprocal and (A / B) / C
+    into A / (B * C), and GPUs divide with an approximate instruction; each is off by an ulp for
+    some inputs, so backends, jit, vmap and eager would disagree with each other and with torchao.
+    Here the quotient of two normal floats is computed from their integer mantissas by restoring
+    long division (24 quotient bits, then round half to even on the remainder), which no compiler
+    rewrites; zeros, subnormals, Inf, NaN and results outside the normal range fall back to `a / b`
+    (there the callers clamp or propagate anyway). Broadcasts `a` and `b` to one shape.
     """
-    a = jnp.asarray(a)
-    shape = jnp.broadcast_shapes(a.shape, jnp.shape(b))
-    a = jnp.broadcast_to(a, shape)
-    b = jnp.broadcast_to(jnp.asarray(b, a.dtype), shape)
-    return _ieee_divide(a, b)
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    return _divide_rn(*jnp.broadcast_arrays(a, b))
+
+
+@jax.jit
+def _divide_rn(a: jax.Array, b: jax.Array) -> jax.Array:
+    ia = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    ib = jax.lax.bitcast_convert_type(b, jnp.uint32)
+    sign = (ia ^ ib) & jnp.uint32(0x80000000)
+    ea = ((ia >> 23) & 0xFF).astype(jnp.int32)
+    eb = ((ib >> 23) & 0xFF).astype(jnp.int32)
+    ma = (ia & 0x7FFFFF) | jnp.uint32(0x800000)
+    mb = (ib & 0x7FFFFF) | jnp.uint32(0x800000)
+    shift = ma < mb  # make the mantissa quotient lie in [1, 2)
+    rem = jnp.where(shift, ma << 1, ma)
+    q = jnp.zeros_like(ma)
+    for _ in range(24):
+        bit = rem >= mb
+        q = (q << 1) | bit.astype(jnp.uint32)
+        rem = (rem - jnp.where(bit, mb, jnp.uint32(0))) << 1
+    # rem is now twice the remainder: compare it with the divisor to round half to even
+    q = q + ((rem > mb) | ((rem == mb) & ((q & 1) == 1))).astype(jnp.uint32)
+    e = ea - eb + 127 - shift.astype(jnp.int32)
+    carry = q >> 24  # the rounding carried into a 25th bit
+    q = q >> carry
+    e = e + carry.astype(jnp.int32)
+    bits = sign | (e.astype(jnp.uint32) << 23) | (q & 0x7FFFFF)
+    exact = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    normal_in = (ea > 0) & (ea < 255) & (eb > 0) & (eb < 255)
+    return jnp.where(normal_in & (e >= 1) & (e <= 254), exact, a / b)
 
 
 def is_concrete(x: object) -> bool:

@@ -27,9 +27,7 @@ BITS = tuple(range(2, 9))
 SCALE_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["bits", "group"]
-)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["bits", "group"])
 @dataclasses.dataclass(frozen=True)
 class IntQTensor:
     """A symmetric INTn per-group quantized array: int8 `values [..., K]`, `scales [..., K/group]`."""
@@ -58,9 +56,7 @@ def _check_args(bits: int, group: int, scale_dtype: jnp.dtype) -> None:
         raise ValueError(f"INT scale dtype must be float32 or bfloat16, found {scale_dtype!r}")
 
 
-def quantize(
-    x: jax.Array, bits: int = 4, group: int = 64, scale_dtype: jnp.dtype = jnp.bfloat16
-) -> IntQTensor:
+def quantize(x: jax.Array, bits: int = 4, group: int = 64, scale_dtype: jnp.dtype = jnp.bfloat16) -> IntQTensor:
     """Quantize `x [..., K]` (K a multiple of `group`) to symmetric INT`bits` per group of `group`.
 
     Jittable (bits, group, scale_dtype static) and vmappable. NaN in a group propagates (its
@@ -87,8 +83,6 @@ def dequantize(q: IntQTensor, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return vb.reshape(q.values.shape).astype(dtype)
 
 
-def fake_quant(
-    x: jax.Array, bits: int = 4, group: int = 64, scale_dtype: jnp.dtype = jnp.bfloat16
-) -> jax.Array:
+def fake_quant(x: jax.Array, bits: int = 4, group: int = 64, scale_dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
     """`dequantize(quantize(x, ...), x.dtype)` in one jittable function."""
     return dequantize(quantize(x, bits, group, scale_dtype), x.dtype)

@@ -53,9 +53,7 @@ _E2M1_LUT = np.array(list(E2M1_MAGNITUDES) + [-m for m in E2M1_MAGNITUDES], dtyp
 GlobalScale = None | str | float | jax.Array
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["codes", "scales", "global_scale"], meta_fields=[]
-)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales", "global_scale"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class NVFP4Tensor:
     """An NVFP4-quantized array of logical shape `[..., K]`.
@@ -90,13 +88,7 @@ def encode_e2m1(v: jax.Array) -> jax.Array:
     # Round-half-to-even on the 8-point grid: a tie goes to the even magnitude index, so the
     # comparison at each midpoint alternates between > (tie rounds down) and >= (tie rounds up).
     idx = (
-        (m > 0.25).astype(jnp.uint8)
-        + (m >= 0.75)
-        + (m > 1.25)
-        + (m >= 1.75)
-        + (m > 2.5)
-        + (m >= 3.5)
-        + (m > 5.0)
+        (m > 0.25).astype(jnp.uint8) + (m >= 0.75) + (m > 1.25) + (m >= 1.75) + (m > 2.5) + (m >= 3.5) + (m > 5.0)
     ).astype(jnp.uint8)
     sign = jnp.signbit(v).astype(jnp.uint8) << 3
     return idx | sign
@@ -226,8 +218,7 @@ def from_scaled_matmul(values: jax.Array, scales: jax.Array, global_scale: jax.A
         )
     if values.shape[:-1] != scales.shape[:-1] or values.shape[-1] != BLOCK_SIZE * scales.shape[-1]:
         raise ValueError(
-            f"values {values.shape} and scales {scales.shape} do not match: scales need shape "
-            f"[..., K/{BLOCK_SIZE}]"
+            f"values {values.shape} and scales {scales.shape} do not match: scales need shape [..., K/{BLOCK_SIZE}]"
         )
     codes = pack_codes(encode_e2m1(values.astype(jnp.float32)))
     return NVFP4Tensor(codes=codes, scales=scales, global_scale=jnp.asarray(global_scale, jnp.float32))
