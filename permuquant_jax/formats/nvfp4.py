@@ -60,7 +60,9 @@ class NVFP4Tensor:
 
     codes: uint8 `[..., K/2]`, two E2M1 codes per byte (element 2i low nibble, 2i+1 high nibble).
     scales: float8_e4m3fn `[..., K/16]`, one per block of 16 along the last axis.
-    global_scale: float32, shape `()` (per tensor) or `[..., 1]` (per row).
+    global_scale: float32, shape `()` (per tensor) or `[..., 1]` (per row). (An NVFP4Tensor
+    returned from `jax.vmap(quantize)` with a per-tensor scale has global_scale `[B]`: dequantize
+    it under the same vmap.)
     """
 
     codes: jax.Array
