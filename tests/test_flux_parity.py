@@ -194,6 +194,13 @@ def test_parity_bfl_file_full_width(tmp_path):
     save_file(tensors, str(path))
     del tensors
 
+    # One model in memory at a time (each is 2.2 GB in fp32): ours first, then the reference.
+    model = load_flux(path, jnp.float32)
+    assert model.config.hidden_size == 3072 and model.config.guidance_embed
+    inputs = make_inputs(rng, batch=2, h=2, w=3, n_txt=4, in_channels=64, context_dim=4096, vec_dim=768, guidance=True)
+    out = _jax_forward(model, inputs)
+    del model
+
     state = convert_flux_transformer_checkpoint_to_diffusers(load_file(str(path)))
     state = {k: v.float() for k, v in state.items()}
     with torch.device("meta"):
@@ -201,13 +208,8 @@ def test_parity_bfl_file_full_width(tmp_path):
     ref_model.load_state_dict(state, strict=True, assign=True)
     ref_model.eval()
     del state
-
-    model = load_flux(path, jnp.float32)
-    assert model.config.hidden_size == 3072 and model.config.guidance_embed
-    inputs = make_inputs(rng, batch=2, h=2, w=3, n_txt=4, in_channels=64, context_dim=4096, vec_dim=768, guidance=True)
     ref = diffusers_forward(ref_model, inputs)
     del ref_model
-    out = _jax_forward(model, inputs)
     err = rel_err(out, ref)
     print(f"BFL full-width parity: rel err {err:.2e}")
     assert err <= TOL, f"rel err {err:.3e} > {TOL} (seed {seed})"
