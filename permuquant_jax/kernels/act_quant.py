@@ -59,15 +59,47 @@ def e2m1_code_to_f16(code: jax.Array) -> jax.Array:
 
 
 def _opaque(value: jax.Array, ref: jax.Array) -> jax.Array:
-    """`value`, through a select XLA cannot fold (ref is never NaN-and-negative), as a rewrite barrier."""
+    """`value` behind a select XLA cannot fold (`ref` is never below -1 here): a rewrite barrier."""
     return jnp.where(ref < -1.0, ref, value)
 
 
-def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int):
+def _div_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+    """IEEE float32 division (round to nearest), as XLA does: Triton's own `/` may be approximate."""
+    a, b = jnp.broadcast_arrays(a, b)
+    if interpret:
+        # XLA rewrites a division by a constant or by a broadcast into a multiply by a reciprocal,
+        # which rounds differently; operands behind selects keep it a true division.
+        return _opaque(a, b) / _opaque(b, a)
+    (q,) = plgpu.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return q
+
+
+def _round_e4m3(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Round float32 `s` in [2^-6, 448] (normal E4M3 range) to E4M3, ties to even, by integer ops.
+
+    Returns (the rounded value as float32, its E4M3 byte as uint8); NaN gives NaN and byte 0x7F.
+    A float8 convert is avoided on purpose: XLA on CPU (interpret mode) may convert through float16,
+    which rounds twice.
+    """
+    b = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    b = (b + jnp.uint32(0x7FFFF) + ((b >> 20) & 1)) & jnp.uint32(0xFFF00000)
+    nan = s != s
+    s32 = jnp.where(nan, s, jax.lax.bitcast_convert_type(b, jnp.float32))
+    byte = jnp.where(nan, jnp.uint32(0x7F), (b >> 20) - jnp.uint32(960)).astype(jnp.uint8)
+    return s32, byte
+
+
+def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int, interpret: bool):
     """Quantize a float32 tile `[bm, bk]` with per-row global scales `gs [bm]`.
 
     Returns (magnitude index uint8 [bm, bk/16, 16], sign uint8 (0/1) same shape, scale f32 [bm, bk/16],
-    scale as float8_e4m3fn [bm, bk/16]).
+    scale E4M3 byte uint8 [bm, bk/16]).
     """
     g = bk // BLOCK_SIZE
     xb = x32.reshape(bm, g, BLOCK_SIZE)
@@ -75,18 +107,20 @@ def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int):
     # Two roundings each, as formats.nvfp4 specifies: (amax / 6) / g and (1 / g) / s. The selects
     # (always the division) keep XLA, in interpret mode, from fusing (a / b) / c into a / (b * c),
     # which rounds differently; Triton does not reassociate.
-    block_scale = _opaque(amax / F4_E2M1_MAX, amax)
-    s8 = jnp.clip(block_scale / gs[:, None], F8E4M3_MIN_NORMAL, F8E4M3_MAX).astype(jnp.float8_e4m3fn)
-    s32 = s8.astype(jnp.float32)
-    inv_g = _opaque(1.0 / gs, gs)
-    recip = inv_g[:, None] / s32
+    # (and the divisor 6 goes through one too: XLA turns a division by a constant into a multiply)
+    six = _opaque(jnp.full_like(amax, F4_E2M1_MAX), amax)
+    block_scale = _opaque(_div_rn(amax, six, interpret), amax)
+    s = _div_rn(block_scale, gs[:, None], interpret)
+    s32, s8 = _round_e4m3(jnp.clip(s, F8E4M3_MIN_NORMAL, F8E4M3_MAX))
+    inv_g = _opaque(_div_rn(jnp.ones_like(gs), gs, interpret), gs)
+    recip = _div_rn(inv_g[:, None], s32, interpret)
     scaled = jnp.clip(xb * recip[:, :, None], -F4_E2M1_MAX, F4_E2M1_MAX)
     idx = e2m1_index(jnp.abs(scaled))
     sign = (jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> 31).astype(jnp.uint8)
     return idx, sign, s32, s8
 
 
-def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode, x_dtype):
+def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode, x_dtype, interpret):
     it = iter(refs)
     x_ref = next(it)
     idx_ref = next(it) if has_gather else None
@@ -116,17 +150,13 @@ def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode,
         x = (y * np.float32(1.0 / math.sqrt(hb))).astype(x_dtype).reshape(bm, bk)
     x32 = x.astype(jnp.float32)
     gs = plgpu.load(gs_ref.at[pl.ds(r0, bm)], mask=rmask, other=1.0)
-    idx, sign, s32, s8 = _quantize_tile(x32, gs, bm, bk)
+    idx, sign, s32, s8 = _quantize_tile(x32, gs, bm, bk, interpret)
     g = bk // BLOCK_SIZE
     if out_mode == "values":
         (v_ref,) = outs
         # fp16 bits of e2m1 * 2^-14 (exact), times s * 2^14 in float32 (exact), then fp16 (exact).
-        val = (
-            e2m1_code_to_f16(idx | (sign << 3)).astype(jnp.float32) * (s32 * np.float32(2.0**14))[:, :, None]
-        )
-        plgpu.store(
-            v_ref.at[pl.ds(r0, bm), pl.ds(c0, bk)], val.reshape(bm, bk).astype(jnp.float16), mask=mask
-        )
+        val = e2m1_code_to_f16(idx | (sign << 3)).astype(jnp.float32) * (s32 * np.float32(2.0**14))[:, :, None]
+        plgpu.store(v_ref.at[pl.ds(r0, bm), pl.ds(c0, bk)], val.reshape(bm, bk).astype(jnp.float16), mask=mask)
     else:
         codes_ref, scales_ref = outs
         code = (idx | (sign << 3)).reshape(bm, bk // 2, 2)
@@ -141,7 +171,7 @@ def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode,
         scols = c0 // BLOCK_SIZE + _iota(g)
         plgpu.store(
             scales_ref.at[pl.ds(r0, bm), pl.ds(c0 // BLOCK_SIZE, g)],
-            jax.lax.bitcast_convert_type(s8, jnp.uint8),
+            s8,
             mask=rmask[:, None] & (scols < k // BLOCK_SIZE)[None, :],
         )
 
@@ -186,15 +216,11 @@ def act_quant(
     bk = block_k
     if hadamard_block:
         if k % hadamard_block or bk % hadamard_block:
-            raise ValueError(
-                f"hadamard_block {hadamard_block} must divide K = {k} and the tile width block_k = {bk}"
-            )
+            raise ValueError(f"hadamard_block {hadamard_block} must divide K = {k} and the tile width block_k = {bk}")
     args = [x]
     if gather is not None:
         if gather.shape != (k,):
-            raise ValueError(
-                f"gather must have shape ({k},) (one source channel per channel), found {gather.shape}"
-            )
+            raise ValueError(f"gather must have shape ({k},) (one source channel per channel), found {gather.shape}")
         args.append(gather.astype(jnp.int32))
     if hadamard_block:
         hpm = _sylvester_pm1(hadamard_block)
@@ -218,6 +244,7 @@ def act_quant(
         hadamard_block=hadamard_block,
         out_mode=out,
         x_dtype=x.dtype,
+        interpret=interpret,
     )
     res = pl.pallas_call(
         kernel,
@@ -255,9 +282,7 @@ def quantize_act(
     float32 summation order of the rotation). `config`: block_m, block_k, num_warps, num_stages.
     """
     gs = act_global_scale_rows(x, gather=gather, hadamard_block=hadamard_block, global_scale=global_scale)
-    codes, scales = act_quant(
-        x, gs, gather, hadamard_block=hadamard_block, out="packed", interpret=interpret, **config
-    )
+    codes, scales = act_quant(x, gs, gather, hadamard_block=hadamard_block, out="packed", interpret=interpret, **config)
     g = gs[:, None] if _is_row_scale(global_scale) else gs[0]
     return NVFP4Tensor(codes=codes, scales=scales, global_scale=g)
 

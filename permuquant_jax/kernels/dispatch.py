@@ -87,9 +87,7 @@ def _check(x: jax.Array, w, bias, gather) -> tuple[int, int]:
     if len(w.shape) != 2:
         raise ValueError(f"w must be 2-D [N, K] (rows are output channels), found logical shape {w.shape}")
     if x.shape[-1] != k:
-        raise ValueError(
-            f"x has {x.shape[-1]} input channels but w expects K = {k} (w is [N, K] = {w.shape})"
-        )
+        raise ValueError(f"x has {x.shape[-1]} input channels but w expects K = {k} (w is [N, K] = {w.shape})")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), found {bias.shape}")
     if gather is not None and gather.shape != (k,):
@@ -134,9 +132,7 @@ def nvfp4_linear(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if be == "scaled_matmul" and not w4a16:
-        y = _scaled_matmul_linear(
-            x2, _canonical(w), bias, act_global_scale, gather, hadamard_block, out_dtype
-        )
+        y = _scaled_matmul_linear(x2, _canonical(w), bias, act_global_scale, gather, hadamard_block, out_dtype)
         return y.reshape(*lead, n)
     interpret = be == "pallas_interpret"
     if not interpret:
@@ -147,9 +143,7 @@ def nvfp4_linear(
         xin = reference.transform_act(x2, gather=gather, hadamard_block=hadamard_block)
         y = nvfp4_matmul(xin, wp, None, bias, config=cfg, out_dtype=out_dtype, interpret=interpret)
     else:
-        gs = _aq.act_global_scale_rows(
-            x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale
-        )
+        gs = _aq.act_global_scale_rows(x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale)
         xv = _aq.act_quant(
             x2,
             gs,
@@ -176,9 +170,7 @@ def _scaled_matmul_linear(x2, w: NVFP4Tensor, bias, act_global_scale, gather, ha
             **tuning.act_quant_config(x2.shape[0], x2.shape[1], hadamard_block),
         )
     else:
-        xq = reference.quantize_act_ref(
-            x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale
-        )
+        xq = reference.quantize_act_ref(x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale)
     xv, xs = nvfp4.to_scaled_matmul(xq)
     wv, ws = nvfp4.to_scaled_matmul(w)
     acc = jax.nn.scaled_matmul(xv[None], wv[None], xs[None], ws[None], preferred_element_type=jnp.float32)[0]

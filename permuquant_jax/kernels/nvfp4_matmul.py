@@ -41,7 +41,9 @@ _GROUPS_PER_HALF = HALF // BLOCK_SIZE
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["codes", "scales", "global_scale"], meta_fields=["n", "k"]
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales", "global_scale"],
+    meta_fields=["n", "k", "layout"],
 )
 @dataclasses.dataclass(frozen=True)
 class PrepackedNVFP4:
@@ -56,6 +58,7 @@ class PrepackedNVFP4:
     global_scale: jax.Array
     n: int
     k: int
+    layout: str = "chunk128"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,8 +70,17 @@ def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
-def prepack(w: NVFP4Tensor) -> PrepackedNVFP4:
-    """Canonical NVFP4 weights `[N, K]` -> the kernel's prepacked layout (lossless; jittable)."""
+LAYOUTS = ("chunk128", "canonical")
+
+
+def prepack(w: NVFP4Tensor, layout: str = "chunk128") -> PrepackedNVFP4:
+    """Canonical NVFP4 weights `[N, K]` -> the kernel's prepacked layout (lossless; jittable).
+
+    layout "chunk128": nibbles reordered per 128-channel chunk (see the module docstring);
+    "canonical": the canonical byte order, only padded (the kernel interleaves after decoding).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, found {layout!r}")
     if w.codes.ndim != 2:
         raise ValueError(f"prepack takes 2-D weights [N, K/2] codes, found codes of shape {w.codes.shape}")
     n, k = w.shape
@@ -77,22 +89,23 @@ def prepack(w: NVFP4Tensor) -> PrepackedNVFP4:
     lo = codes & 15
     hi = codes >> 4
     c = jnp.stack([lo, hi], axis=-1).reshape(np_, kp // CHUNK, 2, HALF)  # [.., chunk, half, j]
-    packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(np_, kp // 2)
-    scales = jnp.pad(
-        jax.lax.bitcast_convert_type(w.scales, jnp.uint8), ((0, np_ - n), (0, (kp - k) // BLOCK_SIZE))
-    )
+    packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(np_, kp // 2) if layout == "chunk128" else codes
+    scales = jnp.pad(jax.lax.bitcast_convert_type(w.scales, jnp.uint8), ((0, np_ - n), (0, (kp - k) // BLOCK_SIZE)))
     g = jnp.asarray(w.global_scale, jnp.float32)
     g = jnp.broadcast_to(g.reshape(-1) if g.ndim else g, (n,))
-    return PrepackedNVFP4(codes=packed, scales=scales, global_scale=g, n=n, k=k)
+    return PrepackedNVFP4(codes=packed, scales=scales, global_scale=g, n=n, k=k, layout=layout)
 
 
 def unprepack(p: PrepackedNVFP4) -> NVFP4Tensor:
     """Inverse of `prepack`: back to canonical NVFP4 `[N, K]` with a per-row global scale `[N, 1]`."""
     np_, kp2 = p.codes.shape
     kp = 2 * kp2
-    c = p.codes.reshape(np_, kp // CHUNK, HALF)
-    full = jnp.concatenate([c & 15, c >> 4], axis=-1).reshape(np_, kp)[: p.n, : p.k]
-    codes = full[:, 0::2] | (full[:, 1::2] << 4)
+    if p.layout == "canonical":
+        codes = p.codes[: p.n, : p.k // 2]
+    else:
+        c = p.codes.reshape(np_, kp // CHUNK, HALF)
+        full = jnp.concatenate([c & 15, c >> 4], axis=-1).reshape(np_, kp)[: p.n, : p.k]
+        codes = full[:, 0::2] | (full[:, 1::2] << 4)
     scales = jax.lax.bitcast_convert_type(p.scales[: p.n, : p.k // BLOCK_SIZE], jnp.float8_e4m3fn)
     return NVFP4Tensor(codes=codes, scales=scales, global_scale=p.global_scale[:, None])
 
@@ -109,9 +122,56 @@ def _decode_half(nib: jax.Array, s16: jax.Array, bn: int) -> jax.Array:
     return v.reshape(bn, HALF)
 
 
-def _load_scales(scales_ref, n0: int, g0: int, bn: int) -> jax.Array:
-    """E4M3 scale bytes `[bn, 4]` -> fp16 s * 2^7 (bit placement gives s * 2^-8, exact, subnormals too)."""
-    sb = plgpu.load(scales_ref.at[pl.ds(n0, bn), pl.ds(g0, _GROUPS_PER_HALF)])
+def _decode_asm(shift_mag: int, shift_sign: int) -> str:
+    """PTX: 4 bytes in $2 -> 4 fp16 in $0, $1 (bytes 0,1 and 2,3 spread over 16-bit lanes by prmt)."""
+    lines = ["{", ".reg .b32 t, a, b;"]
+    for out, sel in (("$0", "0x4140"), ("$1", "0x4342")):
+        lines += [
+            f"prmt.b32 t, $2, 0, {sel};",
+            f"shl.b32 a, t, {shift_mag};",
+            "and.b32 a, a, 0x0E000E00;",
+            f"shl.b32 b, t, {shift_sign};",
+            "and.b32 b, b, 0x80008000;",
+            f"or.b32 {out}, a, b;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+# Low nibble: magnitude bits 0-2 -> fp16 bits 9-11, sign bit 3 -> 15; high nibble: bits 4-6, 7.
+_DECODE_LO_ASM = _decode_asm(9, 12)
+_DECODE_HI_ASM = _decode_asm(5, 8)
+
+
+def _decode_bytes(byte: jax.Array, use_asm: bool) -> tuple[jax.Array, jax.Array]:
+    """Bytes uint8 `[r, c]` -> (low-nibble values, high-nibble values), fp16 e2m1 * 2^-14, exact.
+
+    With `use_asm`, 4 bytes at a time in 32-bit registers (two values per instruction); else one
+    element at a time (what interpret mode runs; same bits).
+    """
+    if use_asm:
+        out = jax.ShapeDtypeStruct(byte.shape, jnp.float16)
+        (lo,) = plgpu.elementwise_inline_asm(
+            _DECODE_LO_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=[out]
+        )
+        (hi,) = plgpu.elementwise_inline_asm(
+            _DECODE_HI_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=[out]
+        )
+        return lo, hi
+    c = byte.astype(jnp.uint16)
+    lo = jax.lax.bitcast_convert_type(((c & 7) << 9) | ((c & 8) << 12), jnp.float16)
+    hi = jax.lax.bitcast_convert_type(((c & 0x70) << 5) | ((c & 0x80) << 8), jnp.float16)
+    return lo, hi
+
+
+def _load_scales(scales_ref, n0: int, g0: int, bn: int, ng: int = _GROUPS_PER_HALF) -> jax.Array:
+    """E4M3 scale bytes `[bn, ng]` -> fp16 s * 2^7 (bit placement gives s * 2^-8, exact, subnormals too)."""
+    sb = plgpu.load(scales_ref.at[pl.ds(n0, bn), pl.ds(g0, ng)])
+    s16 = jax.lax.bitcast_convert_type((sb & 0x7F).astype(jnp.uint16) << 7, jnp.float16)
+    return s16 * jnp.float16(2.0**15)
+
+
+def _scale_f16(sb: jax.Array) -> jax.Array:
+    """E4M3 scale bytes (any shape) -> fp16 s * 2^7, exact."""
     s16 = jax.lax.bitcast_convert_type((sb & 0x7F).astype(jnp.uint16) << 7, jnp.float16)
     return s16 * jnp.float16(2.0**15)
 
@@ -134,6 +194,9 @@ def _matmul_kernel(
     split_k,
     x_dtype,
     out_dtype,
+    layout,
+    decode,
+    interpret,
 ):
     pn, pm = pl.program_id(0), pl.program_id(1)
     ps = pl.program_id(2) if split_k > 1 else 0
@@ -150,21 +213,46 @@ def _matmul_kernel(
         s_lo = _load_scales(scales_ref, n0, g0, bn)
         s_hi = _load_scales(scales_ref, n0, g0 + _GROUPS_PER_HALF, bn)
         cols = kc + _iota(HALF)
-        xlo = plgpu.load(
-            x_ref.at[pl.ds(m0, bm), pl.ds(kc, HALF)], mask=mmask[:, None] & (cols < k)[None, :], other=0
-        )
+        xlo = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(kc, HALF)], mask=mmask[:, None] & (cols < k)[None, :], other=0)
         xhi = plgpu.load(
             x_ref.at[pl.ds(m0, bm), pl.ds(kc + HALF, HALF)],
             mask=mmask[:, None] & ((cols + HALF) < k)[None, :],
             other=0,
         )
-        wlo = _decode_half(byte & 15, s_lo, bn).astype(dot_dtype)
-        whi = _decode_half(byte >> 4, s_hi, bn).astype(dot_dtype)
+        lo, hi = _decode_bytes(byte, use_asm=decode.startswith("asm") and not interpret)
+        if decode in ("jnp", "asm"):  # scales broadcast over groups of 16 through a reshape
+            lo = (lo.reshape(bn, _GROUPS_PER_HALF, BLOCK_SIZE) * s_lo[:, :, None]).reshape(bn, HALF)
+            hi = (hi.reshape(bn, _GROUPS_PER_HALF, BLOCK_SIZE) * s_hi[:, :, None]).reshape(bn, HALF)
+        elif decode in ("gather", "asm_gather"):  # scale bytes loaded per element (L1 hits), no reshape
+            gidx = g0 + _iota(HALF) // BLOCK_SIZE
+            rows_n = n0 + _iota(bn)
+            sb_lo = plgpu.load(scales_ref.at[rows_n[:, None], gidx[None, :]])
+            sb_hi = plgpu.load(scales_ref.at[rows_n[:, None], gidx[None, :] + _GROUPS_PER_HALF])
+            lo = lo * _scale_f16(sb_lo)
+            hi = hi * _scale_f16(sb_hi)
+        wlo = lo.astype(dot_dtype)
+        whi = hi.astype(dot_dtype)
         acc += jnp.dot(wlo, xlo.astype(dot_dtype).T, preferred_element_type=jnp.float32)
         acc += jnp.dot(whi, xhi.astype(dot_dtype).T, preferred_element_type=jnp.float32)
         return acc
 
-    acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bn, bm), jnp.float32))
+    def body_join(t, acc):
+        # canonical bytes: decode both nibbles, scale per group, interleave back (tt.join), one dot.
+        kc = (step0 + t) * CHUNK
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kc // 2, HALF)])
+        s16 = _load_scales(scales_ref, n0, kc // BLOCK_SIZE, bn, 2 * _GROUPS_PER_HALF)
+        lo, hi = _decode_bytes(byte, use_asm=(decode == "asm") and not interpret)
+        if decode != "noscale":
+            lo = (lo.reshape(bn, 2 * _GROUPS_PER_HALF, BLOCK_SIZE // 2) * s16[:, :, None]).reshape(bn, HALF)
+            hi = (hi.reshape(bn, 2 * _GROUPS_PER_HALF, BLOCK_SIZE // 2) * s16[:, :, None]).reshape(bn, HALF)
+        w = jnp.stack([lo, hi], axis=-1).reshape(bn, CHUNK).astype(dot_dtype)
+        cols = kc + _iota(CHUNK)
+        xt = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(kc, CHUNK)], mask=mmask[:, None] & (cols < k)[None, :], other=0)
+        acc += jnp.dot(w, xt.astype(dot_dtype).T, preferred_element_type=jnp.float32)
+        return acc
+
+    loop_body = body_join if layout == "canonical" else body
+    acc = jax.lax.fori_loop(0, k_steps, loop_body, jnp.zeros((bn, bm), jnp.float32))
     cols_n = n0 + _iota(bn)
     nmask = cols_n < n
     omask = mmask[:, None] & nmask[None, :]
@@ -178,6 +266,67 @@ def _matmul_kernel(
     plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], y.T.astype(out_dtype), mask=omask)
 
 
+def _gemv_kernel(
+    x_ref,
+    codes_ref,
+    scales_ref,
+    gx_ref,
+    gw_ref,
+    bias_ref,
+    o_ref,
+    *,
+    m,
+    n,
+    k,
+    bn,
+    k_steps,
+    split_k,
+    out_dtype,
+    decode,
+    interpret,
+):
+    """Few rows (M <= 8): no tensor cores. Decode once, multiply by each row of x in float32, sum each
+    group of 16 before its scale multiply (one multiply per group), accumulate per output channel."""
+    pn = pl.program_id(0)
+    ps = pl.program_id(1) if split_k > 1 else 0
+    n0 = pn * bn
+    g = _GROUPS_PER_HALF
+
+    def body(t, accs):
+        kc = (ps * k_steps + t) * CHUNK
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kc // 2, HALF)])
+        lo, hi = _decode_bytes(byte, use_asm=decode.startswith("asm") and not interpret)
+        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        s_lo = _load_scales(scales_ref, n0, kc // BLOCK_SIZE, bn).astype(jnp.float32)
+        s_hi = _load_scales(scales_ref, n0, kc // BLOCK_SIZE + g, bn).astype(jnp.float32)
+        cols = kc + _iota(HALF)
+        out = []
+        for r in range(m):
+            xl = plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(kc, HALF)], mask=(cols < k)[None, :], other=0)
+            xh = plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(kc + HALF, HALF)], mask=((cols + HALF) < k)[None, :], other=0)
+            pl_ = jnp.sum((lo * xl.astype(jnp.float32)).reshape(bn, g, BLOCK_SIZE), axis=-1) * s_lo
+            ph_ = jnp.sum((hi * xh.astype(jnp.float32)).reshape(bn, g, BLOCK_SIZE), axis=-1) * s_hi
+            out.append(accs[r] + pl_ + ph_)
+        return tuple(out)
+
+    init = tuple(jnp.zeros((bn, g), jnp.float32) for _ in range(m))
+    accs = jax.lax.fori_loop(0, k_steps, body, init)
+    cols_n = n0 + _iota(bn)
+    nmask = cols_n < n
+    if split_k > 1:
+        for r in range(m):
+            plgpu.store(
+                o_ref.at[ps, pl.ds(r, 1), pl.ds(n0, bn)], jnp.sum(accs[r], axis=-1)[None, :], mask=nmask[None, :]
+            )
+        return
+    gw = plgpu.load(gw_ref.at[pl.ds(n0, bn)], mask=nmask, other=0.0) * np.float32(2.0**7)
+    b = plgpu.load(bias_ref.at[pl.ds(n0, bn)], mask=nmask, other=0.0)
+    for r in range(m):
+        gx = plgpu.load(gx_ref.at[pl.ds(r, 1)])
+        y = jnp.sum(accs[r], axis=-1) * gw * gx + b
+        plgpu.store(o_ref.at[pl.ds(r, 1), pl.ds(n0, bn)], y.astype(out_dtype)[None, :], mask=nmask[None, :])
+
+
 @dataclasses.dataclass(frozen=True)
 class MatmulConfig:
     """Tile and launch parameters of the matmul kernel (tuning tables hold these)."""
@@ -187,6 +336,11 @@ class MatmulConfig:
     num_warps: int = 8
     num_stages: int = 3
     split_k: int = 1
+    # weight decode: "jnp" | "asm" (packed inline-PTX nibble decode) | "gather" / "asm_gather" (scales
+    # loaded per element instead of broadcast by a reshape) | "noscale" (wrong numbers: timing only)
+    decode: str = "jnp"
+    # "mma": tensor cores, tiles block_n x block_m; "gemv": CUDA cores, for M <= 8 (block_m unused)
+    kind: str = "mma"
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
@@ -218,24 +372,45 @@ def nvfp4_matmul(
     split = cfg.split_k if steps % cfg.split_k == 0 else 1
     gx = jnp.ones((m,), jnp.float32) if x_scale is None else x_scale.astype(jnp.float32).reshape(m)
     b = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32).reshape(n)
-    grid = (pl.cdiv(n, cfg.block_n), pl.cdiv(m, cfg.block_m)) + ((split,) if split > 1 else ())
+    gemv = cfg.kind == "gemv"
+    if gemv and (m > 8 or w.layout != "chunk128"):
+        raise ValueError(f"the gemv kernel takes M <= 8 rows and chunk128 weights; found M = {m}, {w.layout}")
+    if gemv:
+        grid = (pl.cdiv(n, cfg.block_n),) + ((split,) if split > 1 else ())
+    else:
+        grid = (pl.cdiv(n, cfg.block_n), pl.cdiv(m, cfg.block_m)) + ((split,) if split > 1 else ())
     out_shape = (
-        jax.ShapeDtypeStruct((split, m, n), jnp.float32)
-        if split > 1
-        else jax.ShapeDtypeStruct((m, n), out_dtype)
+        jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1 else jax.ShapeDtypeStruct((m, n), out_dtype)
     )
-    kernel = functools.partial(
-        _matmul_kernel,
-        m=m,
-        n=n,
-        k=k,
-        bn=cfg.block_n,
-        bm=cfg.block_m,
-        k_steps=steps // split,
-        split_k=split,
-        x_dtype=x.dtype,
-        out_dtype=out_dtype,
-    )
+    if gemv:
+        kernel = functools.partial(
+            _gemv_kernel,
+            m=m,
+            n=n,
+            k=k,
+            bn=cfg.block_n,
+            k_steps=steps // split,
+            split_k=split,
+            out_dtype=out_dtype,
+            decode=cfg.decode,
+            interpret=interpret,
+        )
+    else:
+        kernel = functools.partial(
+            _matmul_kernel,
+            m=m,
+            n=n,
+            k=k,
+            bn=cfg.block_n,
+            bm=cfg.block_m,
+            k_steps=steps // split,
+            split_k=split,
+            x_dtype=x.dtype,
+            out_dtype=out_dtype,
+            layout=w.layout,
+            decode=cfg.decode,
+            interpret=interpret,
+        )
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -246,7 +421,5 @@ def nvfp4_matmul(
     )(x, w.codes, w.scales, gx, w.global_scale, b)
     if split > 1:
         acc = jnp.sum(y, axis=0)
-        y = (acc * (w.global_scale * np.float32(2.0**7))[None, :] * gx[:, None] + b[None, :]).astype(
-            out_dtype
-        )
+        y = (acc * (w.global_scale * np.float32(2.0**7))[None, :] * gx[:, None] + b[None, :]).astype(out_dtype)
     return y

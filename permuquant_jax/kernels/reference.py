@@ -115,8 +115,6 @@ def nvfp4_linear_ref(
     if w4a16:
         xin = transform_act(x2, gather=gather, hadamard_block=hadamard_block)
     else:
-        xin = quantize_act_ref(
-            x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale
-        )
+        xin = quantize_act_ref(x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale)
     y = nvfp4_matmul_ref(xin, w, bias, out_dtype=out_dtype)
     return y.reshape(*lead, w.shape[0])

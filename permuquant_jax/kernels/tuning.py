@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
 
-# (max M, max N or None, config), first match wins. Small M is bound by memory: many CTAs over N and
-# split K keep enough weight bytes in flight; large M is bound by the tensor cores.
+# (max M, config), first match wins; measured with benchmarks/gemm.py --sweep (NOTES-kernels.md).
+# Small M is bound by memory: many CTAs over N and split K keep weight bytes in flight; large M is
+# bound by the tensor cores (and, today, by our decode path: see the notes).
 MATMUL_TABLE: tuple[tuple[int, MatmulConfig], ...] = (
+    # M = 1 GEMV: 53 us at 1 x 3072 x 18432 (the CUDA-core "gemv" kernel measured 75 us)
     (16, MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=4, split_k=4)),
     (64, MatmulConfig(block_n=128, block_m=64, num_warps=4, num_stages=4, split_k=2)),
-    (1024, MatmulConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, split_k=1)),
+    # M = 512: 177 us at 512 x 3072 x 9216; M >= 4096: 706 us at 4096 x 3072 x 9216
     (1 << 62, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1)),
 )
 
-# Activation quantization: (block_m, block_k, num_warps, num_stages).
-ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 16, "block_k": 256, "num_warps": 4, "num_stages": 1}
+# Activation quantization (60 us at 4608 x 3072, bf16 in, fp16 values out).
+ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 8, "block_k": 512, "num_warps": 4, "num_stages": 1}
 
 
 def matmul_config(m: int, n: int, k: int) -> MatmulConfig:

@@ -1,0 +1,255 @@
+"""Pallas kernels in interpret mode (CPU) against the pure-JAX references.
+
+Activation quantization bit-exact (codes, scales, fp16 values), with gather, static / dynamic /
+per-row global scales, K not a multiple of the tile, M = 1 and odd M; with a block Hadamard equal up
+to the rotation's float32 summation order. Matmul (W4A16, W4A4) within float32 summation-order
+differences; bf16 output within one bf16 ulp. Prepacked layouts round-trip losslessly. Dispatch
+picks backends, checks inputs, and its scaled_matmul path is wired like the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from permuquant_jax.formats import nvfp4
+from permuquant_jax.kernels import act_quant as aq
+from permuquant_jax.kernels import dispatch, reference
+from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig, nvfp4_matmul, prepack, unprepack
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng()
+
+
+def _acts(rng, m, k, dtype=jnp.bfloat16):
+    """Gaussian activations with outlier channels, some exact ties of the E2M1 grid, a zero row."""
+    x = rng.standard_normal((m, k)) * np.exp(rng.standard_normal((1, k)) * 1.5)
+    if m > 2:
+        x[1] = 0.0
+        x[2, :16] = [6, 3, 1.5, 0.75, 0.25, 5, 2.5, 3.5, 1.25, 1.75, -0.25, -0.75, 0.5, 1, 2, 4]
+    return jnp.asarray(x, dtype)
+
+
+def _ieee_quantize(x, gs_rows):
+    """formats.nvfp4's documented arithmetic in numpy float32 (IEEE division, one rounding per op).
+
+    XLA, on CPU and GPU, rewrites some of formats.quantize's divisions into multiplies by a reciprocal,
+    so at rare rounding boundaries it differs from its own specification (and from torchao); the
+    kernels follow the specification. Returns (unpacked codes uint8 [M, K], scale bytes [M, K/16]).
+    """
+    f = np.float32
+    xb = np.asarray(x, f).reshape(x.shape[0], -1, 16)
+    g = np.asarray(gs_rows, f).reshape(-1, 1)
+    s = np.clip((np.abs(xb).max(-1) / f(6)) / g, f(2**-6), f(448)).astype(ml_dtypes.float8_e4m3fn)
+    y = np.clip(xb * ((f(1) / g) / s.astype(f))[..., None], f(-6), f(6))
+    codes = np.asarray(nvfp4.encode_e2m1(jnp.asarray(y.reshape(x.shape))))
+    return codes, s.view(np.uint8)
+
+
+def _weights(rng, n, k):
+    return nvfp4.quantize(jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32))
+
+
+AQ_CASES = [
+    # (M, K, dtype, gather, global scale, block_m, block_k)
+    (1, 64, jnp.float16, False, None, 16, 128),
+    (5, 48, jnp.bfloat16, True, "per_row", 4, 32),
+    (17, 544, jnp.bfloat16, True, 0.02, 16, 128),  # K not a multiple of the tile, odd M
+    (9, 256, jnp.float32, False, "static_rows", 8, 256),
+]
+
+
+@pytest.mark.parametrize("m,k,dtype,gather,gs,bm,bk", AQ_CASES)
+def test_act_quant_bit_exact(rng, m, k, dtype, gather, gs, bm, bk):
+    x = _acts(rng, m, k, dtype)
+    g = jnp.asarray(rng.permutation(k), jnp.int32) if gather else None
+    if gs == "static_rows":
+        gs = jnp.asarray(rng.uniform(0.001, 0.05, (m, 1)), jnp.float32)
+    q = aq.quantize_act(x, gather=g, global_scale=gs, interpret=True, block_m=bm, block_k=bk)
+    r = reference.quantize_act_ref(x, gather=g, global_scale=gs)
+    np.testing.assert_array_equal(
+        np.broadcast_to(np.asarray(q.global_scale), np.shape(r.global_scale)), np.asarray(r.global_scale)
+    )
+    # bit-exact with the specification; with formats' XLA implementation up to its division rewrites
+    rows = aq.act_global_scale_rows(x, gather=g, global_scale=gs)
+    xt = np.asarray((x if g is None else x[:, g]).astype(jnp.float32))
+    codes, sbytes = _ieee_quantize(xt, rows)
+    np.testing.assert_array_equal(np.asarray(nvfp4.unpack_codes(q.codes)), codes)
+    np.testing.assert_array_equal(np.asarray(q.scales.view(jnp.uint8)), sbytes)
+    assert np.mean(np.asarray(q.codes) == np.asarray(r.codes)) > 0.999
+    v = aq.act_quant(x, rows, g, out="values", interpret=True, block_m=bm, block_k=bk)
+    assert v.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(reference.block_values(q)))
+
+
+@pytest.mark.parametrize("hb", [16, 64])
+def test_act_quant_hadamard(rng, hb):
+    x = _acts(rng, 6, 256)
+    q = aq.quantize_act(x, hadamard_block=hb, interpret=True, block_m=8, block_k=128)
+    r = reference.quantize_act_ref(x, hadamard_block=hb)
+    # The rotation's float32 summation order differs; a code may flip only at a rounding boundary.
+    assert np.mean(np.asarray(q.codes) == np.asarray(r.codes)) > 0.97
+    dq, dr = np.asarray(nvfp4.dequantize(q)), np.asarray(nvfp4.dequantize(r))
+    assert np.linalg.norm(dq - dr) / np.linalg.norm(dr) < 2e-2
+    # and the rotation is applied: without it the result is far off
+    plain = np.asarray(nvfp4.dequantize(reference.quantize_act_ref(x)))
+    assert np.linalg.norm(plain - dr) / np.linalg.norm(dr) > 0.1
+
+
+def test_e2m1_helpers_match_formats(rng):
+    m = jnp.asarray(np.abs(rng.standard_normal(4096) * 3).astype(np.float32))
+    ties = jnp.asarray([0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0], jnp.float32)
+    for v in (m, ties, -m):
+        np.testing.assert_array_equal(np.asarray(aq.e2m1_index(jnp.abs(v))), np.asarray(nvfp4.encode_e2m1(v)) & 7)
+    codes = jnp.arange(16, dtype=jnp.uint8)
+    np.testing.assert_array_equal(
+        np.asarray(aq.e2m1_code_to_f16(codes), np.float32) * 2.0**14, np.asarray(nvfp4.decode_e2m1(codes))
+    )
+
+
+@pytest.mark.parametrize("layout", ["chunk128", "canonical"])
+def test_prepack_roundtrip(rng, layout):
+    w = _weights(rng, 130, 400)  # N and K padded to 256 and 512
+    p = prepack(w, layout=layout)
+    assert p.codes.shape == (256, 256) and p.scales.shape == (256, 32)
+    u = unprepack(p)
+    np.testing.assert_array_equal(np.asarray(u.codes), np.asarray(w.codes))
+    np.testing.assert_array_equal(np.asarray(u.scales.view(jnp.uint8)), np.asarray(w.scales.view(jnp.uint8)))
+    np.testing.assert_array_equal(np.asarray(u.global_scale)[:, 0], np.full(130, np.asarray(w.global_scale)))
+
+
+def _bf16_ok(y16, y32, ref32):
+    big = np.maximum(np.abs(ref32), np.abs(y32))
+    ulp = np.exp2(np.floor(np.log2(np.maximum(big, 2.0**-126))) - 7)
+    return np.abs(np.asarray(y16, np.float32) - ref32) <= ulp + np.abs(y32 - ref32)
+
+
+MM_CASES = [
+    # (M, K, N, layout, config)
+    (1, 384, 200, "chunk128", MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=2)),
+    (7, 400, 130, "canonical", MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=2, decode="asm")),
+    (33, 256, 128, "chunk128", MatmulConfig(block_n=64, block_m=32, num_warps=4, num_stages=2, split_k=2)),
+    (3, 384, 96, "chunk128", MatmulConfig(block_n=32, num_warps=4, num_stages=2, split_k=3, kind="gemv")),
+    (2, 256, 64, "chunk128", MatmulConfig(block_n=64, num_warps=4, num_stages=2, kind="gemv", decode="asm")),
+]
+
+
+@pytest.mark.parametrize("m,k,n,layout,cfg", MM_CASES)
+def test_matmul_matches_reference(rng, m, k, n, layout, cfg):
+    x = _acts(rng, m, k)
+    w = _weights(rng, n, k)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    wp = prepack(w, layout=layout)
+    rows = aq.act_global_scale_rows(x)
+    xv = aq.act_quant(x, rows, out="values", interpret=True, block_m=16, block_k=128)
+    xq = aq.quantize_act(x, interpret=True, block_m=16, block_k=128)  # bit-exact: test above
+    for xin, xs, xref in ((xv, rows, xq), (x, None, x)):  # W4A4, W4A16
+        ref32 = np.asarray(reference.nvfp4_matmul_ref(xref, w, bias))
+        y32 = np.asarray(nvfp4_matmul(xin, wp, xs, bias, config=cfg, out_dtype=jnp.float32, interpret=True))
+        assert np.linalg.norm(y32 - ref32) / np.linalg.norm(ref32) <= 1e-5
+        y16 = nvfp4_matmul(xin, wp, xs, bias, config=cfg, out_dtype=jnp.bfloat16, interpret=True)
+        assert y16.dtype == jnp.bfloat16 and y16.shape == (m, n)
+        assert _bf16_ok(y16, y32, ref32).all()
+
+
+def test_matmul_decode_exact_for_all_codes_and_scales():
+    """Every code with every finite E4M3 scale byte decodes exactly (the fp16 path never rounds)."""
+    k = 16 * 127
+    codes = jnp.tile(jnp.arange(16, dtype=jnp.uint8), (16, k // 16))  # [16 rows, K]
+    scale_bytes = jnp.tile(jnp.arange(127, dtype=jnp.uint8), (16, 1))  # all non-negative finite bytes
+    w = nvfp4.NVFP4Tensor(
+        codes=nvfp4.pack_codes(codes),
+        scales=jax.lax.bitcast_convert_type(scale_bytes, jnp.float8_e4m3fn),
+        global_scale=jnp.float32(1.0),
+    )
+    eye = jnp.eye(k, dtype=jnp.float16)[:: k // 16 * 0 + 1][:32]  # 32 unit rows pick single weights
+    for cfg, layout in (
+        (MatmulConfig(block_n=16, block_m=32, num_warps=4, num_stages=2), "chunk128"),
+        (MatmulConfig(block_n=16, num_warps=4, num_stages=2, kind="gemv"), "chunk128"),
+    ):
+        for start in (0, k - 32 - 16):
+            xs = jnp.roll(eye, start, axis=1)[: 8 if cfg.kind == "gemv" else 32]
+            y = nvfp4_matmul(xs, prepack(w, layout), None, config=cfg, out_dtype=jnp.float32, interpret=True)
+            ref = np.asarray(xs, np.float32) @ np.asarray(reference.block_values(w)).T
+            np.testing.assert_array_equal(np.asarray(y), ref)
+
+
+def test_dispatch_backends(rng, monkeypatch):
+    x = _acts(rng, 6, 256).reshape(2, 3, 256)
+    w = _weights(rng, 64, 256)
+    bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    g = jnp.asarray(rng.permutation(256), jnp.int32)
+    assert dispatch.resolve_backend("auto") == "reference"  # CPU
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "pallas_interpret")
+    assert dispatch.resolve_backend("auto") == "pallas_interpret"
+    monkeypatch.delenv(dispatch.ENV_BACKEND)
+    for kw in ({"gather": g, "act_global_scale": "per_row"}, {"w4a16": True}, {"hadamard_block": 32}):
+        ref = dispatch.nvfp4_linear(x, w, bias, backend="reference", out_dtype=jnp.float32, **kw)
+        if "gather" in kw:  # the same function with the kernel's (specification-exact) quantizer
+            xq = aq.quantize_act(x.reshape(6, 256), gather=g, global_scale="per_row", interpret=True)
+            ref = reference.nvfp4_matmul_ref(xq, w, bias).reshape(2, 3, 64)
+        y = dispatch.nvfp4_linear(
+            x, dispatch.prepack_weight(w), bias, backend="pallas_interpret", out_dtype=jnp.float32, **kw
+        )
+        assert y.shape == (2, 3, 64)
+        tol = 2e-2 if "hadamard_block" in kw else 1e-5  # Hadamard: rotation summation order
+        assert np.linalg.norm(np.asarray(y - ref)) / np.linalg.norm(np.asarray(ref)) <= tol
+
+
+def test_dispatch_scaled_matmul_wiring(rng, monkeypatch):
+    """The scaled_matmul path (cuDNN on Blackwell) with jax.nn.scaled_matmul's documented math."""
+
+    def documented(a, b, sa, sb, preferred_element_type=jnp.float32):
+        ra = jnp.repeat(sa.astype(jnp.float32), a.shape[-1] // sa.shape[-1], axis=-1)
+        rb = jnp.repeat(sb.astype(jnp.float32), b.shape[-1] // sb.shape[-1], axis=-1)
+        prod = jnp.einsum("bmk,bnk->bmn", a.astype(jnp.float32) * ra, b.astype(jnp.float32) * rb, precision="highest")
+        return prod.astype(preferred_element_type)
+
+    monkeypatch.setattr(jax.nn, "scaled_matmul", documented)
+    x = _acts(rng, 5, 128)
+    w = _weights(rng, 48, 128)
+    ref = dispatch.nvfp4_linear(x, w, act_global_scale=0.01, backend="reference", out_dtype=jnp.float32)
+    y = dispatch.nvfp4_linear(x, w, act_global_scale=0.01, backend="scaled_matmul", out_dtype=jnp.float32)
+    assert np.linalg.norm(np.asarray(y - ref)) / np.linalg.norm(np.asarray(ref)) <= 1e-6
+
+
+def test_dispatch_errors(rng):
+    w = _weights(rng, 32, 64)
+    with pytest.raises(ValueError, match="expects K = 64"):
+        dispatch.nvfp4_linear(jnp.ones((2, 48)), w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.nvfp4_linear(jnp.ones((2, 64)), w, backend="cuda")
+    with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
+        dispatch.nvfp4_linear(jnp.ones((2, 64)), w, jnp.ones(31))
+    with pytest.raises(TypeError, match="NVFP4Tensor or a PrepackedNVFP4"):
+        dispatch.nvfp4_linear(jnp.ones((2, 64)), jnp.ones((32, 64)))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        prepack(w, layout="tiled")
+    with pytest.raises(ValueError, match="gemv kernel takes M <= 8"):
+        cfg = dataclasses.replace(MatmulConfig(), kind="gemv")
+        nvfp4_matmul(jnp.ones((9, 64), jnp.bfloat16), prepack(w), config=cfg, interpret=True)
+
+
+def test_triton_deprecation_filter_is_exact():
+    import re
+    import warnings
+
+    text = (
+        "The Pallas Triton backend is deprecated and will be removed in a future JAX version. To keep "
+        "using Pallas on GPU, please migrate to the Mosaic GPU backend."
+    )
+    assert re.match(dispatch.TRITON_DEPRECATION, text)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=dispatch.TRITON_DEPRECATION, category=DeprecationWarning)
+        warnings.warn(text, DeprecationWarning, stacklevel=1)
+        warnings.warn("The Pallas Mosaic GPU backend is deprecated", DeprecationWarning, stacklevel=1)
+        warnings.warn(text, UserWarning, stacklevel=1)
+    assert [type(w.message).__name__ for w in seen] == ["DeprecationWarning", "UserWarning"]
