@@ -18,7 +18,7 @@ from permuquant_jax.quant import (
     gather_sites,
     quantize_model,
 )
-from permuquant_jax.quant.baselines import METHODS, smoothquant_scales
+from permuquant_jax.quant.baselines import smoothquant_scales
 
 K = 128  # input width: 8 NVFP4 groups
 
@@ -81,9 +81,9 @@ def test_calibration_stats_match_numpy_and_round_trip(setup, tmp_path):
     assert back.batches == 3 and back.fingerprint() == stats.fingerprint()
     np.testing.assert_array_equal(back["fc2"].sumsq, stats["fc2"].sumsq)
     # reusing stats skips the calibration pass and gives the same result
-    m1, r1 = quantize_model(nnx.clone(model), batches, stats=back, progress=False)
-    m2, r2 = quantize_model(nnx.clone(model), batches, progress=False)
-    assert r1.sites == r2.sites
+    m1, r1 = quantize_model(nnx.clone(model), batches, method="rtn", stats=back, progress=False)
+    m2, r2 = quantize_model(nnx.clone(model), batches, method="rtn", progress=False)
+    assert r1.sites == r2.sites and r1.layers == r2.layers
 
 
 def test_gather_folding_is_invariant(setup):
@@ -113,10 +113,11 @@ def test_acceptance_error_is_the_quantized_layer_error(setup):
 
 
 def test_methods_on_outlier_model(setup):
+    """RTN, SmoothQuant and PermuQuant (the Hadamard methods are tested with the FLUX plan and below)."""
     model, batches, refs = setup
     errs, reports = {}, {}
-    for method in METHODS:
-        m, rep = quantize_model(nnx.clone(model), batches, method=method, hadamard_block=16, progress=False)
+    for method in ("rtn", "smoothquant", "permuquant"):
+        m, rep = quantize_model(nnx.clone(model), batches, method=method, progress=False)
         assert all(isinstance(getattr(m, n), QuantLinear) for n in ("fc1", "fc2", "head"))
         assert rep.n_sites == 3  # one gather site per linear
         for s in rep.sites:
@@ -145,8 +146,9 @@ def test_hadamard_is_orthogonal_end_to_end(setup):
     rng = np.random.default_rng()
     batches = [(jnp.asarray(rng.standard_normal((2, 16, K)).astype(np.float32)),) for _ in range(2)]
     refs = [np.asarray(model(*b)) for b in batches]
-    m, _ = quantize_model(nnx.clone(model), batches, method="hadamard", format="int8-g32", hadamard_block=32,
-                          progress=False)
+    m, _ = quantize_model(
+        nnx.clone(model), batches, method="hadamard", format="int8-g32", hadamard_block=32, progress=False
+    )
     assert m.fc1.hadamard_block == 32
     assert _rel(m, batches, refs) < 2e-2
 

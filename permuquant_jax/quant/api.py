@@ -14,9 +14,11 @@ Pipeline (each pass is one jitted step per batch, see `calibrate.run_passes`):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -94,6 +96,13 @@ def plan_sites(model: nnx.Module, targets: Sequence[Path], sites: Sequence[Site]
     return sites + gather_sites(model, extra)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _weight_moments(kernel, start, size):
+    """Per input row of kernel[..., start:start+size, :]: sum of squares and max |w| (on the device)."""
+    k = kernel[..., start : start + size, :].astype(jnp.float32)
+    return jnp.sum(k * k, axis=-1), jnp.max(jnp.abs(k), axis=-1)
+
+
 def _site_moments(model, site: Site, consumers: Sequence[Ref], stats: CalibrationStats):
     """Site-level E[x^2], max|x| (activations) and mean W^2, max|W| (weights), each `[*stack, size]`."""
     n = site.size
@@ -106,15 +115,14 @@ def _site_moments(model, site: Site, consumers: Sequence[Ref], stats: Calibratio
         s_sq = st.sumsq[..., sl].astype(np.float64)
         s_cnt = st.count.astype(np.float64)[..., None]
         s_ax = st.absmax[..., sl]
-        k = np.asarray(get_node(model, r.path).kernel.get_value(), np.float32)[..., sl, :]
+        kernel = get_node(model, r.path).kernel.get_value()
+        w2, wm = (np.asarray(a, np.float64) for a in _weight_moments(kernel, r.start, n))
         sumsq = s_sq if sumsq is None else sumsq + s_sq
         cnt = s_cnt if cnt is None else cnt + s_cnt
         amx = s_ax if amx is None else np.maximum(amx, s_ax)
-        w2 = np.sum(k.astype(np.float64) ** 2, axis=-1)
-        wm = np.max(np.abs(k), axis=-1)
         wsq = w2 if wsq is None else wsq + w2
         wmax = wm if wmax is None else np.maximum(wmax, wm)
-        n_out += k.shape[-1]
+        n_out += kernel.shape[-1]
     return sumsq / np.maximum(cnt, 1.0), amx, wsq / n_out, wmax
 
 

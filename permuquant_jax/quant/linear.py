@@ -13,6 +13,7 @@ NVFP4 formats call `kernels.dispatch.nvfp4_linear`; the others use the registry'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -39,6 +40,21 @@ def _vmap_leading(fn, n: int):
     for _ in range(n):
         fn = jax.vmap(fn)
     return fn
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_kernel(kernel: jax.Array, format: str, hadamard_block: int | None):
+    """kernel `[*, K, N]` -> the stored weight of rows `[*, N, K]` (rotated first), one global scale per layer."""
+    from permuquant_jax.formats import nvfp4
+    from permuquant_jax.formats.registry import get_format
+
+    n_stack = kernel.ndim - 2
+    w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)
+    if hadamard_block:
+        w = block_hadamard(w, hadamard_block)
+    if _is_nvfp4(format):
+        return _vmap_leading(lambda a: nvfp4.quantize(a), n_stack)(w)
+    return _vmap_leading(get_format(format).weight_fake_quant, n_stack)(w).astype(kernel.dtype)
 
 
 class QuantLinear(nnx.Module):
@@ -123,21 +139,15 @@ class QuantLinear(nnx.Module):
                 "keep this layer in 16 bits (keep patterns) or pad it"
             )
         check_finite(kernel, name)
-        w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)  # [*, N, K]
-        if hadamard_block:
-            if k % hadamard_block:
-                raise ValueError(f"{name}: Hadamard block {hadamard_block} does not divide K = {k}")
-            w = block_hadamard(w, hadamard_block)
+        if hadamard_block and k % hadamard_block:
+            raise ValueError(f"{name}: Hadamard block {hadamard_block} does not divide K = {k}")
+        out = _quantize_kernel(kernel, fmt.name, hadamard_block)
         if _is_nvfp4(format):
-            from permuquant_jax.formats import nvfp4
-
-            t = _vmap_leading(lambda a: nvfp4.quantize(a), len(stack))(w)
-            q.w_codes.set_value(t.codes)
-            q.w_scales.set_value(t.scales)
-            q.w_global.set_value(jnp.asarray(t.global_scale, jnp.float32).reshape(stack))
+            q.w_codes.set_value(out.codes)
+            q.w_scales.set_value(out.scales)
+            q.w_global.set_value(jnp.asarray(out.global_scale, jnp.float32).reshape(stack))
         else:
-            wq = _vmap_leading(fmt.weight_fake_quant, len(stack))(w)
-            q.w_values.set_value(wq.astype(kernel.dtype))
+            q.w_values.set_value(out)
         if act_global_scale is not None and fmt.act_bits is not None:
             q.act_scale.set_value(jnp.broadcast_to(jnp.asarray(act_global_scale, jnp.float32), stack))
         return q

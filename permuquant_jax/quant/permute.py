@@ -23,6 +23,9 @@ import numpy as np
 from permuquant_jax.formats.hadamard import block_hadamard
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Matmuls of the error measurement: bf16x3 on GPUs (about float32 accuracy, far below the quantization
+# error being measured, at half the cost of full float32 emulation); CPUs compute float32 anyway.
+EVAL_PRECISION = jax.lax.Precision.HIGH
 _EPS = 1e-30
 
 
@@ -183,9 +186,9 @@ def part_errors(
     x `[T, n]`, w_kn `[n, N]` (NNX kernel layout), perms `[C, n]` int, scales `[C, n]` or None.
     For candidate c: x' = (x / s)[:, p], W' = (W * s)[p]; optionally block-Hadamard both along n;
     y_q = Q_a(x') Q_w(W'^T)^T. Returns (sum of (y_q - y)^2 per candidate `[C]`, sum of y^2 (scalar),
-    max |x'| per candidate `[C]`), all float32; y = x W at full float32 precision.
+    max |x'| per candidate `[C]`), all float32; matmuls at `EVAL_PRECISION`.
     """
-    hi = jax.lax.Precision.HIGHEST
+    hi = EVAL_PRECISION
     x = x.astype(jnp.float32)
     w = w_kn.astype(jnp.float32)
     y = jnp.matmul(x, w, precision=hi)

@@ -18,11 +18,13 @@ Permutations of stacked (scanned) modules have the leading stack axes of the con
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -233,7 +235,11 @@ def validate_sites(model: nnx.Module, sites: Sequence[Site]) -> None:
 
 def _permute_axis(a: jnp.ndarray, perm: np.ndarray, axis: int, start: int, size: int) -> jnp.ndarray:
     """a with the range [start, start+size) of `axis` reordered by perm `[*stack, size]` (per stack entry)."""
-    axis = axis % a.ndim
+    return _permute_axis_jit(jnp.asarray(a), jnp.asarray(perm, jnp.int32), axis % jnp.ndim(a), start, size)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _permute_axis_jit(a, perm, axis, start, size):
     idx = [slice(None)] * a.ndim
     idx[axis] = slice(start, start + size)
     part = a[tuple(idx)]
@@ -248,7 +254,12 @@ def _permute_axis(a: jnp.ndarray, perm: np.ndarray, axis: int, start: int, size:
 
 
 def _scale_axis(a: jnp.ndarray, s: np.ndarray, axis: int, start: int, size: int, op: str) -> jnp.ndarray:
-    axis = axis % a.ndim
+    """a with the range [start, start+size) of `axis` multiplied (op "mul") or divided by s `[*stack, size]`."""
+    return _scale_axis_jit(jnp.asarray(a), jnp.asarray(s, jnp.float32), axis % jnp.ndim(a), start, size, op)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _scale_axis_jit(a, s, axis, start, size, op):
     idx = [slice(None)] * a.ndim
     idx[axis] = slice(start, start + size)
     v = jnp.asarray(s, jnp.float32)
