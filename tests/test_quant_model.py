@@ -16,6 +16,7 @@ from permuquant_jax.quant import (
     calibrate,
     fold_permutation,
     gather_sites,
+    plan_summary,
     quantize_model,
 )
 from permuquant_jax.quant.baselines import smoothquant_scales
@@ -175,3 +176,14 @@ def test_user_errors_name_the_value(setup):
         quantize_model(nnx.clone(model), batches, method="hadamard", hadamard_block=24)
     with pytest.raises(ValueError, match="no linear layer"):
         quantize_model(nnx.clone(model), batches, keep=("*",))
+
+
+def test_plan_summary_counts_bytes(setup):
+    model = setup[0]
+    s = plan_summary(model, keep=("head",))
+    rows = {r["path"]: r for r in s["layers"]}
+    assert rows["head"]["keep"] and rows["head"]["bytes_after"] == rows["head"]["bytes_before"] == (K * 32 + 32) * 4
+    # fc1: K x 128 weights at 4.5 bits, one float32 global scale, float32 bias
+    assert rows["fc1"]["bytes_after"] == K * 128 * 9 // 16 + 4 + 128 * 4
+    assert [x["name"] for x in s["sites"]] == ["fc1", "fc2"]
+    assert s["bytes_after"] == sum(r["bytes_after"] for r in s["layers"])

@@ -4,7 +4,7 @@ Entry points: `quantize_model` (any Flax NNX model), `quantize_flux` (the FLUX p
 (one layer from its activations), `joint_order` (the paper's criterion).
 """
 
-from permuquant_jax.quant.api import apply_structure, plan_sites, quantize_model
+from permuquant_jax.quant.api import apply_structure, plan_sites, plan_summary, quantize_model
 from permuquant_jax.quant.baselines import METHODS, smoothquant_scales
 from permuquant_jax.quant.calibrate import CalibrationStats, LayerStats, calibrate
 from permuquant_jax.quant.flux_plan import (
@@ -29,7 +29,7 @@ from permuquant_jax.quant.sites import (
 
 __all__ = [
     "FLUX_KEEP", "METHODS", "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport", "Ref",
-    "apply_structure",
+    "apply_structure", "plan_summary",
     "Site", "SiteReport", "accept", "calibrate", "choose_for_layer", "deal_order", "find_linears",
     "flux_calibration_batches", "flux_schedule", "flux_sites", "fold_permutation", "fold_smoothing",
     "gather_sites", "joint_order", "make_candidates", "plan_sites", "quantize_flux", "quantize_model",

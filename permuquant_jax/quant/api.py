@@ -375,3 +375,40 @@ def _runtime_smoothing(model: nnx.Module, site: Site, scale: np.ndarray) -> None
             _set(model, r.path, lin)
         lin.set_smoothing(1.0 / scale, r.start, site.size)
         lin.kernel.set_value(_scale_axis(lin.kernel.get_value(), scale, -2, r.start, site.size, "mul"))
+
+
+def plan_summary(
+    model: nnx.Module, *, sites: Sequence[Site] | None = None, keep: Sequence[str] = (), format: str = "nvfp4"
+) -> dict[str, Any]:
+    """What `quantize_model` would do, without calibrating: for a dry run.
+
+    Returns {"layers": [{path, in_features, out_features, stack, keep, bytes_before, bytes_after}],
+    "sites": [{name, kind, size, consumers, producers, layers}], "bytes_before", "bytes_after"}. Bytes
+    count kernels and biases; quantized weights at the format's bits per weight (+ 4 bytes of global
+    scale per layer), biases unchanged.
+    """
+    from permuquant_jax.formats.registry import get_format
+
+    fmt = get_format(format)
+    linears = find_linears(model)
+    targets = [p for p in linears if not match_any(p, keep)]
+    plan = plan_sites(model, targets, sites)
+    layers, before, after = [], 0, 0
+    for p, lin in linears.items():
+        k = lin.kernel.get_value()
+        bias = getattr(lin, "bias", None)
+        nb = 0 if bias is None else bias.get_value().size * bias.get_value().dtype.itemsize
+        b0 = k.size * k.dtype.itemsize + nb
+        kept = p not in set(targets)
+        n_layers = int(np.prod(k.shape[:-2], dtype=np.int64))
+        b1 = b0 if kept else int(k.size * fmt.bits_per_weight / 8) + 4 * n_layers + nb
+        before, after = before + b0, after + b1
+        layers.append({"path": path_str(p), "in_features": int(k.shape[-2]), "out_features": int(k.shape[-1]),
+                       "stack": list(k.shape[:-2]), "keep": kept, "bytes_before": int(b0), "bytes_after": int(b1)})
+    site_rows = [{
+        "name": s.name, "kind": s.kind, "size": s.size,
+        "consumers": [path_str(r.path) for r in s.consumers],
+        "producers": [path_str(r.path) for r in s.producers] + ([path_str(s.norm.modulation)] if s.norm else []),
+        "layers": int(np.prod(stack_shape(model, s.consumers[0].path), dtype=np.int64)),
+    } for s in plan if any(r.path in set(targets) for r in s.consumers)]
+    return {"layers": layers, "sites": site_rows, "bytes_before": int(before), "bytes_after": int(after)}

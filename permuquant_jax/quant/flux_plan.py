@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from permuquant_jax.quant.permute import DEFAULT_ALPHAS
 from permuquant_jax.quant.report import QuantReport
@@ -131,6 +132,7 @@ def flux_calibration_batches(
     guidance: float = 3.5,
     seed: int = 0,
     batch_size: int = 1,
+    progress: bool = False,
 ) -> list[dict[str, jax.Array]]:
     """DiT inputs along real sampling trajectories of the float `model`, for calibration.
 
@@ -138,7 +140,8 @@ def flux_calibration_batches(
     (shifted for guidance-distilled models, i.e. dev; 50 steps for dev, 4 for schnell by default),
     recording the DiT inputs at `calib_steps` of them spread over the schedule (default: all).
     text: an .npz path or (txt, y) arrays; None generates synthetic embeddings (only sensible for the
-    tiny model). height/width are image pixels (latent tokens: height/16 * width/16).
+    tiny model). height/width are image pixels (latent tokens: height/16 * width/16). progress: a bar
+    over the sampling steps.
     """
     cfg = model.config
     if height % 16 or width % 16:
@@ -166,6 +169,8 @@ def flux_calibration_batches(
         return m(img, img_ids, txt, txt_ids, t, y, g)
 
     batches = []
+    n_traj = -(-num_samples // batch_size)
+    bar = tqdm(total=n_traj * steps, desc="calibration trajectories", disable=not progress, leave=False)
     for b0 in range(0, num_samples, batch_size):
         txt = jnp.asarray(txt_all[b0 : b0 + batch_size])
         y = jnp.asarray(y_all[b0 : b0 + batch_size])
@@ -182,6 +187,8 @@ def flux_calibration_batches(
             if i < steps - 1:
                 v = velocity(model, img, img_ids, txt, txt_ids, t, y, g)
                 img = (img + (sched[i + 1] - sched[i]) * v.astype(jnp.float32)).astype(jnp.float32)
+            bar.update(1)
+    bar.close()
     return batches
 
 
