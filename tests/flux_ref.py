@@ -95,3 +95,13 @@ def bfl_to_model(key: str) -> tuple[str, int | None, bool]:
     if m:
         return f"{m.group(1)}.{m.group(3)}", int(m.group(2)), is_weight
     return key, None, is_weight
+
+
+def torch_timestep_frequencies(dim: int = 256, max_period: float = 10_000.0) -> np.ndarray:
+    """The frequency table exactly as BFL and diffusers compute it (PyTorch float32 exp on the CPU)."""
+    import math
+
+    import torch
+
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half).numpy()

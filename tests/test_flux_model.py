@@ -281,3 +281,15 @@ def test_bf16_close_to_fp32(tiny_model, tiny_inputs):
     err = rel_err(np.asarray(out, np.float32), ref)
     assert err < 3e-2, err
     assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def test_timestep_frequencies_within_one_ulp_of_pytorch():
+    pytest.importorskip("torch")
+    from flux_ref import torch_timestep_frequencies
+
+    from permuquant_jax.models.layers import timestep_frequencies
+
+    ours, ref = timestep_frequencies(256, 10_000.0), torch_timestep_frequencies(256, 10_000.0)
+    assert ours.dtype == ref.dtype == np.float32
+    ulps = np.abs(ours.view(np.int32).astype(np.int64) - ref.view(np.int32))
+    assert ulps.max() <= 1 and np.count_nonzero(ulps) <= 4, np.nonzero(ulps)

@@ -178,16 +178,26 @@ def split_heads(qkv: jax.Array, num_heads: int, norm: QKNorm) -> tuple[jax.Array
     return q, k, v
 
 
+def timestep_frequencies(dim: int = 256, max_period: float = 10_000.0) -> np.ndarray:
+    """The ``dim // 2`` float32 frequencies ``exp(-log(max_period) * i / (dim // 2))``.
+
+    The exponent is rounded to float32 step by step as the PyTorch references compute it, and the
+    exponential is then correctly rounded. Timesteps are multiplied by 1000 (guidance scales too), so
+    a one-ulp difference in a frequency moves the embedding by ~1e-5: PyTorch's float32 ``exp`` on
+    the CPU is off by one ulp at 2 of the 128 FLUX frequencies, which is most of the (few 1e-6)
+    fp32 difference between this model and diffusers.
+    """
+    half = dim // 2
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
 def timestep_embedding(
     t: jax.Array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0
 ) -> jax.Array:
     """Sinusoidal embedding of ``t`` (B,) -> (B, dim) float32, [cos | sin] as in BFL."""
     t = time_factor * jnp.asarray(t, jnp.float32)
-    half = dim // 2
-    # The exponent is rounded to float32 step by step as the PyTorch references compute it: t * 1000
-    # multiplies the frequencies, so a one-ulp difference in them shows in the output.
-    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
-    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    freqs = jnp.asarray(timestep_frequencies(dim, max_period))
     args = t[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
