@@ -229,6 +229,13 @@ def test_scan_writes_back_mutated_variables(tiny_model, tiny_inputs):
     assert not np.allclose(obs.amax[...][0], obs.amax[...][1])
 
 
+def test_scan_rejects_a_variable_without_the_depth_axis(tiny_model, tiny_inputs):
+    model = nnx.clone(tiny_model)
+    model.single_blocks.linear2 = AmaxObserver(model.single_blocks.linear2, depth=3)  # the model has 4
+    with pytest.raises(ValueError, match=r"leading depth axis \(4\); 'linear2.amax' has shape \(3, 640\)"):
+        model(*[tiny_inputs[k] for k in ARGS])
+
+
 def _temb(t):
     from permuquant_jax.models.layers import timestep_embedding
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from permuquant_jax.models.layers import (
@@ -221,15 +222,29 @@ def _stacked(make, depth: int, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def scan_blocks(blocks: nnx.Module, carry: Any, fn) -> Any:
+def scan_blocks(blocks: nnx.Module, carry: Any, fn, depth: int | None = None) -> Any:
     """Run ``carry = fn(block_i, carry)`` over a stacked module under ``jax.lax.scan``.
 
     Variables that ``fn`` assigns on a block (e.g. statistics of an observer module substituted for
     a Linear) are collected per layer and written back into the stacked module afterwards; variables
     left untouched (the weights) are not copied. Every array variable of ``blocks`` must carry the
-    leading depth axis.
+    leading depth axis (``depth``; None: the leading dim most variables share).
     """
     graphdef, state = nnx.split(blocks)
+    shapes = {
+        ".".join(map(str, path)): tuple(np.shape(var.get_value()))
+        for path, var in nnx.to_flat_state(state)
+        if var.get_value() is not None
+    }
+    if depth is None:
+        leading = [shape[0] if shape else None for shape in shapes.values()]
+        depth = max(set(leading), key=leading.count)
+    for name, shape in shapes.items():
+        if not shape or shape[0] != depth:
+            raise ValueError(
+                f"scan_blocks: every variable of a stacked block needs the leading depth axis ({depth}); "
+                f"'{name}' has shape {shape}"
+            )
 
     def body(c, layer_state):
         inputs = {path: var.get_value() for path, var in nnx.to_flat_state(layer_state)}
@@ -323,9 +338,9 @@ class FluxDiT(nnx.Module):
         def double(block, carry):
             return block(carry[0], carry[1], vec, pe, impl)
 
-        img, txt = scan_blocks(self.double_blocks, (img, txt), double)
+        img, txt = scan_blocks(self.double_blocks, (img, txt), double, cfg.depth)
         x = jnp.concatenate([txt, img], axis=1)
-        x = scan_blocks(self.single_blocks, x, lambda block, c: block(c, vec, pe, impl))
+        x = scan_blocks(self.single_blocks, x, lambda block, c: block(c, vec, pe, impl), cfg.depth_single_blocks)
         img = x[:, txt.shape[1] :]
         return self.final_layer(img, vec)
 
