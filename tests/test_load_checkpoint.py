@@ -92,7 +92,7 @@ def test_comfy_prefix_and_all_in_one_file(tiny, tmp_path):
     tensors["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = np.ones(8, np.float32)
     path = tmp_path / "flux1-dev-fp8-all-in-one.safetensors"
     save_file(tensors, str(path))
-    assert_model_holds(load_flux(path, jnp.bfloat16), tiny, jnp.bfloat16)
+    assert_model_holds(load_flux(path, jnp.bfloat16, progress=True), tiny, jnp.bfloat16)
 
 
 def test_config_override_and_metadata_free_inference(tiny, tmp_path):
