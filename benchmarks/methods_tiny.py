@@ -63,14 +63,23 @@ def main() -> None:
     rows = []
     for method in METHODS:
         t0 = time.time()
-        q, report = quantize_flux(nnx.clone(model), calib, method=method, format=args.format,
-                                  hadamard_block=args.hadamard_block, progress=False)
+        q, report = quantize_flux(
+            nnx.clone(model),
+            calib,
+            method=method,
+            format=args.format,
+            hadamard_block=args.hadamard_block,
+            progress=False,
+        )
         err = rel_error(q, held, refs)
         # layer-local: sum over sites of the calibration error of the kept candidate, vs RTN's identity
         local = sum(s.error_chosen for s in report.sites)
         rows.append((method, err, local, report.n_accepted, report.n_sites, time.time() - t0))
-        print(f"{method:13s} rel. error {err:.4f}  accepted {report.n_accepted}/{report.n_sites}  "
-              f"({time.time() - t0:.1f} s)", flush=True)
+        print(
+            f"{method:13s} rel. error {err:.4f}  accepted {report.n_accepted}/{report.n_sites}  "
+            f"({time.time() - t0:.1f} s)",
+            flush=True,
+        )
 
     lines = [
         f"# Quantized tiny FLUX vs float: {args.format}, {source}",
@@ -88,6 +97,8 @@ def main() -> None:
     ]
     for method, err, local, acc, n, wall in rows:
         lines.append(f"| {method} | {err:.4f} | {local:.4f} | {acc} / {n} | {wall:.1f} |")
+    lines += ["", "Wall time: quantize (calibration, acceptance, folding, weight quantization) plus the held-out",
+              "evaluation, compilation included; on a shared CPU machine it varies with the load of other jobs."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
