@@ -134,23 +134,11 @@ def set_node(model: nnx.Module, path: Path, value: Any) -> None:
 
 
 def is_linear(node: Any) -> bool:
-    """A float linear layer in the NNX convention: `kernel [..., in, out]` param, `bias` param or None."""
-    from permuquant_jax.quant.linear import QuantLinear
+    """A float linear layer with `kernel [*stack, in, out]` and `bias [*stack, out]` or None: `nnx.Linear`
+    or the model package's `Linear` (not `LinearGeneral`/`Einsum`, whose kernels mean something else)."""
+    from permuquant_jax.models.layers import Linear as ModelLinear
 
-    if isinstance(node, QuantLinear) or not isinstance(node, nnx.Module):
-        return False
-    kernel = getattr(node, "kernel", None)
-    if not isinstance(kernel, nnx.Param):
-        return False
-    if isinstance(node, nnx.Linear):
-        return True
-    try:
-        from permuquant_jax.models.layers import Linear as ModelLinear
-    except ImportError:  # the model package is optional for generic use
-        ModelLinear = ()  # noqa: N806
-    return isinstance(node, ModelLinear) or (
-        hasattr(node, "in_features") and hasattr(node, "out_features") and kernel.get_value().ndim >= 2
-    )
+    return isinstance(node, nnx.Linear | ModelLinear) and isinstance(getattr(node, "kernel", None), nnx.Param)
 
 
 def find_linears(model: nnx.Module) -> dict[Path, nnx.Module]:
