@@ -139,9 +139,12 @@ def nvfp4_linear(
         filter_triton_deprecation()
     wp = prepack_weight(w)
     cfg = tuning.matmul_config(m, n, k)
+    mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
+    if m >= tuning.DEQUANT_DOT_MIN_M and not interpret:
+        mm = functools.partial(dequant_dot, out_dtype=out_dtype)
     if w4a16:
         xin = reference.transform_act(x2, gather=gather, hadamard_block=hadamard_block)
-        y = nvfp4_matmul(xin, wp, None, bias, config=cfg, out_dtype=out_dtype, interpret=interpret)
+        y = mm(xin, wp, None, bias)
     else:
         gs = _aq.act_global_scale_rows(x2, gather=gather, hadamard_block=hadamard_block, global_scale=act_global_scale)
         xv = _aq.act_quant(
@@ -153,8 +156,34 @@ def nvfp4_linear(
             interpret=interpret,
             **tuning.act_quant_config(m, k, hadamard_block),
         )
-        y = nvfp4_matmul(xv, wp, gs, bias, config=cfg, out_dtype=out_dtype, interpret=interpret)
+        y = mm(xv, wp, gs, bias)
     return y.reshape(*lead, n)
+
+
+def dequant_dot(
+    x: jax.Array,
+    w: PrepackedNVFP4,
+    x_scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+) -> jax.Array:
+    """Same function as `nvfp4_matmul`, as an XLA decode of W to exact fp16/bf16 block values then
+    one cuBLAS GEMM (fp32 accumulation) and an XLA epilogue.
+
+    The weights make one round trip through HBM per call (2 bytes per weight); at M >= 1024 on the
+    H100 this is still faster than our in-register decode kernel (see benchmarks/NOTES-kernels.md),
+    so the dispatch takes it there (`tuning.DEQUANT_DOT_MIN_M`).
+    """
+    m = x.shape[0]
+    dt = jnp.float16 if x.dtype == jnp.float16 else jnp.bfloat16
+    wv = reference.block_values(unprepack(w)).astype(dt)  # exact: <= 6 significant bits
+    acc = jax.lax.dot_general(x.astype(dt), wv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    gx = jnp.ones((m,), jnp.float32) if x_scale is None else x_scale.astype(jnp.float32).reshape(m)
+    y = acc * gx[:, None] * w.global_scale[None, :]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
 
 
 def _scaled_matmul_linear(x2, w: NVFP4Tensor, bias, act_global_scale, gather, hadamard_block, out_dtype):

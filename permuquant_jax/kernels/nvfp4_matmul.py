@@ -14,11 +14,14 @@ and multiplies on the tensor cores with fp32 accumulation; the epilogue multipli
 ("swap AB": each program computes out^T = W x^T for a tile of output channels x tokens), which keeps
 it in registers on Hopper (wgmma with A from registers) instead of a round trip through shared memory.
 
-Prepacked layout (lossless, `prepack` / `unprepack`): codes `[Np, Kp/2]` in chunks of 128 channels;
-byte j of chunk c holds channel 128c + j in its low nibble and channel 128c + 64 + j in its high
-nibble, so one chunk decodes into two contiguous 64-channel halves with no interleaving. Scales stay
-in the canonical `[Np, Kp/16]` order (as raw E4M3 bytes), the global scale is a per-row float32
-vector `[N]`. N and K are zero-padded to multiples of 128 (padding decodes to zeros).
+Prepacked weights (lossless, `prepack` / `unprepack`), N and K zero-padded to multiples of 128
+(padding decodes to zeros), scales as raw E4M3 bytes `[Np, Kp/16]`, the global scale a per-row float32
+vector `[N]`. Two code layouts:
+- "canonical" (default): the canonical bytes; the kernel decodes both nibbles and interleaves them back
+  (`tt.join`) for one K = 128 dot per step. XLA's decode (`dispatch.dequant_dot`) reads it as is.
+- "chunk128": in each chunk of 128 channels, byte j holds channel 128c + j (low nibble) and
+  128c + 64 + j (high nibble): two contiguous 64-channel halves, two K = 64 dots, no interleave
+  (slightly faster at M >= 4096, and the layout of the CUDA-core "gemv" kernel).
 The reference is `reference.nvfp4_matmul_ref`.
 """
 
@@ -58,7 +61,7 @@ class PrepackedNVFP4:
     global_scale: jax.Array
     n: int
     k: int
-    layout: str = "chunk128"
+    layout: str = "canonical"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,7 +76,7 @@ def _round_up(a: int, b: int) -> int:
 LAYOUTS = ("chunk128", "canonical")
 
 
-def prepack(w: NVFP4Tensor, layout: str = "chunk128") -> PrepackedNVFP4:
+def prepack(w: NVFP4Tensor, layout: str = "canonical") -> PrepackedNVFP4:
     """Canonical NVFP4 weights `[N, K]` -> the kernel's prepacked layout (lossless; jittable).
 
     layout "chunk128": nibbles reordered per 128-channel chunk (see the module docstring);

@@ -12,12 +12,18 @@ from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
 # Small M is bound by memory: many CTAs over N and split K keep weight bytes in flight; large M is
 # bound by the tensor cores (and, today, by our decode path: see the notes).
 MATMUL_TABLE: tuple[tuple[int, MatmulConfig], ...] = (
-    # M = 1 GEMV: 53 us at 1 x 3072 x 18432 (the CUDA-core "gemv" kernel measured 75 us)
-    (16, MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=4, split_k=4)),
-    (64, MatmulConfig(block_n=128, block_m=64, num_warps=4, num_stages=4, split_k=2)),
-    # M = 512: 177 us at 512 x 3072 x 9216; M >= 4096: 706 us at 4096 x 3072 x 9216
+    # M = 1 GEMV: 53-64 us at 1 x 3072 x 18432 (the CUDA-core "gemv" kernel measured 75 us)
+    (16, MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=4, split_k=4, decode="asm")),
+    (64, MatmulConfig(block_n=128, block_m=64, num_warps=4, num_stages=4, split_k=2, decode="asm")),
+    # M = 512: 177-202 us at 512 x 3072 x 9216
+    (1023, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1, decode="asm")),
+    # M >= 1024 goes to dispatch.dequant_dot; the kernel, if asked, 706-800 us at 4096 x 3072 x 9216
     (1 << 62, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1)),
 )
+
+# From this M on, the dispatch decodes W with XLA and calls cuBLAS (`dispatch.dequant_dot`): measured
+# 1.25-1.38x cuBLAS bf16 against 1.9-2.1x for our in-register kernel at M >= 4096 (NOTES-kernels.md).
+DEQUANT_DOT_MIN_M = 1024
 
 # Activation quantization (60 us at 4608 x 3072, bf16 in, fp16 values out).
 ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 8, "block_k": 512, "num_warps": 4, "num_stages": 1}

@@ -187,20 +187,28 @@ def check_matmul(key, m: int, k: int, n: int) -> None:
         ("w4a16-bf16", x, None, x),
         ("w4a16-fp16", x.astype(jnp.float16), None, x.astype(jnp.float16)),
     ]
+    if m >= 512:
+        variants.append(("chunk128", "dequant_dot"))
     for layout, cfg in variants:
         wp = prepack(w, layout=layout)
+        if cfg == "dequant_dot":
+            fn = lambda a, s_, b, out_dtype, wp=wp: dispatch.dequant_dot(a, wp, s_, b, out_dtype=out_dtype)  # noqa: E731
+        else:
+            fn = lambda a, s_, b, out_dtype, wp=wp, cfg=cfg: nvfp4_matmul(  # noqa: E731
+                a, wp, s_, b, config=cfg, out_dtype=out_dtype
+            )
         for name, xin, xs, xref in cases:
             ref32 = np.asarray(reference.nvfp4_matmul_ref(xref, w, bias, out_dtype=jnp.float32))
-            y32 = np.asarray(nvfp4_matmul(xin, wp, xs, bias, config=cfg, out_dtype=jnp.float32))
+            y32 = np.asarray(fn(xin, xs, bias, jnp.float32))
             rel = float(np.linalg.norm(y32 - ref32) / np.linalg.norm(ref32))
-            y16 = nvfp4_matmul(xin, wp, xs, bias, config=cfg, out_dtype=jnp.bfloat16)
+            y16 = fn(xin, xs, bias, jnp.bfloat16)
             y16 = np.asarray(y16).astype(np.float32)
             # one bf16 ulp of the reference, plus the float32 summation-order difference of this kernel
             big = np.maximum(np.abs(ref32), np.abs(y32))
             over = np.abs(y16 - ref32) / (bf16_ulp(big) + np.abs(y32 - ref32))
             finite = bool(np.isfinite(y32).all() and np.isfinite(y16).all())
             record(
-                f"matmul {name} {layout}/{cfg.decode} {m}x{k}x{n}",
+                f"matmul {name} {layout}/{getattr(cfg, 'decode', cfg)}/{getattr(cfg, 'kind', '')} {m}x{k}x{n}",
                 finite and rel <= 1e-5 and float(over.max()) <= 1.0,
                 rel_f32=rel,
                 max_bf16_ulps=float(over.max()),
