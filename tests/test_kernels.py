@@ -38,11 +38,9 @@ def _acts(rng, m, k, dtype=jnp.bfloat16):
 
 
 def _ieee_quantize(x, gs_rows):
-    """formats.nvfp4's documented arithmetic in numpy float32 (IEEE division, one rounding per op).
-
-    XLA, on CPU and GPU, rewrites some of formats.quantize's divisions into multiplies by a reciprocal,
-    so at rare rounding boundaries it differs from its own specification (and from torchao); the
-    kernels follow the specification. Returns (unpacked codes uint8 [M, K], scale bytes [M, K/16]).
+    """formats.nvfp4's documented arithmetic in numpy float32 (IEEE division, one rounding per op):
+    an oracle independent of XLA, which rewrites divisions into reciprocal multiplies unless guarded.
+    Returns (unpacked codes uint8 [M, K], scale bytes [M, K/16]).
     """
     f = np.float32
     xb = np.asarray(x, f).reshape(x.shape[0], -1, 16)
@@ -77,13 +75,14 @@ def test_act_quant_bit_exact(rng, m, k, dtype, gather, gs, bm, bk):
     np.testing.assert_array_equal(
         np.broadcast_to(np.asarray(q.global_scale), np.shape(r.global_scale)), np.asarray(r.global_scale)
     )
-    # bit-exact with the specification; with formats' XLA implementation up to its division rewrites
+    # bit-exact with the specification (numpy IEEE oracle) and with formats.quantize
     rows = aq.act_global_scale_rows(x, gather=g, global_scale=gs)
     xt = np.asarray((x if g is None else x[:, g]).astype(jnp.float32))
     codes, sbytes = _ieee_quantize(xt, rows)
     np.testing.assert_array_equal(np.asarray(nvfp4.unpack_codes(q.codes)), codes)
     np.testing.assert_array_equal(np.asarray(q.scales.view(jnp.uint8)), sbytes)
-    assert np.mean(np.asarray(q.codes) == np.asarray(r.codes)) > 0.999
+    np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(r.codes))
+    np.testing.assert_array_equal(np.asarray(q.scales.view(jnp.uint8)), np.asarray(r.scales.view(jnp.uint8)))
     v = aq.act_quant(x, rows, g, out="values", interpret=True, block_m=bm, block_k=bk)
     assert v.dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(reference.block_values(q)))
@@ -153,6 +152,8 @@ def test_matmul_matches_reference(rng, m, k, n, layout, cfg):
         ref32 = np.asarray(reference.nvfp4_matmul_ref(xref, w, bias))
         y32 = np.asarray(nvfp4_matmul(xin, wp, xs, bias, config=cfg, out_dtype=jnp.float32, interpret=True))
         assert np.linalg.norm(y32 - ref32) / np.linalg.norm(ref32) <= 1e-5
+        if xs is None:  # the bf16 epilogue is the same code for W4A16: check it once, on W4A4
+            continue
         y16 = nvfp4_matmul(xin, wp, xs, bias, config=cfg, out_dtype=jnp.bfloat16, interpret=True)
         assert y16.dtype == jnp.bfloat16 and y16.shape == (m, n)
         assert _bf16_ok(y16, y32, ref32).all()
@@ -204,9 +205,6 @@ def test_dispatch_backends(rng, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_BACKEND)
     for kw in ({"gather": g, "act_global_scale": "per_row"}, {"w4a16": True}, {"hadamard_block": 32}):
         ref = dispatch.nvfp4_linear(x, w, bias, backend="reference", out_dtype=jnp.float32, **kw)
-        if "gather" in kw:  # the same function with the kernel's (specification-exact) quantizer
-            xq = aq.quantize_act(x.reshape(6, 256), gather=g, global_scale="per_row", interpret=True)
-            ref = reference.nvfp4_matmul_ref(xq, w, bias).reshape(2, 3, 64)
         y = dispatch.nvfp4_linear(
             x, dispatch.prepack_weight(w), bias, backend="pallas_interpret", out_dtype=jnp.float32, **kw
         )

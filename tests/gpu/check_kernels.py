@@ -76,9 +76,8 @@ def bf16_ulp(v: np.ndarray) -> np.ndarray:
 def ieee_quantize(x, gs_rows):
     """formats.nvfp4's documented arithmetic in numpy float32 (IEEE division, one rounding per op).
 
-    XLA (CPU and GPU) turns some of formats.quantize's divisions into multiplies by a reciprocal, so
-    at rare rounding boundaries formats under XLA differs from its specification and from torchao;
-    the kernels follow the specification. Returns (unpacked codes uint8 [M, K], scale bytes).
+    An oracle independent of XLA (which rewrites divisions into reciprocal multiplies unless guarded).
+    Returns (unpacked codes uint8 [M, K], scale bytes).
     """
     f = np.float32
     xb = np.asarray(x, f).reshape(x.shape[0], -1, 16)
