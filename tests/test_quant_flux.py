@@ -22,15 +22,33 @@ from permuquant_jax.quant import (
 from permuquant_jax.quant.sites import stack_shape
 
 # FLUX architecture at a small width (compile time is what costs here, not the width)
-CFG = FluxConfig(hidden_size=64, num_heads=2, axes_dim=(8, 12, 12), depth=2, depth_single_blocks=2,
-                 context_in_dim=64, vec_in_dim=32, in_channels=16, out_channels=16, mlp_ratio=2.0)
+CFG = FluxConfig(
+    hidden_size=64,
+    num_heads=2,
+    axes_dim=(8, 12, 12),
+    depth=2,
+    depth_single_blocks=2,
+    context_in_dim=64,
+    vec_in_dim=32,
+    in_channels=16,
+    out_channels=16,
+    mlp_ratio=2.0,
+)
 
 
 @pytest.fixture(scope="module")
 def flux():
     model = FluxDiT(CFG, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
-    batches = flux_calibration_batches(model, num_samples=2, num_steps=2, height=64, width=64, txt_len=8,
-                                       batch_size=2, seed=int(np.random.default_rng().integers(1 << 30)))
+    batches = flux_calibration_batches(
+        model,
+        num_samples=2,
+        num_steps=2,
+        height=64,
+        width=64,
+        txt_len=8,
+        batch_size=2,
+        seed=int(np.random.default_rng().integers(1 << 30)),
+    )
     fwd = nnx.jit(lambda m, b: m(**b))
     refs = [np.asarray(fwd(model, b)) for b in batches]
     return model, batches, refs, fwd
@@ -97,15 +115,15 @@ def test_calibration_batches_follow_the_trajectory(flux):
     # the second input is the first Euler step of the float model
     v = fwd(model, batches[0])
     dt = flux_schedule(2, 16)[1] - 1.0
-    np.testing.assert_allclose(np.asarray(batches[1]["img"]), np.asarray(batches[0]["img"] + dt * v),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(batches[1]["img"]), np.asarray(batches[0]["img"] + dt * v), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_quantize_flux(flux):
     """The whole FLUX plan with PermuQuant-H (plain PermuQuant is exercised on the generic model)."""
     model, batches, refs, fwd = flux
-    q, rep = quantize_flux(nnx.clone(model), batches, method="permuquant-h", hadamard_block=32,
-                           progress=False)
+    q, rep = quantize_flux(nnx.clone(model), batches, method="permuquant-h", hadamard_block=32, progress=False)
     d, s = CFG.depth, CFG.depth_single_blocks
     assert rep.n_sites == 9 * d + 4 * s + 1  # final_layer.norm feeds the 16-bit final projection
     for sr in rep.sites:
@@ -135,8 +153,9 @@ def test_text_embeddings_from_npz(flux, tmp_path):
     txt, y = rng.standard_normal((3, 5, 64)).astype(np.float32), rng.standard_normal((3, 32)).astype(np.float32)
     np.savez(tmp_path / "emb.npz", txt=txt, y=y)
     # one step: the inputs at t = 1, no model call
-    b = flux_calibration_batches(model, text=str(tmp_path / "emb.npz"), num_samples=4, num_steps=1, height=32,
-                                 width=32, batch_size=2)
+    b = flux_calibration_batches(
+        model, text=str(tmp_path / "emb.npz"), num_samples=4, num_steps=1, height=32, width=32, batch_size=2
+    )
     assert len(b) == 2 and b[0]["txt"].shape == (2, 5, 64)
     np.testing.assert_array_equal(np.asarray(b[1]["txt"]), np.concatenate([txt[2:], txt[:1]]))
     np.savez(tmp_path / "bad.npz", txt=txt)
