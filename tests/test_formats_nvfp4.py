@@ -14,7 +14,7 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor as TorchaoNVFP
 from torchao.prototype.mx_formats.nvfp4_tensor import per_tensor_amax_to_scale
 
 from permuquant_jax.formats import nvfp4
-from permuquant_jax.formats.common import pad_to_group
+from permuquant_jax.formats.common import pad_to_group, true_divide, widen_exact
 
 ROWS, COLS = 256, 1024  # 262144 values per distribution; 6 distributions x 2 dtypes > 3e6 values
 
@@ -330,3 +330,29 @@ def test_scaled_matmul_conversion_round_trip() -> None:
     np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(q.codes))  # -0 codes survive
     with pytest.raises(TypeError, match="float4_e2m1fn"):
         nvfp4.from_scaled_matmul(values.astype(jnp.float32), scales, q.global_scale)
+
+
+def test_true_divide_is_correctly_rounded_and_widen_exact_keeps_rounding() -> None:
+    """The two helpers that keep the bytes identical across backends (see common.true_divide)."""
+    rng = np.random.default_rng()
+    n = 1 << 18
+    # quotients stay in the normal range (XLA flushes subnormal results, numpy does not)
+    a = (rng.choice([-1, 1], n) * rng.uniform(0.5, 1, n) * 10.0 ** rng.uniform(-18, 18, n)).astype(np.float32)
+    b = (rng.choice([-1, 1], n) * rng.uniform(0.5, 1, n) * 10.0 ** rng.uniform(-18, 18, n)).astype(np.float32)
+    b[:1024] = rng.choice(nvfp4._E2M1_LUT[1:8], 1024) * 2.0 ** rng.integers(-6, 8, 1024)  # like (1/s_g)/s_b
+    a[:1024] = 1.0 / rng.uniform(1e-4, 1, 1024)
+    got = np.asarray(jax.jit(true_divide)(a, b))
+    np.testing.assert_array_equal(got.view(np.uint32), (a / b).view(np.uint32))
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -3.0, 2688.0], np.float32)
+    sa, sb = np.meshgrid(special, special)
+    with np.errstate(all="ignore"):
+        want = sa / sb
+    got = np.asarray(true_divide(sa, sb))
+    assert ((got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))).all()
+    # widening: every e4m3 byte and random bf16 values give the same float32 as a plain cast
+    e4 = jnp.asarray(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn))
+    np.testing.assert_array_equal(_bits(widen_exact(e4)), _bits(e4.astype(jnp.float32)))
+    bf = jnp.asarray(a).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(_bits(widen_exact(bf)), _bits(bf.astype(jnp.float32)))
+    f16 = jnp.asarray(a[np.abs(a) < 6e4]).astype(jnp.float16)
+    np.testing.assert_array_equal(_bits(widen_exact(f16)), _bits(f16.astype(jnp.float32)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 FLOAT_INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -101,11 +102,15 @@ def _divide_rn(a: jax.Array, b: jax.Array) -> jax.Array:
     mb = (ib & 0x7FFFFF) | jnp.uint32(0x800000)
     shift = ma < mb  # make the mantissa quotient lie in [1, 2)
     rem = jnp.where(shift, ma << 1, ma)
-    q = jnp.zeros_like(ma)
-    for _ in range(24):
+
+    def step(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        q, rem = carry
         bit = rem >= mb
-        q = (q << 1) | bit.astype(jnp.uint32)
-        rem = (rem - jnp.where(bit, mb, jnp.uint32(0))) << 1
+        return (q << 1) | bit.astype(jnp.uint32), (rem - jnp.where(bit, mb, jnp.uint32(0))) << 1
+
+    # A real loop, not 24 unrolled steps: unrolled, XLA's fusion can re-emit each step's operands
+    # per use and compile times explode.
+    q, rem = jax.lax.fori_loop(0, 24, step, (jnp.zeros_like(ma), rem))
     # rem is now twice the remainder: compare it with the divisor to round half to even
     q = q + ((rem > mb) | ((rem == mb) & ((q & 1) == 1))).astype(jnp.uint32)
     e = ea - eb + 127 - shift.astype(jnp.int32)
@@ -116,6 +121,37 @@ def _divide_rn(a: jax.Array, b: jax.Array) -> jax.Array:
     exact = jax.lax.bitcast_convert_type(bits, jnp.float32)
     normal_in = (ea > 0) & (ea < 255) & (eb > 0) & (eb < 255)
     return jnp.where(normal_in & (e >= 1) & (e <= 254), exact, a / b)
+
+
+# float32 value of every float8_e4m3fn byte (NaN for 0x7F / 0xFF).
+_E4M3_LUT = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def widen_exact(a: jax.Array) -> jax.Array:
+    """`a` as float32, keeping the rounding of its narrower dtype even inside a fused jit.
+
+    XLA (on GPUs: `xla_allow_excess_precision`, on by default) may delete a pair of converts
+    f32 -> narrow -> f32 and so skip the rounding to the narrow type: a quantizer would then
+    compute with unrounded block scales (or unrounded bf16 inputs). Widening through the bits
+    (bfloat16, float16) or a lookup table (float8_e4m3fn) keeps it.
+    """
+    dt = jnp.dtype(a.dtype)
+    if dt == jnp.float32:
+        return a
+    if dt == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32) << 16
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    if dt == jnp.float8_e4m3fn:
+        return jnp.asarray(_E4M3_LUT)[jax.lax.bitcast_convert_type(a, jnp.uint8).astype(jnp.int32)]
+    if dt == jnp.float16:
+        h = jax.lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
+        sign, exp, man = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
+        normal = jax.lax.bitcast_convert_type(sign | ((exp + 112) << 23) | (man << 13), jnp.float32)
+        special = jax.lax.bitcast_convert_type(sign | jnp.uint32(0x7F800000) | (man << 13), jnp.float32)
+        tiny = man.astype(jnp.float32) * jnp.float32(2.0**-24)  # zero and subnormals, exact
+        tiny = jnp.where(sign != 0, -tiny, tiny)
+        return jnp.where(exp == 0, tiny, jnp.where(exp == 31, special, normal))
+    return a.astype(jnp.float32)
 
 
 def is_concrete(x: object) -> bool:

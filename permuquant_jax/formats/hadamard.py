@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from permuquant_jax.formats.common import check_group
+from permuquant_jax.formats.common import check_group, widen_exact
 
 
 def _check_power_of_two(n: int, what: str) -> None:
@@ -45,6 +45,6 @@ def block_hadamard(x: jax.Array, block: int) -> jax.Array:
     _check_power_of_two(block, "Hadamard block size")
     check_group(x, block, "block_hadamard")
     h = hadamard_matrix(block, jnp.float32)
-    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    xb = widen_exact(x).reshape(*x.shape[:-1], x.shape[-1] // block, block)
     y = jnp.matmul(xb, h, precision=jax.lax.Precision.HIGHEST)
     return y.reshape(x.shape).astype(x.dtype)

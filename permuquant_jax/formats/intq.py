@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from permuquant_jax.formats.common import check_float_input, check_group, true_divide
+from permuquant_jax.formats.common import check_float_input, check_group, true_divide, widen_exact
 
 GROUP_SIZES = (16, 32, 64, 128)
 BITS = tuple(range(2, 9))
@@ -66,10 +66,10 @@ def quantize(x: jax.Array, bits: int = 4, group: int = 64, scale_dtype: jnp.dtyp
     check_float_input(x, "intq.quantize")
     check_group(x, group, "intq.quantize")
     m = qmax(bits)
-    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    xb = widen_exact(x).reshape(*x.shape[:-1], x.shape[-1] // group, group)
     amax = jnp.max(jnp.abs(xb), axis=-1)
     scales = true_divide(amax, m).astype(scale_dtype)
-    s32 = scales.astype(jnp.float32)
+    s32 = widen_exact(scales)
     safe = jnp.where(s32 == 0, jnp.float32(1.0), s32)
     q = jnp.clip(jnp.round(true_divide(xb, safe[..., None])), -m, m)
     q = jnp.where(jnp.isnan(q), 0.0, q)  # int8 of NaN is undefined; the NaN scale carries it
@@ -78,7 +78,7 @@ def quantize(x: jax.Array, bits: int = 4, group: int = 64, scale_dtype: jnp.dtyp
 
 def dequantize(q: IntQTensor, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Values of `q` as `dtype`: int code * float32(scale), then cast."""
-    s32 = q.scales.astype(jnp.float32)
+    s32 = widen_exact(q.scales)
     vb = q.values.astype(jnp.float32).reshape(*s32.shape, q.group) * s32[..., None]
     return vb.reshape(q.values.shape).astype(dtype)
 

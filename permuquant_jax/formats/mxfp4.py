@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from permuquant_jax.formats.common import check_float_input, check_group
+from permuquant_jax.formats.common import check_float_input, check_group, widen_exact
 from permuquant_jax.formats.nvfp4 import decode_e2m1, encode_e2m1, pack_codes, unpack_codes
 
 BLOCK_SIZE = 32
@@ -57,7 +57,7 @@ def quantize(x: jax.Array) -> MXFP4Tensor:
     """
     check_float_input(x, "mxfp4.quantize")
     check_group(x, BLOCK_SIZE, "mxfp4.quantize")
-    x32 = x.astype(jnp.float32)
+    x32 = widen_exact(x)
     xb = x32.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
     amax = jnp.max(jnp.abs(xb), axis=-1)
     exponent = ((jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF) - 127

@@ -35,6 +35,7 @@ from permuquant_jax.formats.common import (
     check_group,
     is_concrete,
     true_divide,
+    widen_exact,
 )
 
 F4_E2M1_MAX = 6.0
@@ -169,12 +170,12 @@ def quantize(x: jax.Array, global_scale: GlobalScale = None) -> NVFP4Tensor:
     """
     check_float_input(x, "nvfp4.quantize")
     check_group(x, BLOCK_SIZE, "nvfp4.quantize")
-    x32 = x.astype(jnp.float32)
+    x32 = widen_exact(x)
     gs = _resolve_global_scale(x32, global_scale)
     xb = x32.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
     block_scale = true_divide(jnp.max(jnp.abs(xb), axis=-1), F4_E2M1_MAX)
     scales = jnp.clip(true_divide(block_scale, gs), F8E4M3_MIN_NORMAL, F8E4M3_MAX).astype(jnp.float8_e4m3fn)
-    reciprocal = true_divide(true_divide(jnp.float32(1.0), gs), scales.astype(jnp.float32))
+    reciprocal = true_divide(true_divide(jnp.float32(1.0), gs), widen_exact(scales))
     scaled = jnp.clip(xb * reciprocal[..., None], -F4_E2M1_MAX, F4_E2M1_MAX)
     codes = pack_codes(encode_e2m1(scaled).reshape(x.shape))
     return NVFP4Tensor(codes=codes, scales=scales, global_scale=gs)
@@ -191,7 +192,7 @@ def quantize_weight(w: jax.Array, *, name: str, global_scale: GlobalScale = None
 def dequantize(q: NVFP4Tensor, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Values of `q` as `dtype`: code value * (global_scale * block_scale), in float32, then cast."""
     values = decode_e2m1(unpack_codes(q.codes))
-    total = q.global_scale * q.scales.astype(jnp.float32)
+    total = q.global_scale * widen_exact(q.scales)
     vb = values.reshape(*total.shape, BLOCK_SIZE) * total[..., None]
     return vb.reshape(values.shape).astype(dtype)
 
