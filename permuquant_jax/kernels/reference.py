@@ -90,11 +90,15 @@ def nvfp4_matmul_ref(
         m = x.shape[0]
         xv = x.astype(w4a16_compute_dtype(x.dtype)).astype(jnp.float32)
         gx = jnp.ones((m,), jnp.float32)
+    # The barrier keeps XLA from fusing the decode graphs into the product: on the CPU a dot with
+    # M = 1 becomes multiply+reduce, and fusing both decodes into it (and that into every consumer of
+    # y) made compile times explode (40+ s for one scanned modulation linear).
+    xv, wv = jax.lax.optimization_barrier((xv, wv))
     acc = jnp.dot(xv, wv.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     y = acc * (gx[:, None] * gw[None, :])
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    return jax.lax.optimization_barrier(y).astype(out_dtype)
 
 
 def nvfp4_linear_ref(
