@@ -165,7 +165,7 @@ def test_registry(rng: np.random.Generator) -> None:
         f = get_format(name)
         assert f.name == name and f.weight_bits in range(2, 9)
         assert (f.act_bits is None) == name.endswith("a16") and f.packable == (f.family == "nvfp4")
-    for name in names[:4] + names[4::9] + ["int3-g64-w3a3", "int4-g32-w4a8"]:  # a sample, to save time
+    for name in names[:4] + names[4::17] + ["int3-g64-w3a3", "int4-g32-w4a8"]:  # a sample, to save time
         f = get_format(name)
         wq = f.weight_fake_quant(w)
         assert wq.shape == w.shape and wq.dtype == w.dtype and not np.array_equal(wq, w)
@@ -191,7 +191,7 @@ def test_mxfp4_and_intq_jit_vmap_match_eager(rng: np.random.Generator) -> None:
         np.testing.assert_array_equal(
             np.asarray(mxfp4.scale_bytes(got)), np.stack([np.asarray(mxfp4.scale_bytes(e)) for e in eager_mx])
         )
-    for bits, group, sdt in ((3, 64, jnp.bfloat16), (8, 32, jnp.float32)):
+    for bits, group, sdt in ((3, 64, jnp.bfloat16),):
         eager = [intq.quantize(x, bits, group, sdt) for x in xs]
         fn = jax.vmap(lambda x, b=bits, g=group, d=sdt: intq.quantize(x, b, g, d))
         for got in (jax.jit(fn)(xs), fn(xs)):

@@ -292,7 +292,7 @@ def test_shape_errors_and_padding() -> None:
 @functools.cache
 def _batched_data() -> np.ndarray:
     rng = np.random.default_rng()
-    return (_student_t(rng)[:96] * rng.uniform(0.1, 10, (96, 1))).reshape(3, 32, COLS).astype(np.float32)
+    return (_student_t(rng)[:32] * rng.uniform(0.1, 10, (32, 1))).reshape(2, 16, COLS).astype(np.float32)
 
 
 @pytest.mark.parametrize("gs", [None, "per_row", 0.004])

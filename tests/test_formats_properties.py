@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from permuquant_jax.formats import intq, mxfp4, nvfp4
 
 SHAPE = (4, 64)
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=50, deadline=None)
 GRID = np.array(nvfp4.E2M1_MAGNITUDES)
 
 _finite32 = st.floats(min_value=-3e4, max_value=3e4, allow_nan=False, width=32)
@@ -125,7 +125,8 @@ def test_mxfp4_round_trips_its_grid(q: mxfp4.MXFP4Tensor) -> None:
     np.testing.assert_array_equal(_bits(mxfp4.dequantize(q2)), _bits(x))
 
 
-INT_SETTINGS = st.tuples(st.integers(2, 8), st.sampled_from([16, 32, 64]), st.sampled_from(["float32", "bfloat16"]))
+# a few (bits, group, scale dtype) settings: each one is a separate compilation
+INT_SETTINGS = st.sampled_from([(2, 16, "bfloat16"), (3, 64, "bfloat16"), (4, 32, "float32"), (8, 64, "float32")])
 
 
 @SETTINGS
