@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from permuquant_jax.formats import intq, mxfp4, nvfp4
 
 SHAPE = (4, 64)
-SETTINGS = settings(max_examples=50, deadline=None)
+SETTINGS = settings(max_examples=30, deadline=None)
 GRID = np.array(nvfp4.E2M1_MAGNITUDES)
 
 _finite32 = st.floats(min_value=-3e4, max_value=3e4, allow_nan=False, width=32)
