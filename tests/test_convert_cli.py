@@ -21,8 +21,9 @@ from permuquant_jax.convert import load_flux
 from permuquant_jax.convert.cli import main
 from permuquant_jax.convert.saved import METADATA_FILE, SavedModelError, load, load_metadata, save_quantized
 from permuquant_jax.models.flux import FluxConfig
-from permuquant_jax.quant.flux_plan import flux_calibration_batches, quantize_flux
+from permuquant_jax.quant.flux_plan import flux_calibration_batches, flux_forward, quantize_flux
 from permuquant_jax.quant.linear import QuantLinear
+from permuquant_jax.quant.report import QuantReport
 
 # Small calibration so a whole conversion stays in seconds on the CPU.
 FAST = ["--calib-samples", "1", "--heldout-samples", "1", "--steps", "3", "--timesteps", "2",
@@ -107,10 +108,18 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert not dst.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_save_load_bit_identical(tmp_path):
+@pytest.fixture(scope="module")
+def quantized_tiny():
+    """The embedded model quantized in memory with PermuQuant (gathers and permutations included)."""
     model = load_flux(None, dtype=jnp.bfloat16)
     batches = flux_calibration_batches(model, num_samples=1, num_steps=3, calib_steps=2, height=64, width=64)
     model, report = quantize_flux(model, batches, progress=False)
+    assert report.n_accepted > 0
+    return model, batches, report
+
+
+def test_save_load_bit_identical(tmp_path, quantized_tiny):
+    model, batches, report = quantized_tiny
     save_quantized(model, tmp_path / "m", metadata={"format": "nvfp4", "method": "permuquant"}, report=report)
     loaded = load(tmp_path / "m")
     n_quant = sum(isinstance(n, QuantLinear) for _, n in nnx.iter_graph(loaded))
@@ -118,16 +127,14 @@ def test_save_load_bit_identical(tmp_path):
     rng = np.random.default_rng()
     b = dict(batches[-1])
     b["img"] = jnp.asarray(rng.standard_normal(b["img"].shape), jnp.float32)
-    a, c = model(**b), loaded(**b)
+    a, c = flux_forward(model, b), flux_forward(loaded, b)
     assert a.dtype == c.dtype and np.array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
 
 
-def test_load_rejects_mismatched_or_corrupted(tmp_path):
-    model = load_flux(None, dtype=jnp.bfloat16)
-    batches = flux_calibration_batches(model, num_samples=1, num_steps=2, calib_steps=1, height=32, width=32)
-    model, _ = quantize_flux(model, batches, method="rtn", progress=False)
+def test_load_rejects_mismatched_or_corrupted(tmp_path, quantized_tiny):
+    model, _, _ = quantized_tiny
     d = tmp_path / "m"
-    save_quantized(model, d, metadata={"format": "nvfp4", "method": "rtn"})
+    save_quantized(model, d, metadata={"format": "nvfp4", "method": "permuquant"})
     meta_file = d / METADATA_FILE
     good = meta_file.read_text()
 
@@ -153,15 +160,27 @@ def test_load_rejects_mismatched_or_corrupted(tmp_path):
         load(d)
 
 
-def test_failed_conversion_leaves_no_output(tmp_path, monkeypatch):
+def _fast_quantize(model, batches, **kwargs):
+    """Stands in for the (slow) quantization where a test is about the output directory only."""
+    return model, QuantReport(method=kwargs["method"], format=kwargs["format"], config={})
+
+
+@pytest.mark.parametrize("failure", [OSError("disk full (simulated)"), KeyboardInterrupt()])
+def test_failed_or_interrupted_save_leaves_no_output(tmp_path, monkeypatch, failure):
     import permuquant_jax.convert.saved as saved
+    import permuquant_jax.quant.flux_plan as flux_plan
 
-    def boom(*a, **k):
-        raise OSError("disk full (simulated)")
+    real_save = saved.save_quantized
 
-    monkeypatch.setattr(saved, "save_quantized", boom)
+    def save_then_fail(model, directory, **kwargs):
+        real_save(model, directory, **kwargs)  # everything written, then the last step fails
+        raise failure
+
+    monkeypatch.setattr(flux_plan, "quantize_flux", _fast_quantize)
+    monkeypatch.setattr(saved, "save_quantized", save_then_fail)
     dst = tmp_path / "dst"
-    assert main(["--out", str(dst), "--method", "rtn", *FAST]) == 2
+    expected = 130 if isinstance(failure, KeyboardInterrupt) else 2
+    assert main(["--out", str(dst), *FAST]) == expected
     assert list(tmp_path.iterdir()) == []
 
 

@@ -127,76 +127,68 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def plan_bytes(model: Any, targets: Sequence[tuple], fmt: Any) -> tuple[int, int]:
-    """Parameter bytes of `model` now, and after quantizing `targets` to `fmt` (weights only)."""
+def param_bytes(model: Any) -> int:
+    """Bytes of every `nnx.Param` of `model` (works on abstract models too)."""
+    import numpy as np
     from flax import nnx
 
-    from permuquant_jax.quant.sites import get_node
-
-    before = 0
+    total = 0
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         v = var.get_value()
         if v is not None:
-            before += int(v.size) * v.dtype.itemsize
-    after = before
-    for p in targets:
-        kernel = get_node(model, p).kernel.get_value()
-        after -= int(kernel.size) * kernel.dtype.itemsize
-        after += int(round(kernel.size * fmt.bits_per_weight / 8))
-    return before, after
+            total += int(v.size) * np.dtype(v.dtype).itemsize
+    return total
+
+
+def dry_run_plan(model: Any, *, method: str, format: str, keep: Sequence[str]) -> dict[str, Any]:
+    """`quant.plan_summary` for the FLUX site plan, with the whole model's parameter bytes before/after."""
+    from permuquant_jax.quant import flux_sites, plan_summary
+
+    sites = flux_sites(model) if method in ("permuquant", "permuquant-h") else []
+    plan = plan_summary(model, sites=sites, keep=keep, format=format)
+    if not sites:
+        plan["sites"] = []
+    before = param_bytes(model)
+    plan["model_bytes_before"] = before
+    plan["model_bytes_after"] = before - plan["bytes_before"] + plan["bytes_after"]
+    return plan
 
 
 def _dry_run(model: Any, args: argparse.Namespace, src_desc: str) -> int:
     from permuquant_jax.formats.registry import get_format
-    from permuquant_jax.quant.flux_plan import flux_sites
-    from permuquant_jax.quant.sites import find_linears, match_any, path_str
 
     fmt = get_format(args.format)
-    linears = find_linears(model)
-    targets = [p for p in linears if not match_any(p, args.keep_bf16)]
-    kept = [p for p in linears if match_any(p, args.keep_bf16)]
-    target_set = set(targets)
-    sites = [s for s in flux_sites(model) if any(r.path in target_set for r in s.consumers)]
-    if args.method not in ("permuquant", "permuquant-h"):
-        sites = []
-    before, after = plan_bytes(model, targets, fmt)
+    plan = dry_run_plan(model, method=args.method, format=args.format, keep=args.keep_bf16)
+    quant = [lay for lay in plan["layers"] if not lay["keep"]]
+    kept = [lay for lay in plan["layers"] if lay["keep"]]
     print(f"source: {src_desc}")
     print(f"method {args.method}, format {fmt.name} ({fmt.bits_per_weight:g} bits per weight)")
-    print(f"quantized linears ({len(targets)}; stacked ones count once):")
-    for p in targets:
-        k = get_node_shape(model, p)
-        print(f"  {path_str(p):40s} {k}")
-    print(f"kept in {args.dtype} ({len(kept)}): " + ", ".join(path_str(p) for p in kept))
-    if sites:
-        print(f"permutation sites ({len(sites)}; each holds one permutation per stacked block):")
-        for s in sites:
-            cons = ", ".join(path_str(r.path) + (f"[{r.start}:{r.start + s.size}]" if r.start else "")
-                             for r in s.consumers)
-            seg = f", {len(s.segments)} segments" if s.segments else ""
-            print(f"  {s.name:14s} {s.kind:7s} size {s.size}{seg} -> {cons}")
-    print(f"parameter bytes: {_human(before)} -> {_human(after)} ({before / max(after, 1):.2f}x smaller)")
+    print(f"quantized linears ({len(quant)}; a stacked one holds one linear per block):")
+    for lay in quant:
+        stack = "x".join(map(str, lay["stack"])) + " x " if lay["stack"] else ""
+        print(f"  {lay['path']:40s} {stack}{lay['in_features']} -> {lay['out_features']}  "
+              f"{_human(lay['bytes_before'])} -> {_human(lay['bytes_after'])}")
+    print(f"kept in {args.dtype} ({len(kept)}): " + ", ".join(lay["path"] for lay in kept))
+    if plan["sites"]:
+        print(f"permutation sites ({len(plan['sites'])}; each holds one permutation per stacked block):")
+        for site in plan["sites"]:
+            print(f"  {site['name']:26s} {site['kind']:7s} size {site['size']:<6d} x{site['layers']:<3d} "
+                  f"-> {', '.join(site['consumers'])}")
+    b0, b1 = plan["model_bytes_before"], plan["model_bytes_after"]
+    print(f"parameter bytes: {_human(b0)} -> {_human(b1)} ({b0 / max(b1, 1):.2f}x smaller)")
     print("dry run: nothing written")
     return 0
 
 
-def get_node_shape(model: Any, path: tuple) -> str:
-    from permuquant_jax.quant.sites import get_node
-
-    shape = get_node(model, path).kernel.get_value().shape
-    return "x".join(map(str, shape)) + " (stack, in, out)" * (len(shape) == 3) + " (in, out)" * (len(shape) == 2)
-
-
 def _rel_err(model: Any, batches: Sequence[dict], refs: Sequence[Any]) -> float:
+    """Relative L2 error of `model`'s outputs on `batches` against the float outputs `refs`."""
     import jax.numpy as jnp
-    from flax import nnx
 
-    @nnx.jit
-    def fwd(m, b):
-        return m(**b)
+    from permuquant_jax.quant.flux_plan import flux_forward
 
     num = den = 0.0
     for b, r in zip(batches, refs, strict=True):
-        y = fwd(model, b).astype(jnp.float32)
+        y = flux_forward(model, b).astype(jnp.float32)
         num += float(jnp.sum((y - r) ** 2))
         den += float(jnp.sum(r**2))
     return (num / max(den, 1e-30)) ** 0.5
@@ -205,7 +197,6 @@ def _rel_err(model: Any, batches: Sequence[dict], refs: Sequence[Any]) -> float:
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     import permuquant_jax
     from permuquant_jax.convert.atomic import atomic_output_dir, check_output_dir
@@ -213,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     from permuquant_jax.convert.saved import file_sha256, save_quantized
     from permuquant_jax.models.flux import param_count
     from permuquant_jax.quant.baselines import check_method
-    from permuquant_jax.quant.flux_plan import flux_calibration_batches, quantize_flux
+    from permuquant_jax.quant.flux_plan import flux_calibration_batches, flux_forward, quantize_flux
 
     t0 = time.perf_counter()
     _validate(args)
@@ -250,26 +241,20 @@ def run(args: argparse.Namespace) -> int:
     text = None if calib == "synthetic" else calib
     res = args.resolution or (256 if toy else 1024)
     common = dict(text=text, num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
-                  guidance=args.guidance)
+                  guidance=args.guidance, progress=progress)
     _say(f"sampling {args.calib_samples} calibration trajectories at {res}x{res} ...")
     batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, **common)
     heldout = (flux_calibration_batches(model, num_samples=args.heldout_samples, seed=args.seed + 10_000, **common)
                if args.heldout_samples else [])
 
-    @nnx.jit
-    def fwd(m, b):
-        return m(**b)
-
-    refs = [fwd(model, b).astype(jnp.float32) for b in heldout]
-    before = sum(int(v.get_value().size) * v.get_value().dtype.itemsize
-                 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    refs = [flux_forward(model, b).astype(jnp.float32) for b in heldout]
+    before = param_bytes(model)
     model, report = quantize_flux(
         model, batches, method=args.method, format=args.format, alphas=alphas, tau=args.tau,
         keep_bf16=tuple(args.keep_bf16), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
         act_scale=args.act_scale, progress=progress,
     )
-    after = sum(int(v.get_value().size) * v.get_value().dtype.itemsize
-                for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if v.get_value() is not None)
+    after = param_bytes(model)
     err = _rel_err(model, heldout, refs) if heldout else float("nan")
 
     metadata = dict(

@@ -119,6 +119,12 @@ def load_text_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return txt, y
 
 
+@nnx.jit
+def flux_forward(model: nnx.Module, batch: dict[str, Any]) -> jax.Array:
+    """`model(**batch)` under one module-level `nnx.jit`, so every caller shares its compilations."""
+    return model(**batch)
+
+
 def flux_calibration_batches(
     model: nnx.Module,
     *,
@@ -164,10 +170,6 @@ def flux_calibration_batches(
     pick = np.arange(steps) if not calib_steps else np.unique(np.linspace(0, steps - 1, calib_steps).round())
     pick = set(int(i) for i in pick)
 
-    @nnx.jit
-    def velocity(m, img, img_ids, txt, txt_ids, t, y, g):
-        return m(img, img_ids, txt, txt_ids, t, y, g)
-
     batches = []
     n_traj = -(-num_samples // batch_size)
     bar = tqdm(total=n_traj * steps, desc="calibration trajectories", disable=not progress, leave=False)
@@ -185,7 +187,7 @@ def flux_calibration_batches(
             if i in pick:
                 batches.append(batch)
             if i < steps - 1:
-                v = velocity(model, img, img_ids, txt, txt_ids, t, y, g)
+                v = flux_forward(model, batch)
                 img = (img + (sched[i + 1] - sched[i]) * v.astype(jnp.float32)).astype(jnp.float32)
             bar.update(1)
     bar.close()
