@@ -189,6 +189,7 @@ def part_errors(
     max |x'| per candidate `[C]`), all float32; matmuls at `EVAL_PRECISION`.
     """
     hi = EVAL_PRECISION
+    pair = _joint_quantizer(act_fake_quant, weight_fake_quant)
     x = x.astype(jnp.float32)
     w = w_kn.astype(jnp.float32)
     y = jnp.matmul(x, w, precision=hi)
@@ -205,12 +206,43 @@ def part_errors(
         if hadamard_block:
             xc = block_hadamard(xc, hadamard_block)
             wt = block_hadamard(wt, hadamard_block)
-        yq = jnp.matmul(act_fake_quant(xc), weight_fake_quant(wt).T, precision=hi)
+        if pair is not None:
+            xq, wq = pair(xc, wt)
+        else:
+            xq, wq = act_fake_quant(xc), weight_fake_quant(wt)
+        yq = jnp.matmul(xq, wq.T, precision=hi)
         d = yq - y
         return jnp.sum(d * d), jnp.max(jnp.abs(xc))
 
     err, amax = jax.lax.map(one, (perms, scales))
     return err, ref, amax
+
+
+def _joint_quantizer(act_fake_quant, weight_fake_quant):
+    """For W4A4 NVFP4 (both operands fake-quantized with a dynamic per-tensor global scale): a function
+    quantizing both operands `(x [T, n], w [N, n])` with ONE quantizer, else None.
+
+    The rows of both are stacked and quantized with a per-row global scale (each operand's own, from
+    its amax), which gives exactly the values of two separate calls (blocks and rows are independent
+    given the global scale) while the compiled graph holds one quantizer instead of two: the
+    quantizer (correctly rounded divisions as loops) dominates the compile time of the acceptance pass.
+    """
+    from permuquant_jax.formats import nvfp4
+    from permuquant_jax.formats.registry import get_format
+
+    fq = get_format("nvfp4").weight_fake_quant
+    if act_fake_quant is not fq or weight_fake_quant is not fq:
+        return None
+
+    def pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+        amax = jnp.stack([jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b))])
+        gs = nvfp4.global_scale_from_amax(amax)
+        ta, tb = a.shape[0], b.shape[0]
+        rows = jnp.concatenate([jnp.broadcast_to(gs[0], (ta, 1)), jnp.broadcast_to(gs[1], (tb, 1))])
+        q = nvfp4.fake_quant(jnp.concatenate([a, b]), rows)
+        return q[:ta], q[ta:]
+
+    return pair
 
 
 def _fmt(format):
