@@ -37,6 +37,11 @@ def default_forward(model: nnx.Module, batch: object) -> object:
     return model(batch)
 
 
+def _zeros(shape, dtype) -> jax.Array:
+    """Zeros built on the host (with jax.numpy, every new shape compiles a tiny XLA program)."""
+    return jnp.asarray(np.zeros(shape, dtype))
+
+
 class ObserverStat(nnx.Variable):
     """An accumulator of an observer module (mutated by every forward pass)."""
 
@@ -48,10 +53,10 @@ class InputObserver(nnx.Module):
         self.inner = inner
         kernel = inner.kernel.get_value()
         stack, k = kernel.shape[:-2], kernel.shape[-2]
-        self.sumsq = ObserverStat(jnp.zeros((*stack, k), jnp.float32))
-        self.absmax = ObserverStat(jnp.zeros((*stack, k), jnp.float32))
-        self.count = ObserverStat(jnp.zeros(stack, jnp.int32))
-        self.amax = ObserverStat(jnp.zeros(stack, jnp.float32))
+        self.sumsq = ObserverStat(_zeros((*stack, k), np.float32))
+        self.absmax = ObserverStat(_zeros((*stack, k), np.float32))
+        self.count = ObserverStat(_zeros(stack, np.int32))
+        self.amax = ObserverStat(_zeros(stack, np.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
@@ -230,9 +235,9 @@ class EvalPart(nnx.Module):
         stack, c = perms.shape[:-2], perms.shape[-2]
         self.perms = EvalInput(jnp.asarray(perms, jnp.int32))
         self.scales = EvalInput(None if scales is None else jnp.asarray(scales, jnp.float32))
-        self.err = EvalStat(jnp.zeros((*stack, c), jnp.float32))
-        self.ref = EvalStat(jnp.zeros(stack, jnp.float32))
-        self.amax = EvalStat(jnp.zeros((*stack, c), jnp.float32))
+        self.err = EvalStat(_zeros((*stack, c), np.float32))
+        self.ref = EvalStat(_zeros(stack, np.float32))
+        self.amax = EvalStat(_zeros((*stack, c), np.float32))
 
 
 class EvalObserver(nnx.Module):

@@ -36,6 +36,12 @@ def _is_nvfp4(format: str | None) -> bool:
     return format is not None and format.startswith("nvfp4")
 
 
+def _host_full(shape: Sequence[int], dtype, value: float = 0) -> jax.Array:
+    """A constant array built on the host and copied over (building it with jax.numpy compiles one tiny
+    XLA program per shape and dtype, which adds up to seconds when a model's layers are rebuilt)."""
+    return jnp.asarray(np.full(tuple(shape), value, dtype=jnp.dtype(dtype)))
+
+
 def _vmap_leading(fn, n: int):
     for _ in range(n):
         fn = jax.vmap(fn)
@@ -81,14 +87,14 @@ class QuantLinear(nnx.Module):
         self.backend = backend
         k, n = self.in_features, self.out_features
         if format is None:
-            self.kernel = nnx.Param(jnp.zeros((*stack, k, n), param_dtype))
+            self.kernel = nnx.Param(_host_full((*stack, k, n), param_dtype))
         elif _is_nvfp4(format):
-            self.w_codes = QuantParam(jnp.zeros((*stack, n, k // 2), jnp.uint8))
-            self.w_scales = QuantParam(jnp.zeros((*stack, n, k // 16), jnp.float8_e4m3fn))
-            self.w_global = QuantParam(jnp.ones(stack, jnp.float32))
+            self.w_codes = QuantParam(_host_full((*stack, n, k // 2), jnp.uint8))
+            self.w_scales = QuantParam(_host_full((*stack, n, k // 16), jnp.float8_e4m3fn))
+            self.w_global = QuantParam(_host_full(stack, jnp.float32, 1))
         else:
-            self.w_values = QuantParam(jnp.zeros((*stack, n, k), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((*stack, n), param_dtype)) if use_bias else None
+            self.w_values = QuantParam(_host_full((*stack, n, k), param_dtype))
+        self.bias = nnx.Param(_host_full((*stack, n), param_dtype)) if use_bias else None
         self.gather = QuantInput(None)
         self.smooth = QuantInput(None)
         self.act_scale = QuantInput(None)
@@ -149,7 +155,7 @@ class QuantLinear(nnx.Module):
         else:
             q.w_values.set_value(out)
         if act_global_scale is not None and fmt.act_bits is not None:
-            q.act_scale.set_value(jnp.broadcast_to(jnp.asarray(act_global_scale, jnp.float32), stack))
+            q.act_scale.set_value(jnp.asarray(np.broadcast_to(np.asarray(act_global_scale, np.float32), stack)))
         return q
 
     def compose_gather(self, perm: np.ndarray, start: int, size: int) -> None:
@@ -160,7 +166,7 @@ class QuantLinear(nnx.Module):
         g = self.gather.get_value()
         if g is None:
             stack = perm.shape[:-1]
-            g = jnp.broadcast_to(jnp.arange(self.in_features, dtype=jnp.int32), (*stack, self.in_features))
+            g = jnp.asarray(np.broadcast_to(np.arange(self.in_features, dtype=np.int32), (*stack, self.in_features)))
         self.gather.set_value(_permute_axis(g, perm, -1, start, size).astype(jnp.int32))
 
     def set_smoothing(self, inv_scale: np.ndarray, start: int, size: int) -> None:
@@ -173,7 +179,7 @@ class QuantLinear(nnx.Module):
         v = jnp.asarray(inv_scale, jnp.float32)
         sm = self.smooth.get_value()
         if sm is None:
-            sm = jnp.ones((*v.shape[:-1], self.in_features), jnp.float32)
+            sm = _host_full((*v.shape[:-1], self.in_features), jnp.float32, 1)
         self.smooth.set_value(sm.at[..., start : start + size].multiply(v))
 
     # ------------------------------------------------------------------ forward

@@ -223,22 +223,24 @@ def validate_sites(model: nnx.Module, sites: Sequence[Site]) -> None:
 
 def _permute_axis(a: jnp.ndarray, perm: np.ndarray, axis: int, start: int, size: int) -> jnp.ndarray:
     """a with the range [start, start+size) of `axis` reordered by perm `[*stack, size]` (per stack entry)."""
-    return _permute_axis_jit(jnp.asarray(a), jnp.asarray(perm, jnp.int32), axis % jnp.ndim(a), start, size)
+    a = jnp.asarray(a)
+    axis = axis % a.ndim
+    perm = np.asarray(perm)
+    stack, dim = perm.shape[:-1], a.shape[axis]
+    # The whole index of the axis is built on the host, so one compiled gather serves every range
+    # (start, size) of an array shape (one per range made dozens of small compilations).
+    idx = np.array(np.broadcast_to(np.arange(dim, dtype=np.int32), (*stack, dim)))
+    idx[..., start : start + size] = start + perm
+    shape = [1] * a.ndim
+    shape[: len(stack)] = stack
+    shape[axis] = dim
+    return _gather_axis(a, jnp.asarray(idx.reshape(shape)), axis)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _permute_axis_jit(a, perm, axis, start, size):
-    idx = [slice(None)] * a.ndim
-    idx[axis] = slice(start, start + size)
-    part = a[tuple(idx)]
-    # broadcast perm [*stack, size] to part's shape with `size` on `axis`
-    p = jnp.asarray(perm)
-    expand = [1] * a.ndim
-    expand[: p.ndim - 1] = p.shape[:-1]
-    expand[axis] = size
-    p = p.reshape(expand)
-    p = jnp.broadcast_to(p, part.shape)
-    return a.at[tuple(idx)].set(jnp.take_along_axis(part, p, axis=axis))
+@functools.partial(jax.jit, static_argnums=2)
+def _gather_axis(a, idx, axis):
+    return jnp.take_along_axis(a, jnp.broadcast_to(idx, (*a.shape[:axis], idx.shape[axis], *a.shape[axis + 1 :])),
+                               axis=axis)
 
 
 def _scale_axis(a: jnp.ndarray, s: np.ndarray, axis: int, start: int, size: int, op: str) -> jnp.ndarray:
@@ -345,5 +347,6 @@ def fold_smoothing(model: nnx.Module, site: Site, scale: np.ndarray) -> bool:
 
 def _one_hot_rows(b: jnp.ndarray, start: int, size: int) -> jnp.ndarray:
     """Ones on the last-axis range [start, start+size) of b's shape, zeros elsewhere."""
-    m = jnp.zeros(b.shape[-1], b.dtype).at[start : start + size].set(1)
-    return jnp.broadcast_to(m, b.shape)
+    m = np.zeros(b.shape[-1], jnp.dtype(b.dtype))
+    m[start : start + size] = 1
+    return jnp.asarray(np.broadcast_to(m, b.shape))
