@@ -48,18 +48,68 @@ def _vmap_leading(fn, n: int):
     return fn
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_kernel(kernel: jax.Array, format: str, hadamard_block: int | None):
     """kernel `[*, K, N]` -> the stored weight of rows `[*, N, K]` (rotated first), one global scale per layer."""
+    if not _is_nvfp4(format):
+        return _fake_quant_kernel(kernel, format, hadamard_block)
+    from permuquant_jax.formats.nvfp4 import NVFP4Tensor
+
+    stack, (k, n) = kernel.shape[:-2], kernel.shape[-2:]
+    rows = int(np.prod(stack, dtype=np.int64)) * n * k // 16
+    bucket = max(_MIN_BUCKET, 1 << (rows - 1).bit_length())
+    blocks, amax = _weight_blocks(kernel, hadamard_block, bucket)
+    codes, scales, gs = _quantize_blocks(blocks, amax)
+    codes, scales, gs = _unblock(codes, scales, gs, (*stack, n, k))
+    return NVFP4Tensor(codes=codes, scales=scales, global_scale=gs)
+
+
+# NVFP4 weights are quantized as a flat list of 16-value blocks, padded with zero blocks to a power of
+# two (at least this many): one compilation of the quantizer serves every weight of a bucket's size
+# instead of one per weight shape (the quantizer dominates those compile times).
+_MIN_BUCKET = 1 << 12
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _weight_blocks(kernel: jax.Array, hadamard_block: int | None, bucket: int):
+    """The blocks `[bucket, 16]` of the rows `[*, N, K]` (rotated) and each block's layer amax `[bucket, 1]`."""
+    w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)
+    if hadamard_block:
+        w = block_hadamard(w, hadamard_block)
+    per_layer = w.shape[-2] * w.shape[-1] // 16
+    w = w.reshape(-1, per_layer, 16)
+    amax = jnp.broadcast_to(jnp.max(jnp.abs(w), axis=(1, 2))[:, None], w.shape[:2]).reshape(-1, 1)
+    pad = bucket - amax.shape[0]
+    return jnp.pad(w.reshape(-1, 16), ((0, pad), (0, 0))), jnp.pad(amax, ((0, pad), (0, 0)))
+
+
+@jax.jit
+def _quantize_blocks(blocks: jax.Array, amax: jax.Array):
+    """NVFP4 of each block with its layer's global scale (as `nvfp4.quantize` of the layer computes it)."""
     from permuquant_jax.formats import nvfp4
+
+    q = nvfp4.quantize(blocks, nvfp4.global_scale_from_amax(amax))
+    return q.codes, q.scales, q.global_scale
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _unblock(codes: jax.Array, scales: jax.Array, gs: jax.Array, shape: tuple[int, ...]):
+    *stack, n, k = shape
+    layers = int(np.prod(stack, dtype=np.int64))
+    rows = layers * n * k // 16
+    codes = codes[:rows].reshape(*stack, n, k // 2)
+    scales = scales[:rows].reshape(*stack, n, k // 16)
+    gs = gs[:rows].reshape(layers, -1)[:, 0].reshape(stack)
+    return codes, scales, gs
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fake_quant_kernel(kernel: jax.Array, format: str, hadamard_block: int | None):
     from permuquant_jax.formats.registry import get_format
 
     n_stack = kernel.ndim - 2
     w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)
     if hadamard_block:
         w = block_hadamard(w, hadamard_block)
-    if _is_nvfp4(format):
-        return _vmap_leading(lambda a: nvfp4.quantize(a), n_stack)(w)
     return _vmap_leading(get_format(format).weight_fake_quant, n_stack)(w).astype(kernel.dtype)
 
 
