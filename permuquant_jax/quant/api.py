@@ -347,14 +347,14 @@ def apply_structure(model: nnx.Module, report: QuantReport) -> nnx.Module:
         )
         stack, k = tuple(d["stack"]), d["in_features"]
         if d["gather"]:
-            q.gather.set_value(jnp.asarray(np.zeros((*stack, k), np.int32)))
+            q.gather.set_value(jax.device_put(np.zeros((*stack, k), np.int32)))
         if d["smooth"]:
-            q.smooth.set_value(jnp.asarray(np.ones((*stack, k), np.float32)))
+            q.smooth.set_value(jax.device_put(np.ones((*stack, k), np.float32)))
         if d["act_global_scale"] is not None:
-            q.act_scale.set_value(jnp.asarray(np.ones(stack, np.float32)))
+            q.act_scale.set_value(jax.device_put(np.ones(stack, np.float32)))
         _set(model, parse_path(path), q)
     for path, shape in report.gather_indices.items():
-        get_node(model, parse_path(path)).set_value(jnp.asarray(np.zeros(tuple(shape), np.int32)))
+        get_node(model, parse_path(path)).set_value(jax.device_put(np.zeros(tuple(shape), np.int32)))
     return model
 
 

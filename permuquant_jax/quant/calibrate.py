@@ -39,7 +39,7 @@ def default_forward(model: nnx.Module, batch: object) -> object:
 
 def _zeros(shape, dtype) -> jax.Array:
     """Zeros built on the host (with jax.numpy, every new shape compiles a tiny XLA program)."""
-    return jnp.asarray(np.zeros(shape, dtype))
+    return jax.device_put(np.zeros(shape, dtype))
 
 
 class ObserverStat(nnx.Variable):

@@ -39,7 +39,7 @@ def _is_nvfp4(format: str | None) -> bool:
 def _host_full(shape: Sequence[int], dtype, value: float = 0) -> jax.Array:
     """A constant array built on the host and copied over (building it with jax.numpy compiles one tiny
     XLA program per shape and dtype, which adds up to seconds when a model's layers are rebuilt)."""
-    return jnp.asarray(np.full(tuple(shape), value, dtype=jnp.dtype(dtype)))
+    return jax.device_put(np.full(tuple(shape), value, dtype=jnp.dtype(dtype)))
 
 
 def _vmap_leading(fn, n: int):
@@ -205,18 +205,19 @@ class QuantLinear(nnx.Module):
         else:
             q.w_values.set_value(out)
         if act_global_scale is not None and fmt.act_bits is not None:
-            q.act_scale.set_value(jnp.asarray(np.broadcast_to(np.asarray(act_global_scale, np.float32), stack)))
+            gs = np.broadcast_to(np.asarray(act_global_scale, np.float32), stack)
+            q.act_scale.set_value(jax.device_put(np.array(gs)))
         return q
 
     def compose_gather(self, perm: np.ndarray, start: int, size: int) -> None:
         """Reorder the gathered input columns `[start, start+size)` by `perm [*stack, size]`."""
         from permuquant_jax.quant.sites import _permute_axis
 
-        perm = jnp.asarray(perm, jnp.int32)
+        perm = np.asarray(perm, np.int32)
         g = self.gather.get_value()
         if g is None:
             stack = perm.shape[:-1]
-            g = jnp.asarray(np.broadcast_to(np.arange(self.in_features, dtype=np.int32), (*stack, self.in_features)))
+            g = jax.device_put(np.tile(np.arange(self.in_features, dtype=np.int32), (*stack, 1)))
         self.gather.set_value(_permute_axis(g, perm, -1, start, size).astype(jnp.int32))
 
     def set_smoothing(self, inv_scale: np.ndarray, start: int, size: int) -> None:

@@ -234,7 +234,7 @@ def _permute_axis(a: jnp.ndarray, perm: np.ndarray, axis: int, start: int, size:
     shape = [1] * a.ndim
     shape[: len(stack)] = stack
     shape[axis] = dim
-    return _gather_axis(a, jnp.asarray(idx.reshape(shape)), axis)
+    return _gather_axis(a, jax.device_put(idx.reshape(shape)), axis)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -349,4 +349,4 @@ def _one_hot_rows(b: jnp.ndarray, start: int, size: int) -> jnp.ndarray:
     """Ones on the last-axis range [start, start+size) of b's shape, zeros elsewhere."""
     m = np.zeros(b.shape[-1], jnp.dtype(b.dtype))
     m[start : start + size] = 1
-    return jnp.asarray(np.broadcast_to(m, b.shape))
+    return jax.device_put(np.array(np.broadcast_to(m, b.shape)))
