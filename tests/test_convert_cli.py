@@ -77,6 +77,10 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     for k, v in codes.items():
         sc = meta["tensors"][k.replace("w_codes", "w_scales")]
         assert sc["dtype"] == "float8_e4m3fn" and sc["shape"][-1] * 8 == v["shape"][-1]
+    # per-layer scalars of a stacked layer carry exactly the stack axes
+    for path, spec in meta["quant_layers"].items():
+        for leaf in ("w_global", "act_scale"):
+            assert meta["tensors"][f"{path}.{leaf}"]["shape"] == spec["stack"], (path, leaf)
     # nothing else was left beside DST
     assert [p.name for p in tmp_path.iterdir()] == ["flux-tiny-nvfp4"]
     # the loaded model runs
