@@ -205,6 +205,10 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     a_file.write_text("x")
     existing = tmp_path / "exists"
     existing.mkdir()
+    not_npz = tmp_path / "prompts.npz"
+    not_npz.write_text("not an npz")
+    narrow = tmp_path / "narrow.npz"
+    np.savez(narrow, txt=np.zeros((2, 8, 100), np.float32), y=np.zeros((2, 768), np.float32))
 
     cases = [
         ([str(truncated), "--out", str(tmp_path / "d1")], ("truncated.safetensors",), tmp_path / "d1"),
@@ -216,6 +220,10 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
          tmp_path / "d4"),
         ([str(good), "--out", str(tmp_path / "d5"), "--calib", str(tmp_path / "none.npz")], ("none.npz",),
          tmp_path / "d5"),
+        ([str(good), "--out", str(tmp_path / "d6"), "--calib", str(not_npz)], ("prompts.npz", "not a readable"),
+         tmp_path / "d6"),
+        ([str(good), "--out", str(tmp_path / "d7"), "--calib", str(narrow)], ("narrow.npz", "width 100", "4096"),
+         tmp_path / "d7"),
     ]
     for args, needles, dst in cases:
         proc = _run_cli(args + FAST)
@@ -223,7 +231,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         if dst is not None:
             assert not dst.exists(), args
     assert list(existing.iterdir()) == []
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("d")]
     assert leftovers == []
 
 

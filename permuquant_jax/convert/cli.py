@@ -204,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
     from permuquant_jax.convert.saved import file_sha256, save_quantized
     from permuquant_jax.models.flux import param_count
     from permuquant_jax.quant.baselines import check_method
-    from permuquant_jax.quant.flux_plan import flux_calibration_batches, flux_forward, quantize_flux
+    from permuquant_jax.quant.flux_plan import (
+        flux_calibration_batches,
+        flux_forward,
+        load_text_embeddings,
+        quantize_flux,
+    )
 
     t0 = time.perf_counter()
     _validate(args)
@@ -218,8 +223,17 @@ def run(args: argparse.Namespace) -> int:
     if not src.exists():
         raise UsageError(f"SRC {src}: no such file or directory")
 
+    text = None
+    if args.calib not in (None, "synthetic"):
+        text = load_text_embeddings(args.calib)  # fail on a bad file before the (long) model load
+
     dtype = jnp.dtype(args.dtype)
     model = load_flux(src, dtype=dtype, progress=progress)
+    if text is not None and (text[0].shape[-1], text[1].shape[-1]) != (model.config.context_in_dim,
+                                                                        model.config.vec_in_dim):
+        raise UsageError(
+            f"--calib {args.calib}: 'txt' has width {text[0].shape[-1]} and 'y' {text[1].shape[-1]}, the model "
+            f"expects {model.config.context_in_dim} (T5) and {model.config.vec_in_dim} (CLIP pooled)")
     n_params = param_count(model)
     toy = n_params < TOY_PARAMS
     if args.dry_run:
@@ -238,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
                              f"{src} has {n_params / 1e9:.1f}B: pass --calib FILE.npz")
         _say("WARNING: calibrating on SYNTHETIC random text embeddings (toy model). The permutations and "
              "scales are only as meaningful as that data; use --calib FILE.npz for real models.")
-    text = None if calib == "synthetic" else calib
     res = args.resolution or (256 if toy else 1024)
     common = dict(text=text, num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
                   guidance=args.guidance, progress=progress)

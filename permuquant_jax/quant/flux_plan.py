@@ -107,7 +107,13 @@ def img_position_ids(batch: int, h: int, w: int) -> np.ndarray:
 
 def load_text_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Precomputed text conditioning from an .npz: `txt` [N, S, 4096] (T5) and `y` [N, 768] (CLIP pooled)."""
-    with np.load(path) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz of text embeddings ({' '.join(str(e).split())[:200]})") from None
+    if not hasattr(z, "files"):
+        raise ValueError(f"{path}: a single .npy array, expected an .npz with 'txt' [N, S, D] and 'y' [N, V]")
+    with z:
         missing = [k for k in ("txt", "y") if k not in z.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; expected 'txt' [N, S, D] and 'y' [N, V] "
