@@ -2,7 +2,7 @@
 # Every GPU check in one device run (the device tool runs this from the repository root):
 #   bash tests/gpu/run_all.sh [--full]
 # kernels at the FLUX shapes (--quick unless --full), the main job end to end on the GPU, and, when
-# .fmtcheck/ is carried, the formats under jit on the GPU against torchao's bytes.
+# .fmtcheck/ref.npz is carried (tests/gpu/make_formats_ref.py writes it), the formats under jit on the GPU against torchao's bytes.
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
