@@ -180,6 +180,18 @@ def _dry_run(model: Any, args: argparse.Namespace, src_desc: str) -> int:
     return 0
 
 
+def _source_sha256(src: Path, progress: bool) -> str:
+    """SHA-256 of the files the transformer was read from (not a whole pipeline folder's encoders and VAE)."""
+    from permuquant_jax.convert.checkpoint import open_checkpoint
+    from permuquant_jax.convert.saved import files_sha256
+
+    source = open_checkpoint(src)
+    files = {f.path for f in source.files.values()}
+    if source.layout == "diffusers":
+        files |= {p for p in source.path.glob("*.json")} if source.path.is_dir() else set()
+    return files_sha256(files, root=src if src.is_dir() else src.parent, progress=progress)
+
+
 def _rel_err(model: Any, batches: Sequence[dict], refs: Sequence[Any]) -> float:
     """Relative L2 error of `model`'s outputs on `batches` against the float outputs `refs`."""
     import jax.numpy as jnp
@@ -200,9 +212,9 @@ def run(args: argparse.Namespace) -> int:
 
     import permuquant_jax
     from permuquant_jax.convert.atomic import atomic_output_dir, check_output_dir
-    from permuquant_jax.convert.checkpoint import default_checkpoint_path, load_flux
-    from permuquant_jax.convert.saved import file_sha256, save_quantized
-    from permuquant_jax.models.flux import param_count
+    from permuquant_jax.convert.checkpoint import default_checkpoint_path, load_flux, read_flux_config
+    from permuquant_jax.convert.saved import save_quantized
+    from permuquant_jax.models.flux import abstract_flux, param_count
     from permuquant_jax.quant.baselines import check_method
     from permuquant_jax.quant.flux_plan import (
         flux_calibration_batches,
@@ -228,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
         text = load_text_embeddings(args.calib)  # fail on a bad file before the (long) model load
 
     dtype = jnp.dtype(args.dtype)
+    if args.dry_run:  # the plan needs shapes only: read the headers, build the model abstractly
+        return _dry_run(abstract_flux(read_flux_config(src), dtype), args, src_desc)
     model = load_flux(src, dtype=dtype, progress=progress)
     if text is not None and (text[0].shape[-1], text[1].shape[-1]) != (model.config.context_in_dim,
                                                                         model.config.vec_in_dim):
@@ -236,8 +250,6 @@ def run(args: argparse.Namespace) -> int:
             f"expects {model.config.context_in_dim} (T5) and {model.config.vec_in_dim} (CLIP pooled)")
     n_params = param_count(model)
     toy = n_params < TOY_PARAMS
-    if args.dry_run:
-        return _dry_run(model, args, src_desc)
 
     calib = args.calib
     if calib is None:
@@ -278,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
                       calib=calib if calib == "synthetic" else str(Path(calib).absolute()),
                       calib_samples=args.calib_samples, steps=args.steps, timesteps=args.timesteps,
                       resolution=res, guidance=args.guidance, seed=args.seed),
-        source=dict(path=str(src.absolute()), sha256=file_sha256(src, progress=progress), embedded=not args.src),
+        source=dict(path=str(src.absolute()), sha256=_source_sha256(src, progress), embedded=not args.src),
         heldout_rel_error=err,
         permutations=report.permutations,
         act_global_scales={k: v.get("act_global_scale") for k, v in report.layers.items()},

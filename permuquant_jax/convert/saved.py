@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,21 +109,18 @@ def _resolve(model: nnx.Module, dotted: str) -> tuple[Any, str]:
     return node, parts[-1]
 
 
-def file_sha256(path: str | os.PathLike, *, progress: bool = False) -> str:
-    """SHA-256 of a file, or of a directory's *.json and *.safetensors files (sorted by relative path)."""
+def files_sha256(files: Sequence[str | os.PathLike], *, root: str | os.PathLike, progress: bool = False) -> str:
+    """SHA-256 over `files` (each prefixed by its path relative to `root`), in sorted order."""
     from tqdm.auto import tqdm
 
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")
-    )
+    root = Path(root)
+    files = sorted({Path(f) for f in files})
     total = sum(f.stat().st_size for f in files)
     h = hashlib.sha256()
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing source",
               disable=not progress or total < (1 << 28)) as bar:
         for f in files:
-            if f != path:
-                h.update(str(f.relative_to(path)).encode())
+            h.update(str(f.relative_to(root) if f != root else f.name).encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
                     h.update(chunk)
