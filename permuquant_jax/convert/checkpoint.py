@@ -21,15 +21,26 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from permuquant_jax.convert.keymap import SourceTensor, bfl_keymap, diffusers_keymap
-from permuquant_jax.convert.safetensors_io import FLOAT_DTYPES, CheckpointError, SafetensorsFile
+from permuquant_jax.convert.safetensors_io import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    SafetensorsCollection,
+    SafetensorsFile,
+    all_finite,
+    check_path,
+    load_json,
+    open_index,
+)
 from permuquant_jax.models.flux import FluxConfig, FluxDiT
 
 BFL_PREFIX = "model.diffusion_model."
 CONFIG_METADATA_KEY = "permuquant.flux_config"
+DIFFUSERS_CLASS = "FluxTransformer2DModel"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _LOADABLE = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -54,8 +65,8 @@ class CheckpointSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.files[key].tensors[self.stored_key[key]].shape
 
-    def read(self, key: str) -> np.ndarray:
-        return self.files[key].read(self.stored_key[key])
+    def read(self, key: str, *, check_finite: bool = False) -> np.ndarray:
+        return self.files[key].read(self.stored_key[key], check_finite=check_finite)
 
     def where(self, key: str) -> Path:
         return self.files[key].path
@@ -63,19 +74,22 @@ class CheckpointSource:
 
 def open_checkpoint(path: str | os.PathLike | None = None) -> CheckpointSource:
     """Find and open the transformer weights at ``path`` (file or folder; None = the embedded tiny)."""
-    path = default_checkpoint_path() if path is None else Path(path)
+    path = check_path(default_checkpoint_path() if path is None else path, "any")
     if path.is_file():
-        return _from_files(path, [SafetensorsFile(path)])
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if (path / "transformer").is_dir():
-        return _open_diffusers_dir(path / "transformer")
-    if (path / "config.json").is_file():
+        if path.name in ("config.json", DIFFUSERS_INDEX):  # a file of a diffusers transformer folder
+            return _open_diffusers_dir(path.parent)
+        return _from_files(path, SafetensorsCollection(path, [SafetensorsFile(path)]))
+    names = _listdir(path)
+    if "transformer" in names:
+        _check_model_index(path, names)
+        return _open_diffusers_dir(check_path(path / "transformer", "dir"))
+    if "config.json" in names:
         return _open_diffusers_dir(path)
-    single = sorted(path.glob("*.safetensors"))
-    if len(single) == 1 and not (path / "model_index.json").exists():
-        return _from_files(single[0], [SafetensorsFile(single[0])])
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    single = [n for n in names if n.endswith(".safetensors")]
+    if len(single) == 1 and "model_index.json" not in names:
+        file = path / single[0]
+        return _from_files(file, SafetensorsCollection(file, [SafetensorsFile(file)]))
+    found = sorted(n + ("/" if (path / n).is_dir() else "") for n in names)
     shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
     raise CheckpointError(
         f"{path}: no FLUX transformer in this directory: expected transformer/ (a diffusers pipeline), "
@@ -84,59 +98,121 @@ def open_checkpoint(path: str | os.PathLike | None = None) -> CheckpointSource:
     )
 
 
-def _open_diffusers_dir(folder: Path) -> CheckpointSource:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: a diffusers transformer folder needs config.json; not found")
+def _listdir(folder: Path) -> list[str]:
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-    cls = config.get("_class_name", "FluxTransformer2DModel")
-    if cls != "FluxTransformer2DModel":
-        raise CheckpointError(f"{config_path}: _class_name is '{cls}', expected 'FluxTransformer2DModel'")
-    index_path = folder / DIFFUSERS_INDEX
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"{index_path}: not a safetensors index (expected a JSON object with 'weight_map': {e!r})"
-            ) from None
-        shards: dict[str, SafetensorsFile] = {}
-        for key, shard in weight_map.items():
-            if shard not in shards:
-                if not (folder / shard).is_file():
-                    raise CheckpointError(
-                        f"{folder / shard}: shard listed in {index_path.name} (for key '{key}') does not exist"
-                    )
-                shards[shard] = SafetensorsFile(folder / shard)
-            if key not in shards[shard].tensors:
-                raise CheckpointError(
-                    f"{folder / shard}: the index says it holds key '{key}', but the file has no such tensor"
-                )
-        files = list(shards.values())
-    elif (folder / DIFFUSERS_WEIGHTS).is_file():
-        files = [SafetensorsFile(folder / DIFFUSERS_WEIGHTS)]
+        return sorted(os.listdir(folder))
+    except PermissionError:
+        raise CheckpointError(
+            f"{folder}: permission denied: cannot list this directory (check its permissions)"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{folder}: cannot list this directory ({e.strerror})") from None
+
+
+def _check_model_index(pipeline: Path, names: list[str]) -> None:
+    """A pipeline's model_index.json, if present, must be a JSON object naming a FLUX transformer."""
+    if "model_index.json" not in names:
+        return
+    index_path = pipeline / "model_index.json"
+    index = load_json(index_path, "diffusers model_index.json")
+    for field in ("_class_name", "_diffusers_version"):
+        if field in index and not isinstance(index[field], str):
+            raise CheckpointError(f"{index_path}: field '{field}': expected a string, found {index[field]!r}")
+    if "transformer" not in index:
+        return
+    entry = index["transformer"]
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str | None) for e in entry)):
+        raise CheckpointError(
+            f"{index_path}: field 'transformer': expected [library, class] (two strings), found {entry!r}"
+        )
+    if entry[1] is not None and entry[1] != DIFFUSERS_CLASS:
+        raise CheckpointError(
+            f"{index_path}: field 'transformer': class is '{entry[1]}', expected '{DIFFUSERS_CLASS}' "
+            "(this pipeline is not a FLUX.1 pipeline)"
+        )
+
+
+def _open_diffusers_dir(folder: Path) -> CheckpointSource:
+    names = _listdir(folder)
+    config_path = folder / "config.json"
+    if "config.json" not in names:
+        raise CheckpointError(f"{folder}: a diffusers transformer folder needs config.json; not found")
+    config = load_json(config_path, "diffusers config.json")
+    cls = config.get("_class_name", DIFFUSERS_CLASS)
+    if cls != DIFFUSERS_CLASS:
+        raise CheckpointError(f"{config_path}: _class_name is {cls!r}, expected '{DIFFUSERS_CLASS}'")
+    if DIFFUSERS_INDEX in names:
+        collection = open_index(folder / DIFFUSERS_INDEX)
+    elif DIFFUSERS_WEIGHTS in names:
+        collection = SafetensorsCollection(folder, [SafetensorsFile(folder / DIFFUSERS_WEIGHTS)])
     else:
         raise CheckpointError(f"{folder}: has config.json but neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
-    source = _from_files(folder, files)
+    source = _from_files(folder, collection)
     if source.layout != "diffusers":
         raise CheckpointError(
-            f"{folder}: config.json describes a diffusers FluxTransformer2DModel but the "
+            f"{folder}: config.json describes a diffusers {DIFFUSERS_CLASS} but the "
             f"weights use the BFL key layout (key '{next(iter(source.stored_key))}')"
         )
-    source.diffusers_config = config
+    source.diffusers_config = _diffusers_fields(config_path, config)
     return source
 
 
-def _from_files(path: Path, files: list[SafetensorsFile]) -> CheckpointSource:
-    where: dict[str, SafetensorsFile] = {}
-    for f in files:
-        for k in f.tensors:
-            if k in where:
-                raise CheckpointError(f"{f.path}: key '{k}' also appears in {where[k].path}")
-            where[k] = f
+# config.json fields read (diffusers name -> (kind, default)); anything else in the file is ignored.
+_DIFFUSERS_FIELDS: dict[str, tuple[str, object]] = {
+    "patch_size": ("int", 1),
+    "in_channels": ("int", 64),
+    "out_channels": ("int?", None),
+    "num_layers": ("int", 19),
+    "num_single_layers": ("int", 38),
+    "attention_head_dim": ("int", 128),
+    "num_attention_heads": ("int", 24),
+    "joint_attention_dim": ("int", 4096),
+    "pooled_projection_dim": ("int", 768),
+    "guidance_embeds": ("bool", False),
+    "axes_dims_rope": ("ints", (16, 56, 56)),
+}
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _diffusers_fields(config_path: Path, config: dict) -> dict:
+    """The config fields the transformer needs, type-checked: one line naming the field otherwise."""
+    out = {}
+    for name, (kind, default) in _DIFFUSERS_FIELDS.items():
+        value = config.get(name, default)
+        if kind == "int?" and value is None:
+            pass
+        elif kind in ("int", "int?") and not _positive_int(value):
+            raise CheckpointError(f"{config_path}: field '{name}': expected a positive integer, found {_found(value)}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise CheckpointError(f"{config_path}: field '{name}': expected true or false, found {_found(value)}")
+        elif kind == "ints" and not (
+            isinstance(value, list | tuple) and value and all(_positive_int(v) for v in value)
+        ):
+            raise CheckpointError(
+                f"{config_path}: field '{name}': expected a list of positive integers, found {_found(value)}"
+            )
+        out[name] = value
+    if out["patch_size"] != 1:
+        raise CheckpointError(
+            f"{config_path}: field 'patch_size': expected 1 (FLUX packs 2x2 latents before the "
+            f"transformer), found {out['patch_size']}"
+        )
+    return out
+
+
+def _found(value: object) -> str:
+    kind = {str: "a string", bool: "a boolean", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+    text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"{text} ({kind})" if kind != "null" else "null"
+
+
+def _from_files(path: Path, collection: SafetensorsCollection) -> CheckpointSource:
+    where = collection.where
     keys = list(where)
     bfl = [k for k in keys if k == "img_in.weight" or k.endswith(".img_in.weight")]
     if bfl:
@@ -154,7 +230,7 @@ def _from_files(path: Path, files: list[SafetensorsFile]) -> CheckpointSource:
         layout=layout,
         files={k: where[s] for k, s in stored.items()},
         stored_key=stored,
-        metadata=dict(files[0].metadata) if len(files) == 1 else {},
+        metadata=dict(collection.metadata),
     )
 
 
@@ -206,32 +282,40 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
 
     def count(prefix: str) -> int:
         pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-        idx = [int(m.group(1)) for k in source.stored_key if (m := pat.match(k))]
-        return max(idx) + 1 if idx else 0
+        idx = {int(m.group(1)) for k in source.stored_key if (m := pat.match(k))}
+        if idx and len(idx) != max(idx) + 1:
+            gap = min(set(range(max(idx) + 1)) - idx)
+            raise CheckpointError(
+                f"{source.path}: blocks '{prefix}N.*' are numbered up to {max(idx)} but block {gap} is "
+                f"missing (key '{_stored(source, prefix + str(gap) + '.')}...' not found)"
+            )
+        return len(idx)
 
     if source.diffusers_config is not None:
-        c = source.diffusers_config
-        if c.get("patch_size", 1) != 1:
-            raise CheckpointError(
-                f"{source.path}/config.json: patch_size is {c['patch_size']}, expected 1 "
-                "(FLUX packs 2x2 latents before the transformer)"
-            )
-        try:
-            heads, head_dim = int(c.get("num_attention_heads", 24)), int(c.get("attention_head_dim", 128))
-            fields = dict(
-                in_channels=int(c.get("in_channels", 64)),
-                out_channels=int(c.get("out_channels") or c.get("in_channels", 64)),
-                vec_in_dim=int(c.get("pooled_projection_dim", 768)),
-                context_in_dim=int(c.get("joint_attention_dim", 4096)),
-                hidden_size=heads * head_dim,
-                num_heads=heads,
-                depth=int(c.get("num_layers", 19)),
-                depth_single_blocks=int(c.get("num_single_layers", 38)),
-                axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
-                guidance_embed=bool(c.get("guidance_embeds", False)),
-            )
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{source.path}/config.json: bad value ({e})") from None
+        c = source.diffusers_config  # type-checked by _diffusers_fields
+        heads, head_dim = c["num_attention_heads"], c["attention_head_dim"]
+        fields = dict(
+            in_channels=c["in_channels"],
+            out_channels=c["out_channels"] or c["in_channels"],
+            vec_in_dim=c["pooled_projection_dim"],
+            context_in_dim=c["joint_attention_dim"],
+            hidden_size=heads * head_dim,
+            num_heads=heads,
+            depth=c["num_layers"],
+            depth_single_blocks=c["num_single_layers"],
+            axes_dim=tuple(c["axes_dims_rope"]),
+            guidance_embed=c["guidance_embeds"],
+        )
+        for name, prefix in (
+            ("num_layers", "transformer_blocks."),
+            ("num_single_layers", "single_transformer_blocks."),
+        ):
+            found = count(prefix)
+            if found != c[name]:
+                raise CheckpointError(
+                    f"{source.path / 'config.json'}: field '{name}' is {c[name]} but the weights hold "
+                    f"{found} '{prefix}N.*' blocks"
+                )
         mlp = shape("transformer_blocks.0.ff.net.0.proj.weight", "a [mlp_hidden, hidden] weight")[0]
         fields["mlp_ratio"] = mlp / fields["hidden_size"]
     else:
@@ -281,14 +365,7 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
         axes, theta = default_axes_dim(head_dim), 10_000
         meta = source.metadata.get(CONFIG_METADATA_KEY)
         if meta:
-            try:
-                meta_cfg = json.loads(meta)
-                axes, theta = tuple(meta_cfg["axes_dim"]), int(meta_cfg.get("theta", theta))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise CheckpointError(
-                    f"{source.path}: metadata '{CONFIG_METADATA_KEY}' is not a JSON "
-                    f"object with 'axes_dim': {meta[:80]!r}"
-                ) from None
+            axes, theta = _metadata_rope(source.path, meta, theta)
         fields = dict(
             in_channels=in_ch,
             out_channels=shape(final + ".weight", "a [out_channels, hidden] weight")[0],
@@ -308,6 +385,24 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
         return FluxConfig(**fields)
     except ValueError as e:
         raise CheckpointError(f"{source.path}: inconsistent FLUX config from the checkpoint: {e}") from None
+
+
+def _metadata_rope(path: Path, meta: str, theta: int) -> tuple[tuple[int, ...], int]:
+    """RoPE ``axes_dim`` and ``theta`` from the file's ``permuquant.flux_config`` metadata (JSON)."""
+    where = f"{path}: metadata '{CONFIG_METADATA_KEY}'"
+    try:
+        cfg = json.loads(meta)
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{where} is not JSON: {meta[:80]!r}") from None
+    if not isinstance(cfg, dict) or "axes_dim" not in cfg:
+        raise CheckpointError(f"{where}: expected a JSON object with 'axes_dim', found {meta[:80]!r}")
+    axes = cfg["axes_dim"]
+    if not (isinstance(axes, list) and axes and all(_positive_int(a) for a in axes)):
+        raise CheckpointError(f"{where}: field 'axes_dim': expected a list of positive integers, found {_found(axes)}")
+    theta = cfg.get("theta", theta)
+    if not _positive_int(theta):
+        raise CheckpointError(f"{where}: field 'theta': expected a positive integer, found {_found(theta)}")
+    return tuple(axes), theta
 
 
 def read_flux_config(path: str | os.PathLike | None = None) -> FluxConfig:
@@ -369,6 +464,7 @@ def load_flux(
     config: FluxConfig | None = None,
     attention_impl: str | None = None,
     progress: bool = False,
+    check_finite: bool = True,
 ) -> FluxDiT:
     """Load a FLUX.1 transformer checkpoint into a :class:`FluxDiT` with parameters in ``dtype``.
 
@@ -376,6 +472,10 @@ def load_flux(
     pipeline folder, or None for the tiny model shipped in the package. ``config`` overrides the
     config inferred from the checkpoint (keys and shapes are checked against it). Stored tensors may
     be BF16, F16, F32 or F8_E4M3; each is read, cast to ``dtype`` and placed in turn.
+
+    ``check_finite`` (default on): every loaded parameter is checked for NaN/Inf as it is placed (a
+    bit test, a few percent of the load time); the error names the file and the checkpoint's own key,
+    and says whether the stored values are non-finite or the cast to ``dtype`` overflowed.
 
     Raises :class:`CheckpointError` (a ``ValueError``) with a one-line message for anything that is
     not a loadable FLUX.1 transformer.
@@ -414,11 +514,15 @@ def load_flux(
             for layer, layer_entries in sorted(by_layer.items()):
                 buf = np.empty(shape[1:], np_dtype)
                 _fill(source, layer_entries, buf, stacked=False)
+                if check_finite:
+                    _check_finite(source, layer_entries, buf, stacked=False)
                 value = _write_layer(value, jnp.asarray(buf), layer)
                 del buf
         else:
             buf = np.empty(shape, np_dtype)
             _fill(source, entries, buf, stacked=stacked)
+            if check_finite:
+                _check_finite(source, entries, buf, stacked=stacked)
             value = jnp.asarray(buf)
             del buf
         var.set_value(value)
@@ -451,6 +555,29 @@ def _fill(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray
             else:
                 dest[cols] = rows
         del arr
+
+
+def _check_finite(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray, *, stacked: bool) -> None:
+    """Raise if ``buf`` (filled by :func:`_fill`) holds NaN/Inf, naming the file and stored key of the
+    source tensor responsible. One bit test over ``buf`` when all is well; the search runs only on failure."""
+    if all_finite(buf):
+        return
+    for entry in entries:
+        for piece in entry.pieces:
+            dest = buf[piece.layer] if stacked and piece.layer is not None else buf
+            cols = slice(None) if piece.dst is None else slice(*piece.dst)
+            region = dest[:, cols] if entry.is_matrix else dest[cols]
+            if np.isfinite(region.astype(np.float32)).all():
+                continue
+            key, file = source.stored_key[entry.key], source.files[entry.key]
+            file.read(key, check_finite=True)  # raises if the stored values are NaN/Inf
+            stored = file.read(key).astype(np.float32)
+            raise CheckpointError(
+                f"{file.path}: tensor '{key}' ({file.tensors[key].dtype}) holds values up to "
+                f"{float(np.abs(stored).max()):.4g} that overflow {buf.dtype} (largest finite "
+                f"{float(ml_dtypes.finfo(buf.dtype).max):.4g}) when loaded; load it in float32 or bfloat16"
+            )
+    raise AssertionError("load_flux: a non-finite value was found but no source tensor holds it")
 
 
 def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
