@@ -1,0 +1,1 @@
+"""Text to image: tokenizers, the FLUX pipeline and ``python -m permuquant_jax.generate``."""
