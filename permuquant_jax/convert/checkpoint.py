@@ -284,7 +284,7 @@ def infer_config(source: CheckpointSource) -> FluxConfig:
         pat = re.compile(re.escape(prefix) + r"(\d+)\.")
         idx = {int(m.group(1)) for k in source.stored_key if (m := pat.match(k))}
         if idx and len(idx) != max(idx) + 1:
-            gap = min(set(range(max(idx) + 1)) - idx)
+            gap = next(i for i in range(len(idx) + 1) if i not in idx)
             raise CheckpointError(
                 f"{source.path}: blocks '{prefix}N.*' are numbered up to {max(idx)} but block {gap} is "
                 f"missing (key '{_stored(source, prefix + str(gap) + '.')}...' not found)"
@@ -550,10 +550,11 @@ def _fill(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray
             rows = arr if piece.src is None else arr[piece.src[0] : piece.src[1]]
             dest = buf[piece.layer] if stacked and piece.layer is not None else buf
             cols = slice(None) if piece.dst is None else slice(*piece.dst)
-            if entry.is_matrix:
-                dest[:, cols] = rows.T
-            else:
-                dest[cols] = rows
+            with np.errstate(over="ignore"):  # a cast that overflows gives Inf: _check_finite names it
+                if entry.is_matrix:
+                    dest[:, cols] = rows.T
+                else:
+                    dest[cols] = rows
         del arr
 
 
@@ -574,7 +575,7 @@ def _check_finite(source: CheckpointSource, entries: list[SourceTensor], buf: np
             stored = file.read(key).astype(np.float32)
             raise CheckpointError(
                 f"{file.path}: tensor '{key}' ({file.tensors[key].dtype}) holds values up to "
-                f"{float(np.abs(stored).max()):.4g} that overflow {buf.dtype} (largest finite "
+                f"{float(np.abs(stored).max()):.6g} that overflow {buf.dtype} (largest finite "
                 f"{float(ml_dtypes.finfo(buf.dtype).max):.4g}) when loaded; load it in float32 or bfloat16"
             )
     raise AssertionError("load_flux: a non-finite value was found but no source tensor holds it")

@@ -214,7 +214,7 @@ class SafetensorsFile:
                 f"{self.path}: not a safetensors file (only {size} bytes, expected an "
                 "8-byte header length then a JSON header)"
             )
-        if len(raw) != n:
+        if n == 0 or len(raw) != n:
             kind = _sniff(head)
             if kind:
                 raise CheckpointError(f"{self.path}: not a safetensors file ({kind})")
@@ -362,7 +362,8 @@ class SafetensorsFile:
         if check_finite and info.is_float:
             _raise_nonfinite(out, self.path, key, f"stored as {info.dtype}")
         if dtype is not None and np.dtype(dtype) != np_dtype:
-            out = out.astype(dtype)
+            with np.errstate(over="ignore"):  # overflow becomes Inf, reported below if checked
+                out = out.astype(dtype)
             if check_finite and info.is_float:
                 _raise_nonfinite(out, self.path, key, f"after the cast from {info.dtype} to {np.dtype(dtype)}")
         return out
