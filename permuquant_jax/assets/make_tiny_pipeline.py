@@ -8,7 +8,8 @@ Files, each in the layout of the real download:
 - ``ae.safetensors``: the autoencoder in BFL's ``ae.safetensors`` key layout (bf16 to stay small,
   ``AutoEncoderConfig.tiny()``: 8x downscale, 16 latent channels);
 - ``clip_l.safetensors``: a CLIP text encoder as ComfyUI keeps it (``text_model.`` keys, fp16; width
-  32, the real 49408-token vocabulary, so it reads the shipped ``clip_tokenizer/``);
+  32 with 2 heads, stated in the metadata ``permuquant.clip_config``; the real 49408-token vocabulary, so
+  it reads the shipped ``clip_tokenizer/``);
 - ``t5xxl_fp16.safetensors``: a T5 v1.1 encoder as ComfyUI keeps it (``encoder.`` keys + ``shared.weight``,
   fp16; d_model 64);
 - ``tokenizer_2/tokenizer.json``: a T5-style Unigram tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2,
@@ -32,6 +33,7 @@ from safetensors.numpy import save_file
 
 from permuquant_jax.assets.make_tiny import tiny_tensors
 from permuquant_jax.convert.checkpoint import CONFIG_METADATA_KEY
+from permuquant_jax.convert.encoders import CLIP_CONFIG_METADATA_KEY
 from permuquant_jax.models.flux import FluxConfig
 
 SEED = 20251201
@@ -229,7 +231,11 @@ def write_tiny_pipeline(out: str | Path, seed: int = SEED) -> Path:
     meta = {CONFIG_METADATA_KEY: json.dumps({**cfg.to_dict(), "seed": seed}, sort_keys=True)}
     save_file(tiny_tensors(seed, cfg), str(out / DIT_FILE), metadata=meta)
     save_file(ae_tensors(seed + 3), str(out / AE_FILE))
-    save_file(clip_tensors(seed + 1), str(out / CLIP_FILE))
+    # CLIP's head count cannot be read off the shapes (width 32 is not a multiple of 64): say it.
+    clip_meta = {CLIP_CONFIG_METADATA_KEY: json.dumps(
+        dict(vocab_size=CLIP_VOCAB, hidden=TINY_CLIP["hidden"], heads=TINY_CLIP["heads"], layers=TINY_CLIP["layers"],
+             intermediate=TINY_CLIP["intermediate"], max_position=CLIP_POSITIONS), sort_keys=True)}
+    save_file(clip_tensors(seed + 1), str(out / CLIP_FILE), metadata=clip_meta)
     save_file(t5_tensors(vocab, seed + 2), str(out / T5_FILE))
     return out
 
