@@ -4,7 +4,7 @@ Entry points: `quantize_model` (any Flax NNX model), `quantize_flux` (the FLUX p
 (one layer from its activations), `joint_order` (the paper's criterion).
 """
 
-from permuquant_jax.quant.api import apply_structure, plan_sites, plan_summary, quantize_model
+from permuquant_jax.quant.api import quantize_model
 from permuquant_jax.quant.baselines import METHODS, smoothquant_scales
 from permuquant_jax.quant.calibrate import CalibrationStats, LayerStats, calibrate
 from permuquant_jax.quant.flux_plan import (
@@ -14,18 +14,13 @@ from permuquant_jax.quant.flux_plan import (
     flux_sites,
     quantize_flux,
 )
+from permuquant_jax.quant.fold import fold_permutation, fold_smoothing
 from permuquant_jax.quant.linear import QuantLinear
+from permuquant_jax.quant.paths import find_linears
 from permuquant_jax.quant.permute import accept, choose_for_layer, deal_order, joint_order, make_candidates
+from permuquant_jax.quant.plan import apply_structure, plan_sites, plan_summary
 from permuquant_jax.quant.report import QuantReport, SiteReport
-from permuquant_jax.quant.sites import (
-    NormRef,
-    Ref,
-    Site,
-    find_linears,
-    fold_permutation,
-    fold_smoothing,
-    gather_sites,
-)
+from permuquant_jax.quant.sites import NormRef, Ref, Site, gather_sites
 
 __all__ = [
     "FLUX_KEEP", "METHODS", "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport", "Ref",

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from permuquant_jax.formats.hadamard import block_hadamard
+from permuquant_jax.quant.arrays import permute_axis
 
 
 class QuantParam(nnx.Param):
@@ -211,14 +212,12 @@ class QuantLinear(nnx.Module):
 
     def compose_gather(self, perm: np.ndarray, start: int, size: int) -> None:
         """Reorder the gathered input columns `[start, start+size)` by `perm [*stack, size]`."""
-        from permuquant_jax.quant.sites import _permute_axis
-
         perm = np.asarray(perm, np.int32)
         g = self.gather.get_value()
         if g is None:
             stack = perm.shape[:-1]
             g = jax.device_put(np.tile(np.arange(self.in_features, dtype=np.int32), (*stack, 1)))
-        self.gather.set_value(_permute_axis(g, perm, -1, start, size).astype(jnp.int32))
+        self.gather.set_value(permute_axis(g, perm, -1, start, size).astype(jnp.int32))
 
     def set_smoothing(self, inv_scale: np.ndarray, start: int, size: int) -> None:
         """Multiply input columns `[start, start+size)` by `inv_scale [*stack, size]` at run time.
