@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from permuquant_jax.convert.atomic import Interrupted, acknowledge
+from permuquant_jax.convert.validate import UsageError
+
 EPILOG = """\
 examples:
   python -m permuquant_jax.convert --out flux-tiny-nvfp4            # the embedded tiny model
@@ -22,17 +25,23 @@ transformer/ folder or a full diffusers pipeline folder. --calib takes an .npz w
 """
 
 METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+HADAMARD_BLOCKS = (16, 32, 64, 128)
 TOY_PARAMS = 100_000_000  # below this, synthetic calibration is allowed (the embedded tiny model)
+MAX_SEED = 2**32 - 1 - 10_000  # held-out trajectories use seed + 10_000; numpy seeds are < 2**32
 
 
-class UsageError(ValueError):
-    """Invalid combination of command-line options."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends with one `error: ...` line (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m permuquant_jax.convert` (add options here, check them in `_validate`)."""
     from permuquant_jax.quant.flux_plan import FLUX_KEEP
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m permuquant_jax.convert",
         description="Import a FLUX.1 checkpoint, calibrate it on sampling trajectories, choose channel "
         "permutations (PermuQuant) and write a quantized model directory (orbax checkpoint + permuquant.json).",
@@ -42,77 +51,149 @@ def build_parser() -> argparse.ArgumentParser:
     d = " (default: %(default)s)"
     p.add_argument("src", nargs="?", default=None, metavar="SRC",
                    help="checkpoint file or folder; omitted: the tiny FLUX-architecture model shipped in the package")
-    p.add_argument("--out", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", metavar="DST", help="output directory (must not exist unless --overwrite; never "
+                   "SRC or a folder holding or inside an input)")
     p.add_argument("--format", default="nvfp4", help="quantization format, a registry name such as nvfp4, "
                    "nvfp4-w4a16, mxfp4, int4-g64, int3-g64-w3a3" + d)
     p.add_argument("--method", default="permuquant", choices=METHODS, help="quantization method" + d)
     p.add_argument("--alpha", default="0,0.25,0.5,0.75,1", metavar="A[,A...]",
-                   help="PermuQuant candidate alphas of the joint criterion, comma-separated" + d)
+                   help="PermuQuant candidate alphas of the joint criterion, comma-separated, each in [0, 1]" + d)
     p.add_argument("--tau", type=float, default=0.0,
                    help="accept a permutation only if it lowers the calibration error by more than this "
-                   "fraction" + d)
+                   "fraction (finite, >= 0)" + d)
     p.add_argument("--calib", metavar="NPZ|synthetic", default=None,
                    help="text conditioning for calibration: an .npz with 'txt' and 'y', or 'synthetic' "
                    "(random embeddings, toy models only); default: synthetic for toy models, required otherwise")
     p.add_argument("--calib-samples", type=int, default=4, metavar="N",
-                   help="number of sampling trajectories (prompts x seeds) used for calibration" + d)
+                   help="number of sampling trajectories (prompts x seeds) used for calibration, >= 1" + d)
     p.add_argument("--heldout-samples", type=int, default=1, metavar="N",
-                   help="extra trajectories kept apart to report the quantized model's output error" + d)
+                   help="extra trajectories kept apart to report the quantized model's output error, >= 0" + d)
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="sampling steps of the trajectories (default: 50 for guidance-distilled models "
+                   help="sampling steps of the trajectories, >= 1 (default: 50 for guidance-distilled models "
                    "such as FLUX.1-dev, 4 otherwise)")
     p.add_argument("--timesteps", type=int, default=8, metavar="N",
                    help="timesteps per trajectory at which DiT inputs are recorded, spread over the "
-                   "schedule" + d)
+                   "schedule, >= 1" + d)
     p.add_argument("--resolution", type=int, default=None, metavar="PX",
-                   help="calibration image size in pixels, square (default: 1024; 256 for toy models)")
+                   help="calibration image size in pixels, square, a multiple of 16 (default: 1024; 256 for "
+                   "toy models)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale for guidance-distilled models" + d)
     p.add_argument("--hadamard-block", type=int, default=64, metavar="B",
-                   help="block size of the Hadamard rotation (methods hadamard, permuquant-h)" + d)
-    p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength" + d)
+                   help="block size of the Hadamard rotation (methods hadamard, permuquant-h): 16, 32, 64 or "
+                   "128, dividing the model's widths" + d)
+    p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]" + d)
     p.add_argument("--act-scale", default="static", choices=("static", "dynamic"),
                    help="activation global scale: calibrated once (static) or computed per call" + d)
-    p.add_argument("--keep-bf16", nargs="*", default=list(FLUX_KEEP), metavar="PATTERN",
-                   help="module-path patterns (fnmatch, or re:REGEX) left in 16 bits (default: %(default)s)")
+    p.add_argument("--keep-bf16", nargs="*", default=None, metavar="PATTERN",
+                   help="module-path patterns (fnmatch, or re:REGEX) left in 16 bits; each must match a linear "
+                   f"(default: {', '.join(FLUX_KEEP)}, those the model has)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="dtype of the float model and of the unquantized parts" + d)
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and synthetic text" + d)
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"seed of the calibration noise and synthetic text, in [0, {MAX_SEED}]" + d)
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (layers, sites, bytes before/after) and write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a previous output of this tool (holds permuquant.json) or empty; "
+                   "the old one is removed only once the new one is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
-def _parse_alphas(text: str) -> tuple[float, ...]:
-    try:
-        alphas = tuple(float(a) for a in text.split(",") if a.strip())
-    except ValueError:
-        raise UsageError(f"--alpha must be comma-separated numbers in [0, 1], found {text!r}") from None
-    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise UsageError(f"--alpha values must lie in [0, 1], found {text!r}")
-    return alphas
-
-
 def _validate(args: argparse.Namespace) -> None:
+    """Every option on its own (ranges, finiteness, patterns); no file is read. Raises UsageError."""
+    from permuquant_jax.convert.validate import (
+        UsageError,
+        compile_patterns,
+        require_finite,
+        require_int_range,
+        require_multiple,
+    )
     from permuquant_jax.formats.registry import get_format
 
     if not args.dry_run and not args.out:
         raise UsageError("--out DST is required (or use --dry-run to only print the plan)")
-    get_format(args.format)  # raises with the list of known names
-    for name in ("calib_samples", "timesteps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
-    if args.heldout_samples < 0:
-        raise UsageError(f"--heldout-samples must be >= 0, found {args.heldout_samples}")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, found {args.steps}")
-    if args.resolution is not None and (args.resolution < 16 or args.resolution % 16):
-        raise UsageError(f"--resolution must be a positive multiple of 16, found {args.resolution}")
-    if args.tau < 0:
-        raise UsageError(f"--tau must be >= 0, found {args.tau}")
-    if args.calib not in (None, "synthetic") and not Path(args.calib).is_file():
-        raise UsageError(f"--calib {args.calib}: no such file (expected an .npz with 'txt' and 'y', or 'synthetic')")
+    try:
+        get_format(args.format)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--format {args.format!r}: {' '.join(str(e).split())}") from None
+    for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0)):
+        require_int_range(name, getattr(args, name), lo)
+    require_int_range("seed", args.seed, 0, MAX_SEED)
+    require_multiple("resolution", args.resolution, 16)
+    require_finite("tau", args.tau, lo=0.0)
+    require_finite("guidance", args.guidance)
+    require_finite("smooth_alpha", args.smooth_alpha, lo=0.0, hi=1.0)
+    if args.hadamard_block not in HADAMARD_BLOCKS:
+        raise UsageError(f"--hadamard-block must be a power of two in {', '.join(map(str, HADAMARD_BLOCKS))}, "
+                         f"found {args.hadamard_block}")
+    compile_patterns("keep_bf16", args.keep_bf16 or ())
+    args.alphas = _parse_alphas(args.alpha)
+
+
+def _parse_alphas(text: str) -> tuple[float, ...]:
+    from permuquant_jax.convert.validate import parse_unit_floats
+
+    return parse_unit_floats("alpha", text)
+
+
+def source_paths(args: argparse.Namespace, src: Path) -> list[tuple[str, Path]]:
+    """Every input path of this run, labelled; DST may be none of them, contain or lie inside one.
+    (Options that read more inputs, e.g. prompt files or encoder folders, add theirs here.)"""
+    out = [("SRC", src)]
+    if args.calib not in (None, "synthetic"):
+        out.append(("--calib", Path(args.calib)))
+    return out
+
+
+def _validate_for_model(args: argparse.Namespace, src: Path) -> dict[str, Any]:
+    """Options against the checkpoint's config, read from the headers only (no weights): --keep-bf16
+    patterns, widths vs format group and Hadamard block, synthetic calibration, the --calib file."""
+    from permuquant_jax.convert.checkpoint import read_flux_config
+    from permuquant_jax.convert.validate import UsageError, check_widths, effective_keep, linear_paths, load_calib_npz
+    from permuquant_jax.formats.registry import get_format
+    from permuquant_jax.models.flux import abstract_flux, param_count
+    from permuquant_jax.quant.baselines import uses_hadamard
+    from permuquant_jax.quant.flux_plan import FLUX_KEEP
+
+    config = read_flux_config(src)
+    abstract = abstract_flux(config, args.dtype)
+    widths = linear_paths(abstract)
+    keep = effective_keep(args.keep_bf16, FLUX_KEEP, widths)
+    fmt = get_format(args.format)
+    hb = args.hadamard_block if uses_hadamard(args.method) else None
+    check_widths(widths, keep, group=fmt.group, format=fmt.name, hadamard_block=hb,
+                 segment_widths=(config.hidden_size, config.mlp_hidden_dim))
+    n_params = param_count(abstract)
+    toy = n_params < TOY_PARAMS
+    calib = args.calib
+    if calib is None:
+        if not toy:
+            raise UsageError(
+                f"{src} has {n_params / 1e9:.1f}B parameters: calibration needs real text conditioning; pass "
+                f"--calib FILE.npz with 'txt' [N, S, {config.context_in_dim}] T5 and 'y' [N, {config.vec_in_dim}] "
+                "CLIP embeddings")
+        calib = "synthetic"
+    if calib == "synthetic" and not toy:
+        raise UsageError(f"--calib synthetic is only for toy models (< {TOY_PARAMS / 1e6:.0f}M parameters); "
+                         f"{src} has {n_params / 1e9:.1f}B: pass --calib FILE.npz")
+    text = None
+    if calib != "synthetic":
+        text = load_calib_npz(calib, txt_width=config.context_in_dim, y_width=config.vec_in_dim)
+    return dict(config=config, abstract=abstract, keep=keep, toy=toy, n_params=n_params, calib=calib, text=text)
+
+
+_phase = ["starting"]
+
+
+def _enter(phase: str, msg: str | None = None) -> None:
+    """Start a phase of the job (named in the message of an interrupted run); a safe point for signals."""
+    from permuquant_jax.convert.atomic import check_interrupt
+
+    check_interrupt()
+    _phase[0] = phase
+    if msg:
+        _say(msg)
 
 
 def _say(msg: str) -> None:
@@ -154,11 +235,11 @@ def dry_run_plan(model: Any, *, method: str, format: str, keep: Sequence[str]) -
     return plan
 
 
-def _dry_run(model: Any, args: argparse.Namespace, src_desc: str) -> int:
+def _dry_run(model: Any, args: argparse.Namespace, src_desc: str, keep: Sequence[str]) -> int:
     from permuquant_jax.formats.registry import get_format
 
     fmt = get_format(args.format)
-    plan = dry_run_plan(model, method=args.method, format=args.format, keep=args.keep_bf16)
+    plan = dry_run_plan(model, method=args.method, format=args.format, keep=keep)
     quant = [lay for lay in plan["layers"] if not lay["keep"]]
     kept = [lay for lay in plan["layers"] if lay["keep"]]
     print(f"source: {src_desc}")
@@ -193,147 +274,191 @@ def _source_sha256(src: Path, progress: bool) -> str:
 
 
 def _rel_err(model: Any, batches: Sequence[dict], refs: Sequence[Any]) -> float:
-    """Relative L2 error of `model`'s outputs on `batches` against the float outputs `refs`."""
+    """Relative L2 error of `model`'s outputs on `batches` against the float outputs `refs`; a
+    non-finite output is an error naming the first batch where it appears."""
     import jax.numpy as jnp
 
+    from permuquant_jax.convert.validate import check_error_finite
     from permuquant_jax.quant.flux_plan import flux_forward
 
     num = den = 0.0
-    for b, r in zip(batches, refs, strict=True):
+    for i, (b, r) in enumerate(zip(batches, refs, strict=True)):
         y = flux_forward(model, b).astype(jnp.float32)
         num += float(jnp.sum((y - r) ** 2))
         den += float(jnp.sum(r**2))
+        check_error_finite(num, f"the held-out error (quantized model's output on held-out batch {i} of "
+                           f"{len(batches)})")
     return (num / max(den, 1e-30)) ** 0.5
 
 
 def run(args: argparse.Namespace) -> int:
+    """The whole job for parsed `args`; returns the exit code (errors are raised)."""
     import jax
     import jax.numpy as jnp
 
     import permuquant_jax
-    from permuquant_jax.convert.atomic import atomic_output_dir, check_output_dir
-    from permuquant_jax.convert.checkpoint import default_checkpoint_path, load_flux, read_flux_config
+    from permuquant_jax.convert import validate as v
+    from permuquant_jax.convert.atomic import atomic_output_dir, check_output_dir, deferred_signals
+    from permuquant_jax.convert.checkpoint import default_checkpoint_path, load_flux
     from permuquant_jax.convert.saved import save_quantized
-    from permuquant_jax.models.flux import abstract_flux, param_count
-    from permuquant_jax.quant.baselines import check_method
-    from permuquant_jax.quant.flux_plan import (
-        flux_calibration_batches,
-        flux_forward,
-        load_text_embeddings,
-        quantize_flux,
-    )
+    from permuquant_jax.quant import calibrate
+    from permuquant_jax.quant.flux_plan import flux_calibration_batches, flux_forward, quantize_flux
+    from permuquant_jax.quant.sites import find_linears, match_any
 
     t0 = time.perf_counter()
     _validate(args)
-    alphas = _parse_alphas(args.alpha)
-    check_method(args.method, args.hadamard_block)
-    if not args.dry_run:
-        check_output_dir(args.out, overwrite=args.overwrite)
-    progress = not args.no_progress
     src = Path(args.src) if args.src else default_checkpoint_path()
     src_desc = str(src) if args.src else f"{src} (embedded tiny model)"
     if not src.exists():
         raise UsageError(f"SRC {src}: no such file or directory")
-
-    text = None
-    if args.calib not in (None, "synthetic"):
-        text = load_text_embeddings(args.calib)  # fail on a bad file before the (long) model load
-
-    dtype = jnp.dtype(args.dtype)
+    sources = source_paths(args, src)
+    if not args.dry_run:
+        v.check_not_source(args.out, sources)
+        check_output_dir(args.out, overwrite=args.overwrite)
+    m = _validate_for_model(args, src)
+    keep, calib, text = m["keep"], m["calib"], m["text"]
     if args.dry_run:  # the plan needs shapes only: read the headers, build the model abstractly
-        return _dry_run(abstract_flux(read_flux_config(src), dtype), args, src_desc)
-    model = load_flux(src, dtype=dtype, progress=progress)
-    if text is not None and (text[0].shape[-1], text[1].shape[-1]) != (model.config.context_in_dim,
-                                                                        model.config.vec_in_dim):
-        raise UsageError(
-            f"--calib {args.calib}: 'txt' has width {text[0].shape[-1]} and 'y' {text[1].shape[-1]}, the model "
-            f"expects {model.config.context_in_dim} (T5) and {model.config.vec_in_dim} (CLIP pooled)")
-    n_params = param_count(model)
-    toy = n_params < TOY_PARAMS
+        return _dry_run(m["abstract"], args, src_desc, keep)
 
-    calib = args.calib
-    if calib is None:
-        if not toy:
-            raise UsageError(
-                f"{src} has {n_params / 1e9:.1f}B parameters: calibration needs real text conditioning; pass "
-                "--calib FILE.npz with 'txt' [N, S, 4096] T5 and 'y' [N, 768] CLIP embeddings")
-        calib = "synthetic"
-    if calib == "synthetic":
-        if not toy:
-            raise UsageError(f"--calib synthetic is only for toy models (< {TOY_PARAMS / 1e6:.0f}M parameters); "
-                             f"{src} has {n_params / 1e9:.1f}B: pass --calib FILE.npz")
-        _say("WARNING: calibrating on SYNTHETIC random text embeddings (toy model). The permutations and "
-             "scales are only as meaningful as that data; use --calib FILE.npz for real models.")
-    res = args.resolution or (256 if toy else 1024)
-    common = dict(text=text, num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
-                  guidance=args.guidance, progress=progress)
-    _say(f"sampling {args.calib_samples} calibration trajectories at {res}x{res} ...")
-    batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, **common)
-    heldout = (flux_calibration_batches(model, num_samples=args.heldout_samples, seed=args.seed + 10_000, **common)
-               if args.heldout_samples else [])
+    progress = not args.no_progress
+    dtype = jnp.dtype(args.dtype)
+    with atomic_output_dir(args.out, overwrite=args.overwrite, sources=sources) as tmp:
+        _enter("loading", f"loading {src} ...")
+        model = load_flux(src, dtype=dtype, progress=progress)
+        n_params, toy = m["n_params"], m["toy"]
+        if calib == "synthetic":
+            _say("WARNING: calibrating on SYNTHETIC random text embeddings (toy model). The permutations and "
+                 "scales are only as meaningful as that data; use --calib FILE.npz for real models.")
+        res = args.resolution or (256 if toy else 1024)
+        common = dict(text=text, num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
+                      guidance=args.guidance, progress=progress)
+        _enter("compiling", f"sampling {args.calib_samples} calibration trajectories at {res}x{res} "
+               "(compiling the model first) ...")
+        batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, **common)
+        _enter("sampling")
+        heldout = (flux_calibration_batches(model, num_samples=args.heldout_samples, seed=args.seed + 10_000,
+                                            **common) if args.heldout_samples else [])
+        v.check_batches_finite(batches, "calibration")
+        v.check_batches_finite(heldout, "held-out")
+        refs = [flux_forward(model, b).astype(jnp.float32) for b in heldout]
+        for i, r in enumerate(refs):
+            hit = v.first_nonfinite({"output": r})
+            if hit:
+                raise v.NonFiniteError(f"the float model's output on held-out batch {i} holds {hit[2]} at index "
+                                       f"{hit[1]}; nothing was written")
 
-    refs = [flux_forward(model, b).astype(jnp.float32) for b in heldout]
-    before = param_bytes(model)
-    model, report = quantize_flux(
-        model, batches, method=args.method, format=args.format, alphas=alphas, tau=args.tau,
-        keep_bf16=tuple(args.keep_bf16), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
-        act_scale=args.act_scale, progress=progress,
-    )
-    after = param_bytes(model)
-    err = _rel_err(model, heldout, refs) if heldout else float("nan")
+        _enter("calibrating", "calibrating ...")
+        targets = [p for p in find_linears(model) if not match_any(p, keep)]
+        stats = calibrate(model, batches, targets, progress=progress)
+        v.check_stats_finite(stats)
+        before = param_bytes(model)
+        _enter("quantizing", "choosing permutations and quantizing ...")
+        model, report = quantize_flux(
+            model, batches, method=args.method, format=args.format, alphas=args.alphas, tau=args.tau,
+            keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
+            act_scale=args.act_scale, stats=stats, progress=progress,
+        )
+        v.check_report_finite(report)
+        after = param_bytes(model)
+        _enter("evaluating")
+        err = _rel_err(model, heldout, refs) if heldout else None
 
-    metadata = dict(
-        format=args.format,
-        method=args.method,
-        settings=dict(alphas=list(alphas), tau=args.tau, hadamard_block=args.hadamard_block,
-                      smooth_alpha=args.smooth_alpha, act_scale=args.act_scale, keep_bf16=list(args.keep_bf16),
-                      calib=calib if calib == "synthetic" else str(Path(calib).absolute()),
-                      calib_samples=args.calib_samples, steps=args.steps, timesteps=args.timesteps,
-                      resolution=res, guidance=args.guidance, seed=args.seed),
-        source=dict(path=str(src.absolute()), sha256=_source_sha256(src, progress), embedded=not args.src),
-        heldout_rel_error=err,
-        permutations=report.permutations,
-        act_global_scales={k: v.get("act_global_scale") for k, v in report.layers.items()},
-        sites_accepted=report.n_accepted,
-        sites_total=report.n_sites,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-    _say(f"writing {args.out} ...")
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
-        save_quantized(model, tmp, metadata=metadata, report=report)
+        metadata = dict(
+            format=args.format,
+            method=args.method,
+            settings=dict(alphas=list(args.alphas), tau=args.tau, hadamard_block=args.hadamard_block,
+                          smooth_alpha=args.smooth_alpha, act_scale=args.act_scale, keep_bf16=list(keep),
+                          calib=calib if calib == "synthetic" else str(Path(calib).absolute()),
+                          calib_samples=args.calib_samples, heldout_samples=args.heldout_samples,
+                          steps=args.steps, timesteps=args.timesteps, resolution=res, guidance=args.guidance,
+                          seed=args.seed),
+            source=dict(path=str(src.absolute()), sha256=_source_sha256(src, progress), embedded=not args.src),
+            heldout_rel_error=err,
+            permutations=report.permutations,
+            act_global_scales={k: val.get("act_global_scale") for k, val in report.layers.items()},
+            sites_accepted=report.n_accepted,
+            sites_total=report.n_sites,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        _enter("saving", f"writing {args.out} ...")
+        with deferred_signals():  # orbax writes with threads: let it finish, then clean up if interrupted
+            save_quantized(model, tmp, metadata=metadata, report=report)
     wall = time.perf_counter() - t0
 
+    err_s = "n/a (--heldout-samples 0)" if err is None else f"{err:.4f} (quantized vs float output, " \
+        f"{len(heldout)} batches)"
     rows = [
         ("source", src_desc),
         ("method / format", f"{args.method} / {args.format}"),
         ("parameters", f"{n_params / 1e6:.2f}M"),
         ("parameter bytes", f"{_human(before)} -> {_human(after)} ({before / max(after, 1):.2f}x smaller)"),
         ("sites accepted", f"{report.n_accepted} / {report.n_sites} (layer-sites, stacked blocks counted per layer)"),
-        ("held-out rel. error", f"{err:.4f} (quantized vs float output, {len(heldout)} batches)"),
+        ("held-out rel. error", err_s),
         ("wall time", f"{wall:.1f} s"),
         ("output", str(Path(args.out).absolute())),
         ("versions", f"permuquant-jax {permuquant_jax.__version__}, jax {jax.__version__}"),
     ]
     width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print("\n".join(f"{k:<{width}}  {val}" for k, val in rows))
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _interrupted(signame: str) -> str:
+    return f"interrupted by {signame} while {_phase[0]}: nothing was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point; returns the exit code (0 ok, 2 user error, 130 SIGINT, 143 SIGTERM).
+
+    SIGINT and SIGTERM are handled for the whole run (see `atomic`): the temporary output is removed
+    and one line says so. Errors of the input print one `error: ...` line (PERMUQUANT_DEBUG=1: the
+    traceback).
+    """
+    from permuquant_jax.convert.atomic import interrupt_handlers
+
+    _phase[0] = "starting"
+    with interrupt_handlers():
+        for _ in range(3):  # a second signal while reporting the first one: report again
+            try:
+                return _main(argv)
+            except Interrupted as e:
+                acknowledge()
+                _say(_interrupted(e.name))
+                return e.exit_code
+            except KeyboardInterrupt:  # raised by code, not by our handler
+                acknowledge()
+                _say(_interrupted("SIGINT"))
+                return 130
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from permuquant_jax.convert.atomic import OutputError
     from permuquant_jax.convert.safetensors_io import CheckpointError
 
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a malformed command line (one `error:` line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:
         return run(args)
-    except KeyboardInterrupt:
-        _say("interrupted: nothing was written")
-        return 130
     except (CheckpointError, OutputError, UsageError, ValueError, OSError) as e:
+        acknowledge_if_interrupted()
         if os.environ.get("PERMUQUANT_DEBUG"):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        _say(f"error: {msg}")
+        _say(f"error: {_one_line(e)}")
         return 2
+
+
+def acknowledge_if_interrupted() -> None:
+    """If a signal is pending, re-raise it (it wins over the error it interrupted)."""
+    from permuquant_jax.convert.atomic import check_interrupt
+
+    check_interrupt()

@@ -9,13 +9,15 @@ Layout of a saved model directory::
       permuquant.json    metadata: format version, library and JAX versions, FluxConfig, format,
                          method and its settings, the quantized layers (how to rebuild them), the
                          manifest of tensors (shape, dtype) and a SHA-256 of their bytes, the source
-                         checkpoint and its hash
+                         checkpoint and its hash, and `fields_sha256`: a SHA-256 of every other field
+                         (of each entry of the fields that are objects), so an edit is named on load
       report.json        the PermuQuant report (per site: candidates, errors, choice)
       report.md          the same, for people
 
 `load(DST)` rebuilds the module structure from the metadata without allocating float weights
-(`nnx.eval_shape`), restores the arrays and checks their hash, so a corrupted or mismatched directory
-fails with a clear error instead of computing garbage.
+(`nnx.eval_shape`), checks the hash of every metadata field before using it, restores the arrays and
+checks their hash, so a corrupted, edited or mismatched directory fails with a `SavedModelError` naming
+what changed instead of computing something else. All JSON is strict (no NaN / Infinity).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import permuquant_jax
 from permuquant_jax.models.flux import FluxConfig, FluxDiT, abstract_flux
 from permuquant_jax.quant.linear import QuantLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fields_sha256 covers the metadata, strict JSON
 METADATA_FILE = "permuquant.json"
 PARAMS_DIR = "params"
 
@@ -100,6 +102,67 @@ def _tensor_hash(arrays: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(_canonical(value)).hexdigest()
+
+
+DIGEST_FIELD = "fields_sha256"
+
+
+def field_digests(meta: dict[str, Any]) -> dict[str, Any]:
+    """SHA-256 of every metadata field but `fields_sha256` itself; a field that is a JSON object gets
+    one per entry (so a mismatch names e.g. `config.theta`), under the key `{field: {entry: sha}}`."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if k == DIGEST_FIELD:
+            continue
+        out[k] = {sub: _sha(x) for sub, x in v.items()} if isinstance(v, dict) else _sha(v)
+    return out
+
+
+def _first_mismatch(recorded: Any, actual: dict[str, Any]) -> str | None:
+    """The name of the first field (or `field.entry`) whose digest differs, was added or removed."""
+    if not isinstance(recorded, dict):
+        return DIGEST_FIELD
+    for k in sorted(set(recorded) | set(actual)):
+        r, a = recorded.get(k), actual.get(k)
+        if r is None or a is None:
+            return k
+        if isinstance(a, dict) or isinstance(r, dict):
+            if not (isinstance(a, dict) and isinstance(r, dict)):
+                return k
+            for sub in sorted(set(r) | set(a)):
+                if r.get(sub) != a.get(sub):
+                    return f"{k}.{sub}"
+        elif r != a:
+            return k
+    return None
+
+
+def strict_json(value: Any, *, indent: int | None = 1, what: str = "metadata") -> str:
+    """JSON text of `value` with no NaN / Infinity (a ValueError names the first offending field)."""
+    try:
+        return json.dumps(value, indent=indent, sort_keys=True, allow_nan=False, default=_json_default)
+    except ValueError:
+        bad = "?"
+        if isinstance(value, dict):
+            for k, v in value.items():
+                try:
+                    json.dumps(v, allow_nan=False, default=_json_default)
+                except ValueError:
+                    bad = k
+                    break
+        raise ValueError(f"{what}: field {bad!r} holds NaN or Infinity, which strict JSON cannot hold") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
 def _resolve(model: nnx.Module, dotted: str) -> tuple[Any, str]:
     """(parent object, attribute name) of a dotted module path."""
     parts = dotted.split(".")
@@ -160,12 +223,21 @@ def save_quantized(
         tensors={k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(arrays.items())},
         tensors_sha256=_tensor_hash(arrays),
     )
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save((directory / PARAMS_DIR).absolute(), arrays)
-        ckptr.wait_until_finished()
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
+    meta.pop(DIGEST_FIELD, None)
+    meta = json.loads(strict_json(meta, what=METADATA_FILE))  # the values exactly as a reader will see them
+    meta[DIGEST_FIELD] = field_digests(meta)
+    report_text = None
+    if report is not None:  # strict JSON too: a NaN error is a failed run, not a number to write
+        report_text = strict_json(json.loads(report.to_json()), what="report.json")
+    # Synchronous: when save() returns no background thread is still writing into `directory`.
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        ckptr.save((directory / PARAMS_DIR).absolute(), args=ocp.args.StandardSave(arrays))
+    finally:
+        ckptr.close()
+    (directory / METADATA_FILE).write_text(strict_json(meta))
     if report is not None:
-        (directory / "report.json").write_text(report.to_json())
+        (directory / "report.json").write_text(report_text)
         (directory / "report.md").write_text(report.to_markdown())
     return meta
 
@@ -190,12 +262,15 @@ def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     if not meta_file.is_file():
         raise SavedModelError(f"{directory} has no {METADATA_FILE}: not a permuquant-jax model directory")
     try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(meta_file.read_text(), parse_constant=_reject_constant)
+    except OSError as e:
+        raise SavedModelError(f"{meta_file}: cannot read the file ({e.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise SavedModelError(f"{meta_file} is corrupted (not valid JSON: {e})") from None
-    for key in ("format_version", "library_version", "config", "quant_layers", "tensors", "tensors_sha256"):
-        if key not in meta:
-            raise SavedModelError(f"{meta_file} lacks the key {key!r}: corrupted or not written by permuquant-jax")
+    if not isinstance(meta, dict):
+        raise SavedModelError(f"{meta_file} is corrupted (a JSON {type(meta).__name__}, expected an object)")
+    if "format_version" not in meta:
+        raise SavedModelError(f"{meta_file} lacks the key 'format_version': corrupted or not written by permuquant-jax")
     if meta["format_version"] != FORMAT_VERSION:
         raise SavedModelError(
             f"{meta_file} has format_version {meta['format_version']}, this permuquant-jax "
@@ -206,6 +281,14 @@ def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
             f"{directory} was written by permuquant-jax {meta['library_version']}, newer than the installed "
             f"{permuquant_jax.__version__}: upgrade permuquant-jax"
         )
+    for key in ("config", "quant_layers", "tensors", "tensors_sha256", DIGEST_FIELD):
+        if key not in meta:
+            raise SavedModelError(f"{meta_file} lacks the key {key!r}: corrupted or not written by permuquant-jax")
+    bad = _first_mismatch(meta[DIGEST_FIELD], field_digests(meta))
+    if bad is not None:
+        raise SavedModelError(
+            f"{meta_file}: field {bad!r} does not match the SHA-256 recorded when the model was written "
+            "(edited or corrupted); convert the model again")
     return meta
 
 
@@ -238,21 +321,33 @@ def load(directory: str | os.PathLike, *, backend: str = "auto") -> FluxDiT:
         config = FluxConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
     except (TypeError, ValueError) as e:
         raise SavedModelError(f"{directory / METADATA_FILE}: invalid config: {e}") from None
-    dtype = jnp.dtype(meta.get("dtype", "bfloat16"))
-    model = abstract_flux(config, dtype)
+    try:
+        dtype = jnp.dtype(meta.get("dtype", "bfloat16"))
+        model = abstract_flux(config, dtype)
+    except (TypeError, ValueError) as e:
+        raise SavedModelError(f"{directory / METADATA_FILE}: invalid config or dtype: {e}") from None
     for dotted, spec in meta["quant_layers"].items():
-        spec = dict(spec)
-        spec["param_dtype"] = jnp.dtype(spec["param_dtype"])
+        try:
+            spec = dict(spec)
+            spec["param_dtype"] = jnp.dtype(spec["param_dtype"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise SavedModelError(f"{directory}: quantized layer {dotted!r} has an invalid spec ({e})") from None
         try:
             parent, name = _resolve(model, dotted)
         except AttributeError:
             raise SavedModelError(f"{directory}: quantized layer {dotted!r} does not exist in a FLUX model") from None
-        layer = nnx.eval_shape(lambda spec=spec: QuantLinear(**spec, backend=backend))
+        try:
+            layer = nnx.eval_shape(lambda spec=spec: QuantLinear(**spec, backend=backend))
+        except (TypeError, ValueError) as e:
+            raise SavedModelError(f"{directory}: quantized layer {dotted!r} has an invalid spec ({e})") from None
         setattr(parent, name, layer)
 
-    targets = {
-        k: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for k, v in meta["tensors"].items()
-    }
+    try:
+        targets = {
+            k: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for k, v in meta["tensors"].items()
+        }
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise SavedModelError(f"{directory / METADATA_FILE}: invalid tensor manifest ({e})") from None
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise SavedModelError(f"{directory} has no {PARAMS_DIR}/ directory (interrupted copy?)")
