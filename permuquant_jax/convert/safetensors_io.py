@@ -376,34 +376,38 @@ class SafetensorsFile:
             yield key, self.read(key, dtype, check_finite=check_finite)
 
 
-# Per float dtype: (unsigned view, mask, value): a value is NaN/Inf iff (bits & mask) == value.
-_NONFINITE_BITS: dict[np.dtype, tuple[type, int, int]] = {
-    np.dtype(np.float64): (np.uint64, 0x7FF0_0000_0000_0000, 0x7FF0_0000_0000_0000),
-    np.dtype(np.float32): (np.uint32, 0x7F80_0000, 0x7F80_0000),
-    np.dtype(np.float16): (np.uint16, 0x7C00, 0x7C00),
-    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80, 0x7F80),
+# Per float dtype: (unsigned view, mask, least non-finite): a value is NaN/Inf iff its bits with
+# the sign masked off are >= the last number (exponent all ones). The fnuz types have one NaN code
+# (0x80, "negative zero") and no Inf: mask None, exact match.
+_NONFINITE_BITS: dict[np.dtype, tuple[type, int | None, int]] = {
+    np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7FFF, 0x7F80),
     np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, 0x7F, 0x7F),
-    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, 0x7C, 0x7C),
-    np.dtype(ml_dtypes.float8_e4m3fnuz): (np.uint8, 0xFF, 0x80),
-    np.dtype(ml_dtypes.float8_e5m2fnuz): (np.uint8, 0xFF, 0x80),
+    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, 0x7F, 0x7C),
     np.dtype(ml_dtypes.float8_e8m0fnu): (np.uint8, 0xFF, 0xFF),
+    np.dtype(ml_dtypes.float8_e4m3fnuz): (np.uint8, None, 0x80),
+    np.dtype(ml_dtypes.float8_e5m2fnuz): (np.uint8, None, 0x80),
 }
 
 
 def all_finite(arr: np.ndarray) -> bool:
-    """True if the float array ``arr`` holds no NaN/Inf (a bit test in bounded chunks: no float
-    ufuncs, no scratch array the size of ``arr``). Non-float arrays are always finite."""
+    """True if the float array ``arr`` holds no NaN/Inf (an integer test on the bits in bounded
+    chunks: no float ufuncs, no scratch array the size of ``arr``). Non-float arrays are always finite."""
     spec = _NONFINITE_BITS.get(arr.dtype)
     if spec is None:
         return bool(np.isfinite(arr).all()) if np.issubdtype(arr.dtype, np.inexact) else True
-    uint, mask, value = spec
+    uint, mask, least = spec
     flat = np.ascontiguousarray(arr).reshape(-1).view(uint)
+    if mask is None:
+        return not bool((flat == uint(least)).any())
     scratch = np.empty(min(flat.size, _FINITE_CHUNK), uint)
     for start in range(0, flat.size, _FINITE_CHUNK):
         part = flat[start : start + _FINITE_CHUNK]
         tmp = scratch[: part.size]
         np.bitwise_and(part, uint(mask), out=tmp)
-        if (tmp == uint(value)).any():
+        if tmp.max() >= least:
             return False
     return True
 
