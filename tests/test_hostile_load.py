@@ -581,6 +581,9 @@ def test_another_model(tmp_path):
     t5 = tmp_path / "t5xxl_fp16.safetensors"
     save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((2, 2), np.float16)}, str(t5))
     expect_error(t5, "looks like a T5 text encoder")
+    evil = tmp_path / "evil.safetensors"
+    save_file({"evil\nerror: fake second line.weight": np.zeros(2, np.float16)}, str(evil))
+    expect_error(evil, "looks like another model", "key 'evil\\nerror: fake second line.weight'")
     nothing = tmp_path / "nothing.safetensors"
     save_file({}, str(nothing))
     expect_error(nothing, "holds no tensors")

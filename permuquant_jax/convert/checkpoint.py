@@ -27,7 +27,6 @@ from flax import nnx
 
 from permuquant_jax.convert.keymap import SourceTensor, bfl_keymap, diffusers_keymap
 from permuquant_jax.convert.safetensors_io import (
-    FLOAT_DTYPES,
     CheckpointError,
     SafetensorsCollection,
     SafetensorsFile,
@@ -44,6 +43,7 @@ DIFFUSERS_CLASS = "FluxTransformer2DModel"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _LOADABLE = (jnp.bfloat16, jnp.float16, jnp.float32)
+STORED_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # what FLUX weights may be stored as
 
 
 def default_checkpoint_path() -> Path:
@@ -435,10 +435,10 @@ def _check_keys(source: CheckpointSource, table: dict[str, SourceTensor], cfg: F
                 f"{list(found)} (for {_describe(cfg)})"
             )
         dtype = source.files[k].tensors[present[k]].dtype
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in STORED_DTYPES:
             raise CheckpointError(
                 f"{source.where(k)}: key '{present[k]}': expected a float tensor "
-                f"(BF16, F16, F32, F8_E4M3), found {dtype}"
+                f"({', '.join(STORED_DTYPES)}), found {dtype}"
             )
 
 

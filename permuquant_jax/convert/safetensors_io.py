@@ -65,7 +65,12 @@ _FINITE_CHUNK = 1 << 20  # elements per step of the finiteness check (bounded sc
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line naming file, key, expected/found."""
+    """A checkpoint that cannot be loaded; the message is one line naming file, key, expected/found.
+
+    Line breaks inside the message (a key or path that holds one) are escaped, so it stays one line."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def _short(value: object, limit: int = 80) -> str:
