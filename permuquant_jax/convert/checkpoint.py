@@ -471,7 +471,8 @@ def load_flux(
     ``path``: a BFL single ``.safetensors`` file, a diffusers ``transformer/`` folder, a diffusers
     pipeline folder, or None for the tiny model shipped in the package. ``config`` overrides the
     config inferred from the checkpoint (keys and shapes are checked against it). Stored tensors may
-    be any of ``STORED_DTYPES`` (BF16, F16, F32, F64, F8_E4M3, F8_E5M2); each is read, cast to ``dtype`` and placed in turn.
+    be any of ``STORED_DTYPES`` (BF16, F16, F32, F64, F8_E4M3, F8_E5M2); each is read, cast to
+    ``dtype`` and placed in turn.
 
     ``check_finite`` (default on): every loaded parameter is checked for NaN/Inf as it is placed (a
     bit test, a few percent of the load time); the error names the file and the checkpoint's own key,
