@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     if npz is not None:
         calib_prompts = prompts or builtin_prompts()
         _say(f"encoding {len(calib_prompts)} prompts for calibration ...")
-        txt, y = calibration_text(pipe, calib_prompts, batch_size=max(args.batch, 8), progress=progress)
+        txt, y = calibration_text(pipe, calib_prompts, batch_size=args.batch, progress=progress)
         save_calibration_npz(npz, txt, y, calib_prompts, half=dtype != jnp.float32, overwrite=args.overwrite)
         rows.append(("calibration text", f"{npz} (txt {list(txt.shape)}, y {list(y.shape)})"))
 
