@@ -8,6 +8,7 @@ logarithmic buckets, up to and past the maximum distance, are used).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -64,7 +65,7 @@ def _run_reference(model, ids: np.ndarray, state: dict[str, np.ndarray] | None =
     if state is not None:  # the rounded weights a file holds, back in float32
         model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, strict=False)
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+        return model(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.float().numpy()
 
 
 @nnx.jit
@@ -115,9 +116,12 @@ def test_t5_pipeline_folder_sharded_fp32_parity(t5):
     assert out.shape == ref.shape == (2, SEQ, TINY["d_model"])
     err = _rel_err(out, ref)
     assert err <= 1e-5, (err, t5["seed"])
-    # The same folder loaded in bf16 computes the same function to bf16 accuracy.
+    # Loaded in bf16, the model is as far from fp32 as transformers' own bf16 model is (relative L2).
     out16 = np.asarray(_encode(load_t5(folder / "text_encoder_2", dtype=jnp.bfloat16), jnp.asarray(t5["ids"])))
-    assert out16.dtype == jnp.bfloat16 and _rel_err(out16.astype(np.float32), ref) < 5e-2
+    assert out16.dtype == jnp.bfloat16
+    ref16 = _run_reference(copy.deepcopy(t5["model"]).to(torch.bfloat16), t5["ids"]).astype(np.float32)
+    err16, ref_err16 = (np.linalg.norm(x.astype(np.float32) - ref) / np.linalg.norm(ref) for x in (out16, ref16))
+    assert err16 <= 1.25 * ref_err16 + 1e-3, (err16, ref_err16, t5["seed"])
 
 
 @pytest.mark.parametrize("kind", ["fp16_both_embeddings", "fp8_embed_tokens_only"])

@@ -150,6 +150,35 @@ def test_clip_from_tokenizer_json_and_pad_token(tmp_path, clip_reference):
     np.testing.assert_array_equal(load_clip_tokenizer(tmp_path / "tokenizer.json")(PROMPTS[:30]), ours)
 
 
+def test_clip_flux_style_folder_matches_from_pretrained(tmp_path):
+    # A diffusers tokenizer/ folder as FLUX ships it: vocab.json + merges.txt + the two JSON files, whose
+    # special tokens are "normalized" (matched after lowercasing, so "<|STARTOFTEXT|>" is one too).
+    transformers = pytest.importorskip("transformers")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((default_clip_tokenizer_path() / name).read_bytes())
+    special = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": True}
+    config = {
+        "added_tokens_decoder": {
+            "49406": {"content": "<|startoftext|>", **special},
+            "49407": {"content": "<|endoftext|>", **special},
+        },
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    prompts = PROMPTS + ["<|STARTOFTEXT|> upper <|EndOfText|> case", "a<|endoftext|>b"]
+    ref = _reference_ids(transformers.CLIPTokenizer.from_pretrained(str(tmp_path)), prompts, 77)
+    ours = load_clip_tokenizer(tmp_path)(prompts)
+    for prompt, a, b in zip(prompts, ours, ref, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=repr(prompt))
+    assert (ours[-2, :4] == [49406, 49406, 7067, 49407]).all()
+
+
 # ---------------------------------------------------------------- T5
 
 
