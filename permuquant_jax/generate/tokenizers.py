@@ -14,7 +14,6 @@ Both give fixed-length int32 id arrays exactly as the references tokenize for FL
 from __future__ import annotations
 
 import importlib.resources
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from permuquant_jax.convert.safetensors_io import CheckpointError
+from permuquant_jax.convert.safetensors_io import CheckpointError, load_json
 
 CLIP_MAX_LENGTH = 77
 CLIP_BOS = "<|startoftext|>"
@@ -88,16 +87,6 @@ def _check_max_length(max_length) -> None:
         )
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found a {type(data).__name__}")
-    return data
-
-
 def _token_content(value) -> str | None:
     """A special token as transformers writes it: a string or ``{"content": ...}``."""
     if isinstance(value, dict):
@@ -110,7 +99,7 @@ def _configured_token(folder: Path, name: str) -> str | None:
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
         f = folder / fname
         if f.is_file():
-            token = _token_content(_read_json(f).get(name))
+            token = _token_content(load_json(f, "tokenizer JSON file").get(name))
             if token is not None:
                 return token
     return None
@@ -135,7 +124,7 @@ def _added_tokens(folder: Path, defaults: Sequence[str]) -> list[AddedToken]:
     """Special tokens matched in the raw text, as transformers adds them: the folder's
     tokenizer_config.json ``added_tokens_decoder`` when present, else ``defaults`` (not normalized)."""
     config = folder / "tokenizer_config.json"
-    entries = _read_json(config).get("added_tokens_decoder") if config.is_file() else None
+    entries = load_json(config, "tokenizer_config.json").get("added_tokens_decoder") if config.is_file() else None
     if not isinstance(entries, dict) or not entries:
         return [AddedToken(t, normalized=False, special=True) for t in defaults]
     out = []
