@@ -123,7 +123,7 @@ def test_clip_shipped_vocabulary_is_openai_clip(clip_tok):
 
 def test_clip_ids_match_transformers(clip_tok, clip_reference):
     tok = clip_tok
-    assert tok.max_length == CLIP_MAX_LENGTH and tok.pad_id == 49407
+    assert tok.max_length == CLIP_MAX_LENGTH and tok.pad_id == 49407 and tok.vocab_size == 49408
     ours = tok(PROMPTS)
     assert ours.dtype == np.int32 and ours.shape == (len(PROMPTS), 77)
     ref = _reference_ids(clip_reference, PROMPTS, 77)
@@ -229,7 +229,7 @@ def t5_folder(tmp_path_factory):
 def test_t5_ids_match_transformers(t5_folder, max_length):
     spm_dir, fast_dir, ref = t5_folder
     tok = load_t5_tokenizer(fast_dir, max_length=max_length)
-    assert tok.pad_id == 0 and tok.max_length == max_length
+    assert tok.pad_id == 0 and tok.max_length == max_length and tok.vocab_size == len(ref)
     ours = tok(PROMPTS)
     assert ours.dtype == np.int32 and ours.shape == (len(PROMPTS), max_length)
     for reference in (ref, type(ref).from_pretrained(str(fast_dir))):

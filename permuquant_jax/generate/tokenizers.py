@@ -59,6 +59,11 @@ class TextTokenizer:
         tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_token=pad_token, length=max_length)
 
     @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can emit (with added tokens): must not exceed the encoder's vocabulary."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
     def tokenizer(self) -> Tokenizer:
         """The underlying ``tokenizers.Tokenizer`` (truncation and padding configured)."""
         return self._tokenizer
