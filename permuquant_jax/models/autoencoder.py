@@ -196,13 +196,34 @@ class AttnBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        hn = self.norm(x).reshape(b, h * w, 1, c)
+        hn = self.norm(x).reshape(b, h * w, c)
         q, k, v = self.q(hn), self.k(hn), self.v(hn)
-        # Logits and softmax in float32 (the references upcast the softmax too).
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
+        return x + self.proj_out(_attend(q, k, v).reshape(b, h, w, c))
+
+
+# Queries per attention block: the float32 logits of one block are [batch, ATTN_BLOCK, tokens]
+# (a 1024x1024 image has 16384 latent tokens: 256 MiB per image instead of 1 GiB at once).
+ATTN_BLOCK = 4096
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(c)) v for q, k, v [B, T, C], logits and softmax in float32 (the
+    references upcast the softmax too); over blocks of queries when T is large (rows of a softmax
+    are independent, so the result is the same)."""
+    b, t, c = q.shape
+    size = block_size or ATTN_BLOCK
+
+    def block(qb: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bqc,bkc->bqk", qb, k, preferred_element_type=jnp.float32) / math.sqrt(c)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhc->bqhc", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
-        return x + self.proj_out(out.reshape(b, h, w, c))
+        return jnp.einsum("bqk,bkc->bqc", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+    if t <= size:
+        return block(q)
+    n = -(-t // size)
+    qp = jnp.pad(q, ((0, 0), (0, n * size - t), (0, 0)))
+    out = jax.lax.map(block, qp.reshape(b, n, size, c).transpose(1, 0, 2, 3))
+    return out.transpose(1, 0, 2, 3).reshape(b, n * size, c)[:, :t]
 
 
 class Downsample(nnx.Module):
