@@ -174,6 +174,11 @@ def test_clip_flux_style_folder_matches_from_pretrained(tmp_path):
     prompts = PROMPTS + ["<|STARTOFTEXT|> upper <|EndOfText|> case", "a<|endoftext|>b"]
     ref = _reference_ids(transformers.CLIPTokenizer.from_pretrained(str(tmp_path)), prompts, 77)
     ours = load_clip_tokenizer(tmp_path)(prompts)
+    pipeline = tmp_path.parent / (tmp_path.name + "_pipeline")
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    tmp_path.rename(pipeline / "tokenizer")  # the same files as a pipeline's tokenizer/
+    np.testing.assert_array_equal(load_clip_tokenizer(pipeline)(prompts), ours)
     for prompt, a, b in zip(prompts, ours, ref, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=repr(prompt))
     assert (ours[-2, :4] == [49406, 49406, 7067, 49407]).all()
@@ -229,6 +234,9 @@ def t5_folder(tmp_path_factory):
 def test_t5_ids_match_transformers(t5_folder, max_length):
     spm_dir, fast_dir, ref = t5_folder
     tok = load_t5_tokenizer(fast_dir, max_length=max_length)
+    if max_length == 16:  # the pipeline folder holding tokenizer_2/ gives the same tokenizer
+        (fast_dir.parent / "model_index.json").write_text("{}")
+        np.testing.assert_array_equal(load_t5_tokenizer(fast_dir.parent, 16)(PROMPTS), tok(PROMPTS))
     assert tok.pad_id == 0 and tok.max_length == max_length and tok.vocab_size == len(ref)
     ours = tok(PROMPTS)
     assert ours.dtype == np.int32 and ours.shape == (len(PROMPTS), max_length)

@@ -182,13 +182,16 @@ def _build_clip_bpe(vocab_path: Path, merges_path: Path) -> Tokenizer:
 
 def load_clip_tokenizer(path: str | os.PathLike | None = None, *, max_length: int = CLIP_MAX_LENGTH) -> TextTokenizer:
     """The CLIP tokenizer at ``path``: a folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``
-    (a diffusers ``tokenizer/`` folder), a ``tokenizer.json`` file, or None for the shipped vocabulary.
+    (a diffusers ``tokenizer/`` folder, or the pipeline folder holding it), a ``tokenizer.json`` file, or
+    None for the shipped vocabulary.
 
     Pads with the folder's ``pad_token`` (special_tokens_map.json / tokenizer_config.json), else
     ``<|endoftext|>`` (OpenAI's CLIP, FLUX).
     """
     _check_max_length(max_length)
     path = default_clip_tokenizer_path() if path is None else Path(path)
+    if (path / "model_index.json").is_file() and (path / "tokenizer").is_dir():
+        path = path / "tokenizer"  # a diffusers pipeline folder
     folder = path.parent if path.is_file() else path
     if path.is_file():
         tok = _from_file(path)
@@ -213,10 +216,12 @@ def load_clip_tokenizer(path: str | os.PathLike | None = None, *, max_length: in
 
 
 def load_t5_tokenizer(path: str | os.PathLike, max_length: int) -> TextTokenizer:
-    """The T5 tokenizer of ``tokenizer.json`` at ``path`` (a diffusers ``tokenizer_2/`` folder or the
-    file), truncating and padding to ``max_length`` (512 for FLUX.1-dev, 256 for schnell)."""
+    """The T5 tokenizer of ``tokenizer.json`` at ``path`` (a diffusers ``tokenizer_2/`` folder, the pipeline
+    folder holding it, or the file), truncating and padding to ``max_length`` (512 for FLUX.1-dev, 256 for schnell)."""
     _check_max_length(max_length)
     path = Path(path)
+    if (path / "model_index.json").is_file() and (path / "tokenizer_2").is_dir():
+        path = path / "tokenizer_2"  # a diffusers pipeline folder
     if path.is_dir():
         file = path / "tokenizer.json"
         if not file.is_file():
