@@ -189,6 +189,12 @@ def png_metadata(settings: dict[str, Any]) -> Any:
     return info
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 def write_png(path: Path, image: Any, settings: dict[str, Any], *, overwrite: bool) -> None:
     """Write a PNG atomically: a temporary file beside it, then a rename (no partial PNG ever)."""
     from PIL import Image
@@ -199,6 +205,7 @@ def write_png(path: Path, image: Any, settings: dict[str, Any], *, overwrite: bo
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(image).save(f, format="PNG", pnginfo=png_metadata(settings))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a PNG gets the usual permissions
         if overwrite:
             os.replace(tmp, path)
         else:
