@@ -205,6 +205,11 @@ def test_t5_bad_files_give_one_line_errors(t5, tmp_path):
 
     missing = write("missing.safetensors", {k: v for k, v in state.items() if k != q0})
     assert "missing key 'encoder.block.0.layer.0.SelfAttention.q.weight'" in _one_line_error(lambda: load_t5(missing))
+    no_embed = write(
+        "no_embed.safetensors", {k: v for k, v in state.items() if "embed" not in k and k != "shared.weight"}
+    )
+    msg = _one_line_error(lambda: load_t5(no_embed, config=T5Config(**TINY)))
+    assert "missing key 'shared.weight' (or 'encoder.embed_tokens.weight')" in msg
     extra = write("extra.safetensors", {**state, "encoder.block.0.layer.1.DenseReluDense.wi.weight": state[q0]})
     msg = _one_line_error(lambda: load_t5(extra))
     assert "unexpected key 'encoder.block.0.layer.1.DenseReluDense.wi.weight'" in msg and str(extra) in msg

@@ -495,9 +495,10 @@ def _check_keys(source: _Source, table: dict[str, EncoderTensor], describe: str)
     if missing:
         k = missing[0]
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        alt = " (or 'encoder.embed_tokens.weight')" if k == "shared.weight" else ""
         raise CheckpointError(
-            f"{source.tensors.path}: missing key '{source.prefix + k}' (expected shape {list(table[k].shape)})"
-            f"{more}; expected {describe}"
+            f"{source.tensors.path}: missing key '{source.prefix + k}'{alt} (expected shape "
+            f"{list(table[k].shape)}){more}; expected {describe}"
         )
     unexpected = [k for k in source.stored if k not in table]
     if unexpected:
