@@ -57,10 +57,8 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None
         assert n in lines[0], (n, lines[0])
 
 
-def test_embedded_default_end_to_end(tmp_path, capsys):
-    dst = tmp_path / "flux-tiny-nvfp4"
-    assert main(["--out", str(dst), *FAST]) == 0
-    out = capsys.readouterr().out
+def test_embedded_default_end_to_end(converted_tiny):
+    dst, out = converted_tiny.dst, converted_tiny.stdout  # `--out DST` + FAST, in tests/conftest.py
     for row in ("parameter bytes", "sites accepted", "held-out rel. error", "wall time"):
         assert row in out
     assert sorted(p.name for p in dst.iterdir()) == ["params", "permuquant.json", "report.json", "report.md"]
@@ -82,7 +80,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
         for leaf in ("w_global", "act_scale"):
             assert meta["tensors"][f"{path}.{leaf}"]["shape"] == spec["stack"], (path, leaf)
     # nothing else was left beside DST
-    assert [p.name for p in tmp_path.iterdir()] == ["flux-tiny-nvfp4"]
+    assert [p.name for p in dst.parent.iterdir()] == ["flux-tiny-nvfp4"]
     # the loaded model runs
     model = permuquant_jax.load(dst)
     b = flux_calibration_batches(model, num_samples=1, num_steps=2, calib_steps=1, height=32, width=48)[0]
@@ -154,7 +152,7 @@ def test_load_rejects_mismatched_or_corrupted(tmp_path, quantized_tiny):
     with pytest.raises(SavedModelError, match="upgrade permuquant-jax"):
         load(d)
     edit(lambda m: m.update(tensors_sha256="0" * 64))
-    with pytest.raises(SavedModelError, match="SHA-256 does not match"):
+    with pytest.raises(SavedModelError, match="field 'tensors_sha256' does not match"):
         load(d)
     meta_file.write_text(good[: len(good) // 2])
     with pytest.raises(SavedModelError, match="not valid JSON"):
@@ -180,6 +178,10 @@ def test_failed_or_interrupted_save_leaves_no_output(tmp_path, monkeypatch, fail
         real_save(model, directory, **kwargs)  # everything written, then the last step fails
         raise failure
 
+    import permuquant_jax.quant as quant
+    from permuquant_jax.quant.calibrate import CalibrationStats
+
+    monkeypatch.setattr(quant, "calibrate", lambda *a, **k: CalibrationStats(layers={}, batches=1))
     monkeypatch.setattr(flux_plan, "quantize_flux", _fast_quantize)
     monkeypatch.setattr(saved, "save_quantized", save_then_fail)
     dst = tmp_path / "dst"

@@ -6,9 +6,10 @@ existing output it replaces stays whole until the new one is complete. Temporary
 processes that died without cleaning up (SIGKILL, power loss) are removed by the next run.
 
 Signals: Python runs a signal handler between two bytecodes of the main thread, wherever that is,
-including inside a garbage-collection callback or a `__del__`, where an exception it raises is printed
-and swallowed. So the handler here records the signal and raises :class:`Interrupted`, and keeps
-re-raising it every `RETRY_S` seconds (SIGALRM) until the program acknowledges it; code that must
+including inside a garbage-collection callback (JAX has one) or a `__del__`, where an exception it
+raises is printed and swallowed. So the handler here records the signal and raises :class:`Interrupted`,
+and keeps re-raising it every `RETRY_S` seconds (SIGALRM) until the program acknowledges it (a dropped
+one is not printed: `sys.unraisablehook` is wrapped while the handlers are installed); code that must
 not be cut short (the save, the final renames, the cleanup) runs with signals deferred, and checks
 for a pending one when it ends.
 """
@@ -23,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -54,6 +56,7 @@ class _State:
     signum: int | None = None
     mode = "raise"  # "raise" | "defer" (record only, raise at the end of the section) | "hold" (record only)
     installed = False
+    swallowed = 0  # raises that landed where Python drops exceptions (gc callbacks, __del__): retried
 
 
 _state = _State()
@@ -85,9 +88,18 @@ def interrupt_handlers() -> Iterator[None]:
     if _state.installed or threading.current_thread() is not threading.main_thread():
         yield
         return
-    _state.signum, _state.mode, _state.installed = None, "raise", True
+    _state.signum, _state.mode, _state.installed, _state.swallowed = None, "raise", True, 0
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
     old = {s: signal.getsignal(s) for s in sigs}
+    old_hook = sys.unraisablehook
+
+    def quiet(u):  # an Interrupted dropped by a callback is raised again by the retry timer: no noise
+        if isinstance(u.exc_value, Interrupted):
+            _state.swallowed += 1
+            return
+        old_hook(u)
+
+    sys.unraisablehook = quiet
     signal.signal(signal.SIGALRM, _on_retry)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -97,6 +109,7 @@ def interrupt_handlers() -> Iterator[None]:
         acknowledge()
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        sys.unraisablehook = old_hook
         _state.installed = False
         _state.signum, _state.mode = None, "raise"
 
@@ -293,7 +306,7 @@ def atomic_output_dir(
         with deferred_signals():
             check_interrupt()
             _commit(tmp, dst)
-            _state.mode = "hold" if _state.signum is not None else _state.mode  # done: nothing to undo
+            _state.mode = "hold"  # DST is complete: a signal from now on changes nothing
     except BaseException:
         acknowledge_if_interrupted()
         with deferred_signals():

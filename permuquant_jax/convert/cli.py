@@ -450,15 +450,15 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return run(args)
     except (CheckpointError, OutputError, UsageError, ValueError, OSError) as e:
-        acknowledge_if_interrupted()
+        _signal_wins()
         if os.environ.get("PERMUQUANT_DEBUG"):
             raise
         _say(f"error: {_one_line(e)}")
         return 2
 
 
-def acknowledge_if_interrupted() -> None:
-    """If a signal is pending, re-raise it (it wins over the error it interrupted)."""
+def _signal_wins() -> None:
+    """If a signal is pending, raise it (it wins over the error it interrupted)."""
     from permuquant_jax.convert.atomic import check_interrupt
 
     check_interrupt()

@@ -229,8 +229,9 @@ def check_not_source(dst: str | os.PathLike, sources: Sequence[tuple[str, str | 
             how = "lies inside"
         else:
             continue
-        raise UsageError(f"--out {dst} {how} the input {label} {src}" + (f" (resolved: {s})" if str(s) != str(src)
-                         else "") + "; writing there would destroy the input: choose an output outside it")
+        resolved = f" (resolved: {d})" if str(d) != str(Path(dst).absolute()) else ""
+        raise UsageError(f"--out {dst}{resolved} {how} the input {label} {src}; writing there would destroy the "
+                         "input: choose an output outside it")
 
 
 # ----------------------------------------------------------------------------- finite results
@@ -280,14 +281,16 @@ def check_stats_finite(stats: Any) -> None:
 
 
 def check_report_finite(report: Any) -> None:
-    """Every candidate error measured in the acceptance pass is finite; names site, layer, candidate."""
+    """Every error measured in the acceptance pass (each candidate's numbers) is finite; names the site,
+    layer and candidate."""
     for s in report.sites:
         for c in s.candidates:
-            if not math.isfinite(c["error"]):
-                layer = f" layer {list(s.layer)}" if s.layer else ""
-                raise NonFiniteError(
-                    f"acceptance pass: site '{s.site}'{layer} (consumers {', '.join(s.consumers)}): candidate "
-                    f"{c['label']!r} has error {c['error']}; nothing was written")
+            for key, val in c.items():
+                if isinstance(val, float | int) and not isinstance(val, bool) and not math.isfinite(val):
+                    layer = f" layer {list(s.layer)}" if s.layer else ""
+                    raise NonFiniteError(
+                        f"acceptance pass: site '{s.site}'{layer} (consumers {', '.join(s.consumers)}): candidate "
+                        f"{c.get('label')!r} has {key} {val}; nothing was written")
 
 
 def check_error_finite(value: float, what: str) -> None:
