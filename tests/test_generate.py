@@ -152,11 +152,11 @@ def test_embedded_generate_deterministic_png(tmp_path, capsys):
     from PIL import Image
 
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        argv = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "7", "--out", str(out), *RUN]
+    for out, extra in zip(outs, ([], ["--release-text-encoders"]), strict=True):  # same images either way
+        argv = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "7", "--out", str(out), *RUN, *extra]
         assert cli.main(argv) == 0
     summary = capsys.readouterr().out
-    assert "time per step" in summary and "peak device memory" in summary
+    assert "time per step" in summary and "peak device memory" in summary and "text encoders released" in summary
     a, b = _pngs(outs[0]), _pngs(outs[1])
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 2
     assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(a, b, strict=True))
@@ -235,3 +235,12 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, pipeline_dir, capsys, monkeypa
     r = subprocess.run(argv, capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr[-2000:]
     assert "text_encoder_2" in r.stderr and not _pngs(tmp_path)
+
+
+def test_embedded_assets_regenerate_bit_identical(tmp_path):
+    out = mtp.write_tiny_pipeline(tmp_path / "tiny")
+    shipped = embedded_pipeline_dir()
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len(files) == 5
+    for rel in files:
+        assert (out / rel).read_bytes() == (shipped / rel).read_bytes(), f"{rel}: run assets/make_tiny_pipeline.py"

@@ -49,6 +49,14 @@ def embedded_pipeline_dir() -> Path:
     return Path(str(importlib.resources.files("permuquant_jax") / "assets" / "tiny_pipeline"))
 
 
+def embedded_transformer_path() -> Path:
+    """The embedded tiny pipeline's DiT (BFL layout; its text widths match the embedded encoders, unlike
+    ``convert.default_checkpoint_path()``'s, which takes FLUX's real 4096/768)."""
+    from permuquant_jax.assets.make_tiny_pipeline import DIT_FILE
+
+    return embedded_pipeline_dir() / DIT_FILE
+
+
 def builtin_prompts() -> list[str]:
     """The built-in prompt set (``generate/prompts.txt``: a few hundred varied prompts), one per line."""
     text = (importlib.resources.files("permuquant_jax") / "generate" / "prompts.txt").read_text(encoding="utf-8")
@@ -163,7 +171,7 @@ def resolve_source(
         model = embedded_pipeline_dir()
         from permuquant_jax.assets.make_tiny_pipeline import AE_FILE, CLIP_FILE, DIT_FILE, T5_FILE
 
-        transformer = model / DIT_FILE
+        transformer = model / DIT_FILE if qdir is None else None
         ae, clip, t5 = ae or model / AE_FILE, clip or model / CLIP_FILE, t5 or model / T5_FILE
         clip_tok, t5_tok = _tokenizers_in(tok_dir or model)
         desc, sched = "the embedded tiny pipeline", None
@@ -337,7 +345,7 @@ Part = Any  # an nnx.Module, or a zero-argument callable that loads it
 
 @dataclasses.dataclass
 class GenerationStats:
-    """Wall times of the last run (seconds; denoise per batch, the first includes compilation)."""
+    """Wall times since the pipeline was made (seconds; denoise per batch, the first includes compilation)."""
 
     encode_s: float = 0.0
     denoise_s: list[float] = dataclasses.field(default_factory=list)
@@ -626,7 +634,6 @@ class FluxPipeline:
             raise PipelineError(f"batch must be >= 1, found {batch}")
         self.check_size(height, width)
         steps = steps or self.default_steps()
-        self.stats = GenerationStats()
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
         def encode(chunk: list[str]):
@@ -636,7 +643,7 @@ class FluxPipeline:
         encoded = None
         if release_text_encoders:
             encoded = [tuple(np.asarray(a) for a in encode(c)) for c in chunks]
-            self.stats.released_bytes = self.release_text_encoders()
+            self.release_text_encoders()
         index = 0
         for k, chunk in enumerate(chunks):
             txt, txt_ids, y = encoded[k] if encoded is not None else encode(chunk)
@@ -647,7 +654,7 @@ class FluxPipeline:
             for j, prompt in enumerate(chunk):
                 yield index, prompt, seeds[j], images[j]
                 index += 1
-            self.stats.images = index
+            self.stats.images += len(chunk)
             if on_batch is not None:
                 on_batch(len(chunk))
 
