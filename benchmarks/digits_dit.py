@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -312,6 +313,27 @@ class TrainConfig:
     seed: int = 0
 
 
+def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "velocity", "cfg"))
+def _train_step(params, rest, opt_state, key, data_x, data_y, *, graphdef, velocity: Velocity, cfg: TrainConfig):
+    """One AdamW step on a random batch (module level: one compilation per model structure and config)."""
+    k_idx, k_t, k_noise = jax.random.split(key, 3)
+    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, data_x.shape[0])
+    x0, y = data_x[idx], data_y[idx]
+    t, noise = flow_draws(k_t, k_noise, x0)
+
+    def loss_fn(p):
+        return flow_loss(nnx.merge(graphdef, p, rest), velocity, x0, y, t, noise)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = _optimizer(cfg).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
 def train_flow(
     model: nnx.Module, velocity: Velocity, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
     *, log_every: int = 100, log: Callable[[str], None] | None = print,
@@ -324,30 +346,15 @@ def train_flow(
     every draw comes from `cfg.seed`.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay))
-    opt_state = tx.init(params)
+    opt_state = _optimizer(cfg).init(params)
     data_x, data_y = jnp.asarray(images), jnp.asarray(labels)
-
-    @jax.jit
-    def step(params, opt_state, key):
-        k_idx, k_t, k_noise = jax.random.split(key, 3)
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, data_x.shape[0])
-        x0, y = data_x[idx], data_y[idx]
-        t, noise = flow_draws(k_t, k_noise, x0)
-
-        def loss_fn(p):
-            return flow_loss(nnx.merge(graphdef, p, rest), velocity, x0, y, t, noise)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    step = functools.partial(_train_step, graphdef=graphdef, velocity=velocity, cfg=cfg)
 
     keys = jax.random.split(jax.random.key(cfg.seed), cfg.steps)
     losses = []
     t0 = time.time()
     for i in range(cfg.steps):
-        params, opt_state, loss = step(params, opt_state, keys[i])
+        params, opt_state, loss = step(params, rest, opt_state, keys[i], data_x, data_y)
         losses.append(float(loss))
         if log and ((i + 1) % log_every == 0 or i == 0):
             recent = losses[-log_every:]
