@@ -15,7 +15,8 @@ Pipeline (each pass is one jitted step per batch, see `calibrate.run_passes`):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from permuquant_jax.quant.baselines import (
     uses_hadamard,
     uses_permutation,
 )
+from permuquant_jax.quant.batches import Batches, can_split_samples, materialize, split_batches, split_samples
 from permuquant_jax.quant.calibrate import (
     CalibrationStats,
     Forward,
@@ -39,19 +41,28 @@ from permuquant_jax.quant.calibrate import (
     run_passes,
     substitute,
 )
-from permuquant_jax.quant.fold import fold_permutation, fold_smoothing, runtime_smoothing
+from permuquant_jax.quant.downstream import ACCEPT_LEVELS
+from permuquant_jax.quant.fold import GatheredNorm, fold_permutation, fold_smoothing, runtime_smoothing
 from permuquant_jax.quant.linear import QuantLinear
-from permuquant_jax.quant.paths import Path, find_linears, get_node, match_any, path_str, set_node, stack_shape
-from permuquant_jax.quant.permute import DEFAULT_ALPHAS, Candidate, accept, make_candidates
+from permuquant_jax.quant.paths import (
+    Path,
+    find_linears,
+    get_node,
+    match_any,
+    path_str,
+    set_node,
+    skipped_modules,
+    stack_shape,
+    warn_unmatched_keep,
+)
+from permuquant_jax.quant.permute import DEFAULT_ALPHAS, Candidate, make_candidates
 from permuquant_jax.quant.plan import apply_structure, plan_sites, plan_summary  # noqa: F401 - re-exported
 from permuquant_jax.quant.report import QuantReport, SiteReport
 from permuquant_jax.quant.sites import Ref, Site
 
-Batches = Sequence[Any] | Callable[[], Iterable[Any]]
+# The default acceptance level (chosen by measurement: see benchmarks/methods_tiny.py)
+DEFAULT_ACCEPT = "block"
 
-
-def _iterate(batches: Batches) -> Iterable[Any]:
-    return batches() if callable(batches) else batches
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -89,11 +100,15 @@ def _candidates_for(method, mu_a, mu_w, amx, wmax, *, site, alphas, group, hadam
     stack = mu_a.shape[:-1]
     out = {}
     for idx in np.ndindex(stack):
-        if uses_permutation(method):
+        if uses_permutation(method) or method == "auto":
             cands = make_candidates(
                 mu_a[idx], mu_w[idx], alphas=alphas, segments=site.segments, group=group,
                 deal_block=hadamard_block if method == "permuquant-h" else None, dedup=False,
+                act_absmax=amx[idx], weight_absmax=wmax[idx], deal_groups=True,
             )
+            if method == "auto":
+                s = smoothquant_scales(amx[idx], wmax[idx], smooth_alpha)
+                cands.insert(1, Candidate(f"smooth(a={smooth_alpha:g})", np.arange(site.size, dtype=np.int32), s))
         elif method == "smoothquant":
             s = smoothquant_scales(amx[idx], wmax[idx], smooth_alpha)
             cands = [Candidate(f"smooth(a={smooth_alpha:g})", np.arange(site.size, dtype=np.int32), s)]
@@ -101,6 +116,30 @@ def _candidates_for(method, mu_a, mu_w, amx, wmax, *, site, alphas, group, hadam
             cands = [Candidate("identity", np.arange(site.size, dtype=np.int32))]
         out[idx] = cands
     return out
+
+
+def _stack_candidates(cands: dict, stack: tuple[int, ...], n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """perms `[*stack, C, n]` and scales `[*stack, C, n]` (ones where a candidate has none; None if none has)."""
+    rows = [cands[idx] for idx in np.ndindex(stack)]
+    perms = np.stack([np.stack([c.perm for c in r]) for r in rows]).reshape(*stack, len(rows[0]), n)
+    if all(c.scale is None for r in rows for c in r):
+        return perms.astype(np.int32), None
+    one = np.ones(n, np.float32)
+    scales = np.stack([np.stack([one if c.scale is None else c.scale for c in r]) for r in rows])
+    return perms.astype(np.int32), scales.reshape(*stack, len(rows[0]), n).astype(np.float32)
+
+
+def _noop_mask(cands: dict, stack: tuple[int, ...], group: int) -> np.ndarray:
+    """[*stack, C]: True where a candidate (without scales) puts the same channels in every group as identity."""
+    from permuquant_jax.quant.downstream import group_signature
+
+    rows = [cands[idx] for idx in np.ndindex(stack)]
+    out = np.zeros((len(rows), len(rows[0])), bool)
+    for li, r in enumerate(rows):
+        ident = group_signature(np.arange(r[0].perm.size), group)
+        for ci, c in enumerate(r):
+            out[li, ci] = c.scale is None and group_signature(c.perm, group) == ident
+    return out.reshape(*stack, len(rows[0]))
 
 
 def quantize_model(
@@ -119,18 +158,42 @@ def quantize_model(
     stats: CalibrationStats | None = None,
     forward: Forward = default_forward,
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
+    accept: str = DEFAULT_ACCEPT,
+    accept_batches: Batches | None = None,
+    split: str | Sequence[Hashable] | Callable[[Any], Hashable] | None = None,
+    blocks: Sequence[str | Path] | None = None,
+    top_k: int = 3,
+    refine: int = 0,
+    schedule: str = "sequential",
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize every linear of `model` (in place) with `method`; returns `(model, report)`.
 
-    calibration_batches: a sequence of batches (or a callable returning a fresh iterable), each passed
-      to `forward(model, batch)` (default: a dict as keyword arguments, a tuple as positional ones).
-      They are run twice (calibration, acceptance); with `stats` given the first pass is skipped.
-    method: rtn | smoothquant | hadamard | permuquant | permuquant-h. format: a registry name.
+    calibration_batches: a list of batches, a callable returning a fresh iterable, or a generator (read
+      once and kept), each passed to `forward(model, batch)` (default: a dict as keyword arguments, a
+      tuple as positional ones, else one argument; `forward` must return the model output).
+    method: rtn | smoothquant | hadamard | permuquant | permuquant-h | auto (per site the best of RTN,
+      smoothing and the orders, and per linear whether a block Hadamard helps). format: a registry name.
     sites: a site plan (e.g. `flux_plan.flux_sites(model)`); None gives every linear a gather site.
-    keep: module-path patterns (fnmatch, or `re:` regex) of linears left in float.
-    alphas, tau: PermuQuant's candidate alphas and acceptance threshold.
-    hadamard_block: block size for hadamard / permuquant-h. smooth_alpha: SmoothQuant migration strength.
+    keep: module-path patterns (fnmatch, or `re:` regex) of linears left in float; a pattern matching
+      no linear warns, naming the closest module paths.
+    alphas: the joint order's alphas. tau: a candidate is kept only if it lowers the held-out error by
+      more than this fraction.
+    accept: what a candidate must lower: "layer" (the site's consumers' outputs), "block" (the enclosing
+      block's outputs: FLUX's residual streams), "model" (the model output). Block and model are
+      measured with every other layer quantized, block by block (see `downstream`).
+    accept_batches: held-out batches for acceptance; None splits the calibration batches by `split`:
+      "samples" (even / odd samples of every batch), a label per batch or a function batch -> label
+      (e.g. the trajectory), None: "samples" when every array of every batch has one leading sample
+      axis of >= 2 entries, else batch by batch (alternating).
+    blocks: the enclosing block paths (None: detected: list elements, stacked modules).
+    top_k: candidates (best layer-local error first) measured downstream per site and layer.
+    schedule: "sequential" (block by block, layer by layer of a stack: layer l's inputs come from the
+      decided layers < l) or "parallel" (block level: a site is decided at every layer of a stacked block
+      in the same passes, depth times fewer passes; layers see their neighbours' trial candidates).
+    refine: swap moves tried on the best order per site and layer (each kept only if the measured
+      downstream error falls; bounded and deterministic); 0: none.
+    hadamard_block: block size for hadamard / permuquant-h / auto. smooth_alpha: SmoothQuant strength.
     act_scale: "static" (calibrated activation global scale, NVFP4) or "dynamic" (per call).
     Copy the model first (`nnx.clone`) to keep the float one.
     """
@@ -143,9 +206,18 @@ def quantize_model(
         raise ValueError(f"act_scale must be 'static' or 'dynamic', found {act_scale!r}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0, found {tau}")
+    if accept not in ACCEPT_LEVELS:
+        raise ValueError(f"accept must be one of {ACCEPT_LEVELS}, found {accept!r}")
+    if schedule not in ("sequential", "parallel"):
+        raise ValueError(f"schedule must be 'sequential' or 'parallel', found {schedule!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, found {top_k}")
     hb = hadamard_block if uses_hadamard(method) else None
+    t_start = time.perf_counter()
 
-    targets = [p for p in find_linears(model) if not match_any(p, keep)]
+    linears = find_linears(model)
+    warn_unmatched_keep(keep, linears)
+    targets = [p for p in linears if not match_any(p, keep)]
     if not targets:
         raise ValueError("no linear layer to quantize (every linear matches a keep pattern?)")
     target_set = set(targets)
@@ -158,8 +230,30 @@ def quantize_model(
             )
     plan = plan_sites(model, targets, sites)
 
+    notes: list[str] = []
+    batches = materialize(calibration_batches, notes)
+    chooses = uses_permutation(method) or method == "auto"
+    if not chooses:  # nothing is chosen: no held-out half is needed
+        choose_b = held_b = batches
+    elif accept_batches is not None:
+        choose_b, held_b = batches, materialize(accept_batches, notes)
+    elif split == "samples" or (split is None and can_split_samples(batches)):
+        if not can_split_samples(batches):
+            raise ValueError("split='samples' needs every array of every batch to share a leading sample axis of "
+                             "at least 2; pass split=None (batch by batch) or labels")
+        choose_b, held_b = split_samples(batches)
+        batches = choose_b + held_b
+        notes.append("choosing / accepting batches: the even / odd samples of every batch")
+    else:
+        ci, hi = split_batches(batches, split)
+        if ci == hi:
+            choose_b = held_b = batches
+            notes.append("one batch group only: candidates are chosen and accepted on the same batches")
+        else:
+            choose_b, held_b = [batches[i] for i in ci], [batches[i] for i in hi]
+
     if stats is None:
-        stats = calibrate(model, _iterate(calibration_batches), targets, forward=forward, progress=progress)
+        stats = calibrate(model, batches, targets, forward=forward, progress=progress)
     else:
         stats.check_model(model, targets)
 
@@ -179,65 +273,156 @@ def quantize_model(
             smooth_alpha=smooth_alpha,
         )
 
-    # ---- acceptance pass: one EvalPart per (site, quantized consumer)
+    # ---- layer-local pass: one EvalPart per (site, quantized consumer), on choosing then held-out batches
     parts_of: dict[Path, list[tuple[int, EvalPart]]] = {}
+    arrays_of: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     for i, cands in site_cands.items():
         s = plan[i]
         stack = stack_shape(model, site_q[i][0].path)
-        perms = np.stack([np.stack([c.perm for c in cands[idx]]) for idx in np.ndindex(stack)])
-        perms = perms.reshape(*stack, *perms.shape[1:])
-        has_scale = cands[next(iter(cands))][0].scale is not None
-        scales = None
-        if has_scale:
-            scales = np.stack([np.stack([c.scale for c in cands[idx]]) for idx in np.ndindex(stack)])
-            scales = scales.reshape(*stack, *scales.shape[1:])
+        arrays_of[i] = _stack_candidates(cands, stack, s.size)
         for r in site_q[i]:
-            parts_of.setdefault(r.path, []).append((i, EvalPart(r.start, s.size, perms, scales)))
+            parts_of.setdefault(r.path, []).append((i, EvalPart(r.start, s.size, *arrays_of[i])))
+
+    def read_results():
+        res = {}
+        for p in parts_of:
+            obs = get_node(model, p)
+            for (i, _), part in zip(parts_of[p], obs.parts, strict=True):
+                res[(i, p)] = (np.asarray(part.err[...], np.float64), np.asarray(part.ref[...], np.float64),
+                               np.asarray(part.amax[...]))
+        return res
 
     originals = substitute(
         model, list(parts_of),
         lambda p, m: EvalObserver(m, [part for _, part in parts_of[p]], fmt.name, hb),
     )
     try:
-        run_passes(model, _iterate(calibration_batches), forward=forward, variables=EvalStat,
-                   desc="acceptance", progress=progress)
-        results = {}  # (site, path) -> (err [*stack, C], ref [*stack], amax [*stack, C])
-        for p in parts_of:
-            obs = get_node(model, p)
-            for (i, _), part in zip(parts_of[p], obs.parts, strict=True):
-                results[(i, p)] = (
-                    np.asarray(part.err[...], np.float64),
-                    np.asarray(part.ref[...], np.float64),
-                    np.asarray(part.amax[...]),
-                )
+        run_passes(model, choose_b, forward=forward, variables=EvalStat, desc="layer errors", progress=progress)
+        res_c = read_results()
+        res_all = res_c
+        if held_b is not choose_b:
+            run_passes(model, held_b, forward=forward, variables=EvalStat, desc="layer errors (held out)",
+                       progress=progress)
+            res_all = read_results()
     finally:
         restore(model, originals)
+    t_layer = time.perf_counter()
+
+    def rel(i, idx, which):
+        """Relative squared layer error (no bias) per candidate `[C]`, summed over the site's consumers."""
+        tot = 0.0
+        for r in site_q[i]:
+            ec, rc, _ = res_c[(i, r.path)]
+            ea, ra, _ = res_all[(i, r.path)]
+            if which == "choose":
+                e, d = ec[idx], rc[idx]
+            elif which == "held":
+                e, d = (ea[idx] - ec[idx], ra[idx] - rc[idx]) if held_b is not choose_b else (ec[idx], rc[idx])
+            else:
+                e, d = ea[idx], ra[idx]
+            tot = tot + e / max(float(d), 1e-30)
+        return np.asarray(tot, np.float64)
 
     # ---- choose
+    downstream = chooses and accept != "layer"
     report = QuantReport(method=method, format=fmt.name, config={
-        "alphas": list(map(float, alphas)), "tau": tau, "hadamard_block": hb, "smooth_alpha": smooth_alpha,
-        "act_scale": act_scale, "keep": list(keep), "calibration_batches": stats.batches,
+        "alphas": list(map(float, alphas)), "tau": tau, "hadamard_block": hadamard_block if method == "auto" else hb,
+        "smooth_alpha": smooth_alpha, "act_scale": act_scale, "keep": list(keep),
+        "calibration_batches": stats.batches, "accept": accept if chooses else None, "top_k": top_k,
+        "schedule": schedule, "refine": refine,
+        "choose_batches": len(choose_b), "accept_batches": len(held_b) if held_b is not choose_b else 0,
+        "notes": notes,
     })
-    chosen: dict[int, dict] = {}  # site -> {layer idx: candidate index}
+    hb_of: dict[Path, int | None] = {p: hb for p in targets}
+    amax_of: dict[Path, np.ndarray] = {}
+    chosen: dict[int, dict] = {i: {} for i in site_cands}
+    ds_info: dict = {}
+    noop = {i: _noop_mask(site_cands[i], stack_shape(model, site_q[i][0].path), fmt.group) for i in site_cands}
+    if downstream:
+        from permuquant_jax.quant.downstream import SiteTrial, decide
+
+        trials = {}
+        for i in site_cands:
+            stack = stack_shape(model, site_q[i][0].path)
+            lc = np.stack([rel(i, idx, "choose") for idx in np.ndindex(stack)]).reshape(*stack, -1)
+            labels = [[c.label for c in site_cands[i][idx]] for idx in np.ndindex(stack)]
+            perms, scales = arrays_of[i]
+            nm, slot, score = noop[i], None, None
+            if refine and uses_permutation(method) or (refine and method == "auto"):
+                # a free slot for refined orders (starts as the identity; never in the top-k)
+                slot = perms.shape[-2]
+                perms = np.concatenate([perms, perms[..., :1, :]], axis=-2)
+                if scales is not None:
+                    scales = np.concatenate([scales, np.ones_like(scales[..., :1, :])], axis=-2)
+                lc = np.concatenate([lc, np.full((*stack, 1), np.inf)], axis=-1)
+                nm = np.concatenate([nm, np.ones((*stack, 1), bool)], axis=-1)
+                labels = [lb + ["refined"] for lb in labels]
+                mu_a, _, mu_w, _ = _site_moments(model, plan[i], site_q[i], stats)
+                score = np.log(np.maximum(mu_a, 1e-30)) + np.log(np.maximum(mu_w, 1e-30))
+            trials[i] = SiteTrial(i, plan[i].name, labels, perms, scales, lc, nm, score=score,
+                                  segments=plan[i].segments, group=fmt.group, refine_slot=slot)
+        hadamard = {}
+        for p in targets:
+            k = get_node(model, p).kernel.get_value().shape[-2]
+            if method == "auto" and hadamard_block and k % hadamard_block == 0 and all(
+                    (st % hadamard_block == 0) for i, part in parts_of[p] for st in (part.start, part.size)):
+                hadamard[p] = ((0, int(hadamard_block)), 0)
+            else:
+                hadamard[p] = ((hb or 0,), 0)
+        ds = decide(
+            model, targets=targets,
+            parts_of={p: [(i, part.start, part.size) for i, part in lst] for p, lst in parts_of.items()},
+            trials=trials, format=fmt.name, hadamard=hadamard, choose_hadamard=method == "auto",
+            level=accept, top_k=top_k, tau=tau, blocks=blocks, forward=forward, choose_batches=choose_b,
+            held_batches=held_b, all_batches=batches, refine=refine, progress=progress, schedule=schedule,
+        )
+        chosen = ds["chosen"]
+        for (i, idx), (label, perm) in ds["refined"].items():
+            site_cands[i][idx] = site_cands[i][idx] + [Candidate(label, perm.astype(np.int32))]
+            chosen[i][idx] = len(site_cands[i][idx]) - 1
+        ds_info = ds["info"]
+        hb_of = dict(ds["hadamard"])
+        amax_of = ds["amax"]
+        report.config["downstream"] = {
+            "forwards": ds["forwards"], "seconds": round(ds["seconds"], 3), "blocks": ds["blocks"],
+            "hadamard": ds["hadamard_info"], "model_error_fake_quant": ds["model_error"],
+            "block_errors_fake_quant": ds["block_errors"],
+        }
     for i, cands in site_cands.items():
         s = plan[i]
         stack = stack_shape(model, site_q[i][0].path)
-        chosen[i] = {}
         for idx in np.ndindex(stack):
-            rel = sum(
-                results[(i, r.path)][0][idx] / max(results[(i, r.path)][1][idx], 1e-30) for r in site_q[i]
-            )
+            rc, rh = rel(i, idx, "choose"), rel(i, idx, "held")
             labels = [c.label for c in cands[idx]]
-            if uses_permutation(method):
-                c, accepted, gain = accept(rel, tau)
+            info = ds_info.get((i, idx), {})
+            if downstream:
+                c = chosen[i][idx]
+                accepted = bool(info.get("accepted", False))
+                hb_, hbe = info.get("heldout_before"), info.get("heldout_best")
+                gain = (hb_ - hbe) / hb_ if hb_ and hbe is not None else 0.0
+            elif chooses:
+                ok = ~noop[i][idx]
+                ok[0] = True
+                masked = np.where(ok, rc, np.inf)
+                best = int(np.argmin(masked))
+                gain = (rh[0] - rh[best]) / rh[0] if rh[0] > 0 else 0.0
+                accepted = best != 0 and gain > tau
+                c = best if accepted else 0
+                info = {"level": "layer", "best": labels[best], "choose_before": float(rc[0]),
+                        "choose_best": float(rc[best]), "heldout_before": float(rh[0]),
+                        "heldout_best": float(rh[best]), "accepted": bool(accepted),
+                        "note": "" if ok[1:].any() else
+                        "skipped: no candidate changes which channels share a quantization group"}
             else:
                 c, accepted, gain = 0, method == "smoothquant", 0.0
             chosen[i][idx] = c
             report.sites.append(SiteReport(
                 site=s.name, kind=s.kind, layer=tuple(int(j) for j in idx),
                 consumers=[path_str(r.path) for r in site_q[i]],
-                candidates=[{"label": lb, "error": float(e)} for lb, e in zip(labels, rel, strict=True)],
-                chosen=labels[c], accepted=bool(accepted), gain=float(gain),
+                candidates=[{"label": lb, "error": float(e), "heldout_error": float(h)}
+                            for lb, e, h in zip(labels[: len(rc)], rc, rh, strict=True)]
+                + [{"label": lb, "error": None, "heldout_error": None} for lb in labels[len(rc):]],
+                chosen=labels[c], accepted=bool(accepted), gain=float(gain), decision=_plain(info),
             ))
 
     # ---- fold: smoothing, then permutations (both leave the float function unchanged)
@@ -246,8 +431,9 @@ def quantize_model(
         s = plan[i]
         stack = stack_shape(model, site_q[i][0].path)
         sel = [cands[idx][chosen[i][idx]] for idx in np.ndindex(stack)]
-        if sel[0].scale is not None:
-            scale = np.stack([c.scale for c in sel]).reshape(*stack, s.size)
+        if any(c.scale is not None for c in sel):
+            scale = np.stack([np.ones(s.size, np.float32) if c.scale is None else c.scale
+                              for c in sel]).reshape(*stack, s.size)
             if not fold_smoothing(model, s, scale):
                 runtime_smoothing(model, s, scale)
         perm = np.stack([c.perm for c in sel]).reshape(*stack, s.size)
@@ -257,18 +443,19 @@ def quantize_model(
 
     # ---- quantize every target
     for p in targets:
-        amax = None
-        for i, _part in parts_of.get(p, []):
-            stack = stack_shape(model, p)
-            a = results[(i, p)][2]
-            pick = np.array([a[idx][chosen[i][idx]] for idx in np.ndindex(stack)]).reshape(stack)
-            amax = pick if amax is None else np.maximum(amax, pick)
+        stack = stack_shape(model, p)
+        amax = amax_of.get(p)
+        if amax is None:
+            for i, _part in parts_of.get(p, []):
+                a = res_all[(i, p)][2]
+                pick = np.array([a[idx][chosen[i][idx]] for idx in np.ndindex(stack)]).reshape(stack)
+                amax = pick if amax is None else np.maximum(amax, pick)
         gs = None
         if act_scale == "static" and fmt.uses_global_scale and fmt.act_bits is not None and amax is not None:
             gs = np.asarray(global_scale_from_amax(jnp.asarray(amax)))
             gs = np.where(amax > 0, gs, 1.0).astype(np.float32)
         lin = get_node(model, p)
-        q = QuantLinear.from_linear(lin, format=fmt.name, hadamard_block=hb, act_global_scale=gs,
+        q = QuantLinear.from_linear(lin, format=fmt.name, hadamard_block=hb_of[p], act_global_scale=gs,
                                     name=path_str(p), backend=backend)
         set_node(model, p, q)
         kernel = lin.kernel.get_value()
@@ -279,7 +466,7 @@ def quantize_model(
             "stack": list(kernel.shape[:-2]),
             "use_bias": getattr(lin, "bias", None) is not None,
             "param_dtype": jnp.dtype(kernel.dtype).name,
-            "hadamard_block": hb,
+            "hadamard_block": hb_of[p],
             "act_global_scale": None if gs is None else np.asarray(gs).tolist(),
             "gather": q.gather.get_value() is not None,
             "smooth": q.smooth.get_value() is not None,
@@ -289,6 +476,24 @@ def quantize_model(
         path_str(s.norm.gather): list(np.shape(get_node(model, s.norm.gather).get_value()))
         for s in plan if s.norm is not None and get_node(model, s.norm.gather).get_value() is not None
     }
+    for s in plan:  # adaln sites: the GatheredNorm's index (apply_structure wraps the norm again)
+        if s.adaln is not None and isinstance(get_node(model, s.adaln.norm), GatheredNorm):
+            idx = get_node(model, s.adaln.norm).index.get_value()
+            if idx is not None:
+                report.gather_indices[path_str(s.adaln.norm) + ".index"] = list(np.shape(idx))
+    report.skipped = skipped_modules(model, keep)
+    report.config["seconds"] = {"layer_pass": round(t_layer - t_start, 3),
+                                "total": round(time.perf_counter() - t_start, 3)}
     return model, report
 
 
+def _plain(d: dict) -> dict:
+    """JSON-safe copy (numpy scalars to floats)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, list):
+            v = [_plain(x) if isinstance(x, dict) else x for x in v]
+        out[k] = v
+    return out

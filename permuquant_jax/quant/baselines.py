@@ -9,14 +9,16 @@ Each method is a rule for the candidate transforms of a site (see `api.quantize_
   a block Hadamard of size b (16, 32, 64 or 128);
 - `permuquant`: identity and the joint orders per alpha, accepted by the calibration rule;
 - `permuquant-h`: as `permuquant`, with the block Hadamard after the order (and dealt orders as extra
-  candidates), the identity order then being plain block Hadamard.
+  candidates), the identity order then being plain block Hadamard;
+- `auto`: per site and layer the best of the identity (RTN), smoothing and the orders, and per linear
+  whether a block Hadamard of `hadamard_block` helps, each on the validated downstream error.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-METHODS: tuple[str, ...] = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+METHODS: tuple[str, ...] = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h", "auto")
 HADAMARD_BLOCKS: tuple[int, ...] = (16, 32, 64, 128)
 
 
@@ -25,7 +27,7 @@ def check_method(method: str, hadamard_block: int | None) -> str:
     m = method.strip().lower().replace("_", "-")
     if m not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if uses_hadamard(m) and hadamard_block not in HADAMARD_BLOCKS:
+    if (uses_hadamard(m) or (m == "auto" and hadamard_block is not None)) and hadamard_block not in HADAMARD_BLOCKS:
         raise ValueError(
             f"method {m!r} needs a Hadamard block in {HADAMARD_BLOCKS}, found {hadamard_block!r}"
         )

@@ -12,6 +12,7 @@ Observers are ordinary NNX modules holding `nnx.Variable` accumulators, so they 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -102,11 +103,8 @@ def run_passes(
     the number of batches run. The model's variables of that type hold the result afterwards."""
     graphdef, carried, rest = nnx.split(model, variables, ...)
 
-    @jax.jit
     def step(carried, rest, batch):
-        m = nnx.merge(graphdef, carried, rest)
-        forward(m, batch)
-        return nnx.state(m, variables)
+        return _pass_step(graphdef, forward, variables, carried, rest, batch)
 
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
@@ -118,6 +116,15 @@ def run_passes(
         raise ValueError(f"{desc}: no calibration batches were given (expected at least one)")
     nnx.update(model, carried)
     return n
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _pass_step(graphdef, forward, variables, carried, rest, batch):
+    """One batch of a pass; module level with the graph static, so repeated passes over the same model
+    structure (e.g. choosing and held-out batches) share one compilation."""
+    m = nnx.merge(graphdef, carried, rest)
+    forward(m, batch)
+    return nnx.state(m, variables)
 
 
 @dataclass

@@ -200,6 +200,12 @@ def flux_calibration_batches(
     return batches
 
 
+def flux_trajectory(batch: dict[str, Any]) -> int:
+    """The sample group of a FLUX calibration batch (for splitting choosing / accepting batches): the
+    text conditioning array, which `flux_calibration_batches` shares across one trajectory's steps."""
+    return id(batch["txt"])
+
+
 def quantize_flux(
     model: nnx.Module,
     batches: Sequence[Any],
@@ -214,18 +220,38 @@ def quantize_flux(
     act_scale: str = "static",
     stats=None,
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
+    accept: str | None = None,
+    accept_batches: Sequence[Any] | None = None,
+    top_k: int = 3,
+    refine: int = 0,
+    schedule: str = "sequential",
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize a `FluxDiT` in place with the FLUX site plan; returns `(model, report)`.
 
-    batches: from `flux_calibration_batches` (dicts of DiT inputs). keep_bf16: module-path patterns left
-    in float (default: embedders and final projection). See `api.quantize_model` for the other options;
-    the report's `permutations`, `layers[...]["act_global_scale"]` and `arrays()` hold the metadata.
+    batches: from `flux_calibration_batches` (dicts of DiT inputs); they are split into choosing and
+    accepting halves unless `accept_batches` is given: by sample within each batch when batches hold
+    several samples, else by trajectory (`flux_trajectory`). keep_bf16: module-path patterns left
+    in float (default: embedders and final projection). accept: "layer" | "block" (the double/single
+    block's residual-stream outputs) | "model" (the DiT output); None: the library default. See
+    `api.quantize_model` for the other options; the report's `permutations`,
+    `layers[...]["act_global_scale"]` and `arrays()` hold the metadata.
     """
-    from permuquant_jax.quant.api import quantize_model
+    from permuquant_jax.quant.api import DEFAULT_ACCEPT, quantize_model
+    from permuquant_jax.quant.batches import can_split_samples, materialize
+    from permuquant_jax.quant.paths import find_linears, match_any
+
+    batches = materialize(batches)
+    # FLUX_KEEP names the embedders of both FLUX.1 variants: drop those this model lacks (no warning)
+    names = [".".join(map(str, p)) for p in find_linears(model)]
+    keep = tuple(p for p in keep_bf16 if p not in FLUX_KEEP or any(match_any(n, [p]) for n in names))
 
     return quantize_model(
-        model, batches, method=method, format=format, sites=flux_sites(model), keep=tuple(keep_bf16),
+        model, batches, method=method, format=format, sites=flux_sites(model), keep=keep,
         alphas=alphas, tau=tau, hadamard_block=hadamard_block, smooth_alpha=smooth_alpha,
         act_scale=act_scale, stats=stats, backend=backend, progress=progress,
+        accept=accept or DEFAULT_ACCEPT, accept_batches=accept_batches, top_k=top_k, refine=refine,
+        schedule=schedule,
+        split=None if can_split_samples(batches) else flux_trajectory,
     )
+

@@ -13,6 +13,29 @@ from permuquant_jax.quant.paths import get_node, path_str, set_node
 from permuquant_jax.quant.sites import Ref, Site
 
 
+class GatheredNorm(nnx.Module):
+    """A norm module whose output is gathered: `inner(x)[..., index]` (None: not gathered), for `adaln`
+    sites. The index carries the stack axes of the norm's parameters, if any."""
+
+    def __init__(self, inner: nnx.Module, size: int):
+        from permuquant_jax.models.layers import GatherIndex
+
+        self.inner = inner
+        self.size = int(size)
+        self.index = GatherIndex(None)
+
+    def compose(self, perm: np.ndarray) -> None:
+        """Reorder the output by `perm [*stack, size]` after the current index."""
+        old = self.index.get_value()
+        p = jnp.asarray(np.asarray(perm, np.int32))
+        self.index.set_value(p if old is None else jnp.take_along_axis(jnp.asarray(old), p, -1))
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.inner(x, *args, **kwargs)
+        g = self.index.get_value()
+        return y if g is None else jnp.take(y, g, axis=-1)
+
+
 def _update(var: nnx.Variable, fn) -> None:
     var.set_value(fn(var.get_value()))
 
@@ -44,6 +67,18 @@ def fold_permutation(model: nnx.Module, site: Site, perm: np.ndarray) -> None:
         _update(lin.kernel, lambda k, r=r: permute_axis(k, perm, -1, r.start, site.size))
         if getattr(lin, "bias", None) is not None:
             _update(lin.bias, lambda b, r=r: permute_axis(b, perm, -1, r.start, site.size))
+    if site.adaln is not None:
+        a = site.adaln
+        for lin_path, st in ((a.shift, a.shift_start), (a.scale, a.scale_start)):
+            lin = get_node(model, lin_path)
+            _update(lin.kernel, lambda k, st=st: permute_axis(k, perm, -1, st, site.size))
+            if getattr(lin, "bias", None) is not None:
+                _update(lin.bias, lambda b, st=st: permute_axis(b, perm, -1, st, site.size))
+        norm = get_node(model, a.norm)
+        if not isinstance(norm, GatheredNorm):
+            norm = GatheredNorm(norm, site.size)
+            set_node(model, a.norm, norm)
+        norm.compose(perm)
     if site.norm is not None:
         n = site.norm
         mod = get_node(model, n.modulation)
@@ -76,6 +111,18 @@ def fold_smoothing(model: nnx.Module, site: Site, scale: np.ndarray) -> bool:
         _update(lin.kernel, lambda k, r=r: scale_axis(k, s, -1, r.start, site.size, "div"))
         if getattr(lin, "bias", None) is not None:
             _update(lin.bias, lambda b, r=r: scale_axis(b, s, -1, r.start, site.size, "div"))
+    if site.adaln is not None:
+        a = site.adaln
+        sh, sc = get_node(model, a.shift), get_node(model, a.scale)
+        if getattr(sc, "bias", None) is None:
+            raise ValueError(f"site {site.name!r}: folding a scale into {path_str(a.scale)} needs its bias")
+        for lin, st in ((sh, a.shift_start), (sc, a.scale_start)):
+            _update(lin.kernel, lambda k, st=st: scale_axis(k, s, -1, st, site.size, "div"))
+        if getattr(sh, "bias", None) is not None:
+            _update(sh.bias, lambda b: scale_axis(b, s, -1, a.shift_start, site.size, "div"))
+        _update(sc.bias, lambda b: scale_axis(b + one_hot_rows(b, a.scale_start, site.size),
+                                              s, -1, a.scale_start, site.size, "div")
+                - one_hot_rows(b, a.scale_start, site.size))
     if site.norm is not None:
         n = site.norm
         mod = get_node(model, n.modulation)

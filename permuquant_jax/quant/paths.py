@@ -90,3 +90,40 @@ def stack_shape(model: nnx.Module, path: Path) -> tuple[int, ...]:
     """Leading stack axes of a (possibly scanned) linear's kernel."""
     return tuple(get_node(model, path).kernel.get_value().shape[:-2])
 
+
+def module_paths(model: nnx.Module) -> list[str]:
+    """Every submodule's dotted path (graph order)."""
+    return [path_str(tuple(p)) for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Module) and p]
+
+
+def warn_unmatched_keep(keep: Iterable[str], linears: dict[Path, Any], model: nnx.Module | None = None) -> list[str]:
+    """Warn (UserWarning) for every keep pattern that matches no linear, naming the closest module paths.
+    Returns the unmatched patterns."""
+    import difflib
+    import warnings
+
+    names = [path_str(p) for p in linears]
+    bad = [pat for pat in keep if not any(match_any(n, [pat]) for n in names)]
+    for pat in bad:
+        pool = sorted(set(names) | {n.rsplit(".", 1)[0] for n in names if "." in n})
+        # nnx.Sequential / nnx.List put `.layers.` before the index: 'mlp.0' is 'mlp.layers.0'
+        seq = re.sub(r"(^|\.)(\d+)(?=\.|$)", r"\1layers.\2", pat)
+        close = [n for n in names if seq != pat and match_any(n, [seq])][:3]
+        close += [c for c in difflib.get_close_matches(pat[3:] if pat.startswith("re:") else pat, pool, n=3,
+                                                       cutoff=0.3) if c not in close]
+        hint = f"; closest module paths: {', '.join(close)}" if close else ""
+        warnings.warn(f"keep pattern {pat!r} matches no linear layer{hint}", UserWarning, stacklevel=3)
+    return bad
+
+
+def skipped_modules(model: nnx.Module, keep: Iterable[str] = ()) -> dict[str, str]:
+    """Modules with a kernel that are not quantized because of their type ({path: type name}), e.g.
+    convolutions, `LinearGeneral`, `Einsum` (the method quantizes plain linears only)."""
+    out = {}
+    for p, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module) or is_linear(node):
+            continue
+        k = getattr(node, "kernel", None)
+        if isinstance(k, nnx.Variable) and type(node).__name__ != "QuantLinear":
+            out[path_str(tuple(p))] = type(node).__name__
+    return out

@@ -143,12 +143,18 @@ def make_candidates(
     deal_block: int | None = None,
     include_identity: bool = True,
     dedup: bool = True,
+    act_absmax: np.ndarray | None = None,
+    weight_absmax: np.ndarray | None = None,
+    deal_groups: bool = False,
 ) -> list[Candidate]:
     """Identity (first, the reference the acceptance rule compares to) and the joint order per alpha.
 
     With `deal_block`, each sorted order is also offered dealt into blocks of that size (for the
-    Hadamard variant). With `dedup`, orders equal to one already listed are dropped (keep them to get
-    the same number of candidates for every layer of a stack).
+    Hadamard variant). With `act_absmax` / `weight_absmax` (`[n]`, max |x_i| and max_j |W_ji|), the
+    orders by each alone are added; with `deal_groups`, the balanced order that deals the alpha=0.5
+    joint order into quantization groups (every group gets one channel of each rank band, DuQuant's
+    zigzag). With `dedup`, orders equal to one already listed are dropped (keep them to get the same
+    number of candidates for every layer of a stack).
     """
     n = np.asarray(act_sq_mean).size
     cands: list[Candidate] = []
@@ -167,6 +173,15 @@ def make_candidates(
         add(f"sort(a={a:g})", order)
         if deal_block:
             add(f"deal{deal_block}(a={a:g})", deal_order(order, deal_block, segments))
+    for label, m in (("act-absmax", act_absmax), ("weight-absmax", weight_absmax)):
+        if m is not None:
+            v = np.asarray(m, np.float64) ** 2
+            add(f"sort({label})", order_from_moments(v, v, 0.5, segments, group))
+    if deal_groups:
+        segs = _segment_lengths(n, segments, group, "make_candidates")
+        if any(sg > group for sg in segs):
+            order = order_from_moments(act_sq_mean, weight_sq_mean, 0.5, segments, group)
+            add("deal-groups(a=0.5)", deal_order(order, group, segments))
     if not cands:
         raise ValueError("no candidate orders: give at least one alpha or include the identity")
     return cands
@@ -220,14 +235,8 @@ def part_errors(
 
 def _joint_quantizer(act_fake_quant, weight_fake_quant):
     """For W4A4 NVFP4 (both operands fake-quantized with a dynamic per-tensor global scale): a function
-    quantizing both operands `(x [T, n], w [N, n])` with ONE quantizer, else None.
-
-    The rows of both are stacked and quantized with a per-row global scale (each operand's own, from
-    its amax), which gives exactly the values of two separate calls (blocks and rows are independent
-    given the global scale) while the compiled graph holds one quantizer instead of two: the
-    quantizer (correctly rounded divisions as loops) dominates the compile time of the acceptance pass.
-    """
-    from permuquant_jax.formats import nvfp4
+    quantizing both operands `(x [T, n], w [N, n])` with `nvfp4_fake_quant_fast` (the quantizer's
+    correctly rounded division loops dominate the compile time of the acceptance passes), else None."""
     from permuquant_jax.formats.registry import get_format
 
     fq = get_format("nvfp4").weight_fake_quant
@@ -235,14 +244,34 @@ def _joint_quantizer(act_fake_quant, weight_fake_quant):
         return None
 
     def pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        amax = jnp.stack([jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b))])
-        gs = nvfp4.global_scale_from_amax(amax)
-        ta, tb = a.shape[0], b.shape[0]
-        rows = jnp.concatenate([jnp.broadcast_to(gs[0], (ta, 1)), jnp.broadcast_to(gs[1], (tb, 1))])
-        q = nvfp4.fake_quant(jnp.concatenate([a, b]), rows)
-        return q[:ta], q[ta:]
+        return nvfp4_fake_quant_fast(a), nvfp4_fake_quant_fast(b)
 
     return pair
+
+
+def nvfp4_fake_quant_fast(x: jax.Array) -> jax.Array:
+    """NVFP4 fake quantization with a dynamic per-tensor global scale, with plain float32 divisions.
+
+    The arithmetic of `formats.nvfp4.fake_quant` (block scale amax/6 over the global scale, E4M3,
+    clipped to its normal range; E2M1 round half to even), without its correctly rounded division
+    loops, which dominate compile time: values can differ where a division rounds differently, which
+    moves a decision's measured error by far less than the candidates differ. For trials only; the
+    quantized model uses the exact quantizer.
+    """
+    from permuquant_jax.formats import nvfp4
+
+    x = x.astype(jnp.float32)
+    gs = jnp.max(jnp.abs(x)) / jnp.float32(nvfp4.F8E4M3_MAX * nvfp4.F4_E2M1_MAX)
+    gs = jnp.where(gs < nvfp4.MIN_GLOBAL_SCALE, jnp.float32(1.0), gs)
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // 16, 16)
+    sc = jnp.max(jnp.abs(xb), axis=-1) / jnp.float32(nvfp4.F4_E2M1_MAX) / gs
+    sc = jnp.clip(sc, nvfp4.F8E4M3_MIN_NORMAL, nvfp4.F8E4M3_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    v = jnp.clip(xb * ((jnp.float32(1.0) / gs) / sc)[..., None], -6.0, 6.0)
+    m = jnp.abs(v)
+    idx = ((m > 0.25).astype(jnp.int32) + (m >= 0.75) + (m > 1.25) + (m >= 1.75) + (m > 2.5) + (m >= 3.5)
+           + (m > 5.0))
+    mag = jnp.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], jnp.float32)[idx]
+    return (jnp.sign(v) * mag * (gs * sc)[..., None]).reshape(x.shape)
 
 
 def _fmt(format):

@@ -112,5 +112,16 @@ def apply_structure(model: nnx.Module, report: QuantReport) -> nnx.Module:
             q.act_scale.set_value(jax.device_put(np.ones(stack, np.float32)))
         set_node(model, parse_path(path), q)
     for path, shape in report.gather_indices.items():
-        get_node(model, parse_path(path)).set_value(jax.device_put(np.zeros(tuple(shape), np.int32)))
+        pp = parse_path(path)
+        try:
+            var = get_node(model, pp)
+        except KeyError:
+            if pp[-1] != "index":
+                raise
+            from permuquant_jax.quant.fold import GatheredNorm
+
+            norm = GatheredNorm(get_node(model, pp[:-1]), shape[-1])  # an adaln site's gathered norm
+            set_node(model, pp[:-1], norm)
+            var = norm.index
+        var.set_value(jax.device_put(np.zeros(tuple(shape), np.int32)))
     return model

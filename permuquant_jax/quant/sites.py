@@ -9,6 +9,9 @@ site is applied to the consumers' kernel rows (NNX kernels are `[in, out]`) and 
 - `heads`: `rows` with segments (the attention heads) that the permutation may not cross (V -> proj).
 - `norm`: the producer is a LayerNorm + AdaLN modulation: a `GatherIndex` variable makes the norm write
   its output gathered, and the shift/scale rows of the modulation linear are permuted offline.
+- `adaln`: the common DiT layout: a LayerNorm module (with or without affine) whose output is modulated
+  `norm(x) * (1 + scale) + shift` by SEPARATE shift and scale linears; folding replaces the norm by a
+  `GatheredNorm` (the norm, then its output gathered) and permutes the shift/scale linears' outputs.
 - `gather`: no producer; the consumer's activation quantization gathers the channels (`QuantLinear`).
 
 Permutations of stacked (scanned) modules have the leading stack axes of the consumer kernels:
@@ -38,8 +41,8 @@ from permuquant_jax.quant.paths import (  # noqa: F401 - re-exported (imported f
     stack_shape,
 )
 
-SiteKind = Literal["rows", "heads", "norm", "gather"]
-SITE_KINDS: tuple[str, ...] = ("rows", "heads", "norm", "gather")
+SiteKind = Literal["rows", "heads", "norm", "adaln", "gather"]
+SITE_KINDS: tuple[str, ...] = ("rows", "heads", "norm", "adaln", "gather")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,22 @@ class NormRef:
 
 
 @dataclass(frozen=True)
+class AdaLNRef:
+    """An `adaln` producer: the norm module and the separate shift and scale linears (their output
+    columns `[shift_start, +size)` and `[scale_start, +size)` modulate the site's channels)."""
+
+    norm: Path
+    shift: Path
+    scale: Path
+    shift_start: int = 0
+    scale_start: int = 0
+
+    def __post_init__(self):
+        for f in ("norm", "shift", "scale"):
+            object.__setattr__(self, f, parse_path(getattr(self, f)))
+
+
+@dataclass(frozen=True)
 class Site:
     """One channel space that a permutation (or smoothing) can be chosen for. See the module docstring.
 
@@ -83,6 +102,7 @@ class Site:
     consumers: tuple[Ref, ...]
     producers: tuple[Ref, ...] = ()
     norm: NormRef | None = None
+    adaln: AdaLNRef | None = None
     segments: tuple[int, ...] | None = None
     scalable: bool = field(default=False)
 
@@ -95,6 +115,8 @@ class Site:
             raise ValueError(f"site {self.name!r} has no consumers")
         if self.kind in ("rows", "heads") and not self.producers:
             raise ValueError(f"site {self.name!r} of kind {self.kind!r} needs producer linears")
+        if self.kind == "adaln" and self.adaln is None:
+            raise ValueError(f"site {self.name!r} of kind 'adaln' needs an AdaLNRef (norm, shift and scale linears)")
         if self.kind == "norm" and self.norm is None:
             raise ValueError(f"site {self.name!r} of kind 'norm' needs a NormRef (gather index, modulation)")
         if self.segments is not None:
@@ -134,6 +156,16 @@ def validate_sites(model: nnx.Module, sites: Sequence[Site]) -> None:
                     f"the site needs rows [{r.start}, {r.start + s.size})"
                 )
             stacks.add(k.shape[:-2])
+        if s.adaln is not None:
+            a = s.adaln
+            get_node(model, a.norm)
+            for lin_path, st in ((a.shift, a.shift_start), (a.scale, a.scale_start)):
+                k = get_node(model, lin_path).kernel.get_value()
+                if st < 0 or st + s.size > k.shape[-1]:
+                    raise ValueError(
+                        f"site {s.name!r}: {path_str(lin_path)} has {k.shape[-1]} outputs, "
+                        f"the site needs [{st}, {st + s.size})"
+                    )
         if s.norm is not None:
             k = get_node(model, s.norm.modulation).kernel.get_value()
             for st in (s.norm.shift_start, s.norm.scale_start):
