@@ -167,7 +167,7 @@ def test_dequant_dot_matches_reference(rng):
     rows = aq.act_global_scale_rows(x)
     xv = reference.block_values(xq).astype(jnp.float16)
     for xin, xs, xref in ((xv, rows, xq), (x, None, x)):
-        y = dispatch.dequant_dot(xin, prepack(w), xs, bias, out_dtype=jnp.float32)
+        y = dispatch.dequant_dot(xin, prepack(w), xs, bias, out_dtype=jnp.float32, decoder="bits")
         ref = np.asarray(reference.nvfp4_matmul_ref(xref, w, bias))
         assert np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref) <= 1e-5
 
@@ -263,3 +263,72 @@ def test_triton_deprecation_filter_is_exact():
         warnings.warn("The Pallas Mosaic GPU backend is deprecated", DeprecationWarning, stacklevel=1)
         warnings.warn(text, UserWarning, stacklevel=1)
     assert [type(w.message).__name__ for w in seen] == ["DeprecationWarning", "UserWarning"]
+
+
+def test_e2m1_round_matches_thresholds(rng):
+    """The magic-number rounding of act quant v2 equals the threshold encoder, ties included."""
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    near = [np.nextafter(np.float32(t), np.float32(d)) for t in ties for d in (0, 7)]
+    a = np.concatenate([np.abs(rng.standard_normal(4096) * 2).clip(0, 6), ties, near, [0, 0.5, 1, 1.5, 2, 3, 4, 6]])
+    a = jnp.asarray(a.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(aq.e2m1_index_of_rounded(aq.e2m1_round(a))), np.asarray(aq.e2m1_index(a)))
+
+
+def test_decode_kernel_bit_exact(rng):
+    """Pallas decode (both tilings, K and N not multiples of the tile) and XLA bit placement equal the
+    reference's block values, in fp16 and bf16."""
+    from permuquant_jax.kernels import decode
+
+    w = nvfp4.quantize(jnp.asarray(rng.standard_normal((40, 272)) * np.exp(rng.standard_normal((1, 272)) * 3)))
+    ref = np.asarray(reference.block_values(w))
+    p = prepack(w)
+    for dt, impl in ((jnp.float16, "v2"), (jnp.bfloat16, "v1")):
+        y = decode.decode_weight_pallas(p, dt, block_n=32, block_k=256, impl=impl, interpret=True)
+        assert y.dtype == dt and y.shape == (40, 272)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), ref)
+        np.testing.assert_array_equal(np.asarray(decode.decode_weight_bits(p, dt), np.float32), ref)
+    with pytest.raises(ValueError, match="canonical prepacked"):
+        decode.decode_weight_bits(prepack(w, layout="chunk128"))
+
+
+@pytest.mark.parametrize("dev_class", ["h200", "h100", "sm80", None])
+def test_dispatch_table_choices(rng, monkeypatch, dev_class):
+    """Per device class, nvfp4_linear runs the GEMM backend the tuning table names for each M class
+    (kernels mocked: only the choice is tested)."""
+    from permuquant_jax.kernels import tuning
+
+    calls = []
+
+    def fake_matmul(x, w, s, b, *, config, out_dtype, interpret):
+        calls.append(("triton", config))
+        return jnp.zeros((x.shape[0], w.n), out_dtype)
+
+    def fake_dqdot(x, w, s, b, *, out_dtype, decoder):
+        calls.append(("decode_cublas" if decoder == "pallas" else "xla_decode_cublas", decoder))
+        return jnp.zeros((x.shape[0], w.n), out_dtype)
+
+    def fake_act_quant(x, gs, gather, **kw):
+        calls.append(("act_quant", kw["block_m"]))
+        return x.astype(jnp.float16)
+
+    monkeypatch.setattr(dispatch, "nvfp4_matmul", fake_matmul)
+    monkeypatch.setattr(dispatch, "dequant_dot", fake_dqdot)
+    monkeypatch.setattr(dispatch._aq, "act_quant", fake_act_quant)
+    monkeypatch.setattr(dispatch, "device_class", lambda: dev_class)
+    w = dispatch.prepack_weight(_weights(rng, 32, 64))
+    for m, cls in ((1, "gemv"), (100, "small"), (512, "medium"), (4096, "large")):
+        assert tuning.m_class(m) == cls
+        for w4a16 in (False, True):
+            calls.clear()
+            y = dispatch.nvfp4_linear(jnp.ones((m, 64), jnp.bfloat16), w, w4a16=w4a16, backend="pallas")
+            assert y.shape == (m, 32)
+            want = tuning.DISPATCH_TABLE[dev_class or tuning.FALLBACK_CLASS][cls]
+            assert [c[0] for c in calls] == ([] if w4a16 else ["act_quant"]) + [want]
+            if want == "triton":
+                assert calls[-1][1] == tuning.matmul_config(m, 32, 64)
+    # device kinds -> classes (unknown Hopper/Ampere parts take the fallback; others get no Triton)
+    assert tuning.device_class("NVIDIA H200", 9.0) == "h200"
+    assert tuning.device_class("NVIDIA H100 80GB HBM3", 9.0) == "h100"
+    assert tuning.device_class("NVIDIA A100-SXM4-80GB", 8.0) == tuning.FALLBACK_CLASS
+    assert tuning.device_class("NVIDIA B200", 10.0) is None
+    assert tuning.device_class("cpu", None) is None

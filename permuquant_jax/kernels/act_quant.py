@@ -32,6 +32,7 @@ from permuquant_jax.formats.hadamard import block_hadamard
 from permuquant_jax.formats.nvfp4 import BLOCK_SIZE, F4_E2M1_MAX, F8E4M3_MAX, F8E4M3_MIN_NORMAL, NVFP4Tensor
 
 OUT_MODES = ("packed", "values")
+IMPLS = ("v1", "v2")
 
 
 def _iota(n: int) -> jax.Array:
@@ -95,15 +96,11 @@ def _round_e4m3(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s32, byte
 
 
-def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int, interpret: bool):
-    """Quantize a float32 tile `[bm, bk]` with per-row global scales `gs [bm]`.
+def _block_scales(amax: jax.Array, gs: jax.Array, interpret: bool):
+    """Per-block E4M3 scales from block amaxes `[bm, g]` and per-row global scales `gs [bm]`.
 
-    Returns (magnitude index uint8 [bm, bk/16, 16], sign uint8 (0/1) same shape, scale f32 [bm, bk/16],
-    scale E4M3 byte uint8 [bm, bk/16]).
+    Returns (scale f32, its E4M3 byte uint8, the reciprocal 1 / (g * s) as formats specifies it).
     """
-    g = bk // BLOCK_SIZE
-    xb = x32.reshape(bm, g, BLOCK_SIZE)
-    amax = jnp.max(jnp.abs(xb), axis=-1)
     # Two roundings each, as formats.nvfp4 specifies: (amax / 6) / g and (1 / g) / s. The selects
     # (always the division) keep XLA, in interpret mode, from fusing (a / b) / c into a / (b * c),
     # which rounds differently; Triton does not reassociate.
@@ -114,10 +111,40 @@ def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int, interpret: b
     s32, s8 = _round_e4m3(jnp.clip(s, F8E4M3_MIN_NORMAL, F8E4M3_MAX))
     inv_g = _opaque(_div_rn(jnp.ones_like(gs), gs, interpret), gs)
     recip = _div_rn(inv_g[:, None], s32, interpret)
+    return s32, s8, recip
+
+
+def _quantize_tile(x32: jax.Array, gs: jax.Array, bm: int, bk: int, interpret: bool):
+    """Quantize a float32 tile `[bm, bk]` with per-row global scales `gs [bm]`.
+
+    Returns (magnitude index uint8 [bm, bk/16, 16], sign uint8 (0/1) same shape, scale f32 [bm, bk/16],
+    scale E4M3 byte uint8 [bm, bk/16]).
+    """
+    g = bk // BLOCK_SIZE
+    xb = x32.reshape(bm, g, BLOCK_SIZE)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    s32, s8, recip = _block_scales(amax, gs, interpret)
     scaled = jnp.clip(xb * recip[:, :, None], -F4_E2M1_MAX, F4_E2M1_MAX)
     idx = e2m1_index(jnp.abs(scaled))
     sign = (jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> 31).astype(jnp.uint8)
     return idx, sign, s32, s8
+
+
+def e2m1_round(a: jax.Array) -> jax.Array:
+    """|value| in [0, 6] (float32) rounded to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even code.
+
+    One float add and subtract of a magic number per element: the grid spacing is 0.5 below 2, 1 below
+    4 and 2 above, which is the float32 spacing of 2^22, 2^23 and 2^24, and round-to-nearest-even on
+    the spacing is ties-to-even on the code index. Equals `e2m1_index` decoded (tested on all ties).
+    """
+    magic = jnp.where(a < 2.0, np.float32(2.0**22), jnp.where(a < 4.0, np.float32(2.0**23), np.float32(2.0**24)))
+    return (a + magic) - magic
+
+
+def e2m1_index_of_rounded(r: jax.Array) -> jax.Array:
+    """Code index 0..7 (uint8) of a value `r` already on the E2M1 grid (`e2m1_round`)."""
+    i = jnp.where(r < 2.0, r * 2.0, jnp.where(r < 4.0, r + 2.0, r * 0.5 + 4.0))
+    return i.astype(jnp.int32).astype(jnp.uint8)
 
 
 def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode, x_dtype, interpret):
@@ -176,6 +203,68 @@ def _act_quant_kernel(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode,
         )
 
 
+def _load(ref, mask, other):
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
+
+
+def _act_quant_kernel3(*refs, m, k, bm, bk, has_gather, hadamard_block, out_mode, x_dtype, interpret):
+    """impl "v2": the tile as `[bm, bk/16, 16]` (blocks of 16 on the last axis, so the block amax and the
+    scale broadcast need no reshape), E2M1 rounding by a magic-number add (`e2m1_round`), aligned loads."""
+    it = iter(refs)
+    x_ref = next(it)
+    idx_ref = next(it) if has_gather else None
+    h_ref = next(it) if hadamard_block else None
+    gs_ref = next(it)
+    outs = list(it)
+    g = bk // BLOCK_SIZE
+    kg = k // BLOCK_SIZE
+    i, j = pl.program_id(0), pl.program_id(1)
+    r0 = i * bm
+    gc0 = pl.multiple_of(j * g, g)
+    rows = r0 + _iota(bm)
+    grp = gc0 + _iota(g)
+    rmask = rows < m
+    full = m % bm == 0 and kg % g == 0
+    mask3 = None if full else (rmask[:, None, None] & (grp < kg)[None, :, None]) & jnp.ones((1, 1, BLOCK_SIZE), bool)
+    if has_gather:
+        smask = None if kg % g == 0 else jnp.broadcast_to((grp < kg)[:, None], (g, BLOCK_SIZE))
+        src = _load(idx_ref.at[pl.ds(gc0, g), :], smask, 0)
+        x = _load(x_ref.at[rows[:, None, None], src[None, :, :]], mask3, 0)
+    else:
+        x = _load(x_ref.at[pl.ds(r0, bm), pl.ds(gc0, g), :], mask3, 0)
+    if hadamard_block:
+        hb = hadamard_block
+        xr = x.reshape(bm * (bk // hb), hb)
+        h = h_ref[...]
+        if x_dtype == jnp.float32:
+            y = jnp.dot(xr, h, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        else:
+            y = jnp.dot(xr, h, preferred_element_type=jnp.float32)
+        x = (y * np.float32(1.0 / math.sqrt(hb))).astype(x_dtype).reshape(bm, g, BLOCK_SIZE)
+    xb = x.astype(jnp.float32)
+    gs = _load(gs_ref.at[pl.ds(r0, bm)], None if m % bm == 0 else rmask, 1.0)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    s32, s8, recip = _block_scales(amax, gs, interpret)
+    scaled = jnp.clip(xb * recip[:, :, None], -F4_E2M1_MAX, F4_E2M1_MAX)
+    r = e2m1_round(jnp.abs(scaled))
+    sbit = jax.lax.bitcast_convert_type(scaled, jnp.uint32) & jnp.uint32(0x80000000)
+    if out_mode == "values":
+        (v_ref,) = outs
+        rs = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(r, jnp.uint32) | sbit, jnp.float32)
+        val = (rs * s32[:, :, None]).astype(jnp.float16)  # exact: <= 6 significant bits, in [2^-7, 2688]
+        plgpu.store(v_ref.at[pl.ds(r0, bm), pl.ds(gc0, g), :], val, mask=mask3)
+    else:
+        codes_ref, scales_ref = outs
+        code = e2m1_index_of_rounded(r) | (sbit >> 28).astype(jnp.uint8)
+        pairs = code.reshape(bm, g, BLOCK_SIZE // 2, 2)
+        shift = (4 * jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, 2), 3)).astype(jnp.uint8)
+        packed = jnp.sum((pairs << shift).astype(jnp.int32), axis=-1).astype(jnp.uint8)
+        pmask = None if full else (rmask[:, None, None] & (grp < kg)[None, :, None]) & jnp.ones((1, 1, 8), bool)
+        plgpu.store(codes_ref.at[pl.ds(r0, bm), pl.ds(gc0, g), :], packed, mask=pmask)
+        smask = None if full else rmask[:, None] & (grp < kg)[None, :]
+        plgpu.store(scales_ref.at[pl.ds(r0, bm), pl.ds(gc0, g)], s8, mask=smask)
+
+
 def resolve_act_global_scale(x_t: jax.Array, global_scale: nvfp4.GlobalScale) -> jax.Array:
     """Per-row float32 global scales `[M]` for the transformed activation `x_t [M, K]`.
 
@@ -188,7 +277,7 @@ def resolve_act_global_scale(x_t: jax.Array, global_scale: nvfp4.GlobalScale) ->
 
 @functools.partial(
     jax.jit,
-    static_argnames=("hadamard_block", "out", "block_m", "block_k", "num_warps", "num_stages", "interpret"),
+    static_argnames=("hadamard_block", "out", "block_m", "block_k", "num_warps", "num_stages", "impl", "interpret"),
 )
 def act_quant(
     x: jax.Array,
@@ -201,9 +290,12 @@ def act_quant(
     block_k: int = 256,
     num_warps: int = 4,
     num_stages: int = 1,
+    impl: str = "v2",
     interpret: bool = False,
 ):
     """Run the kernel on `x [M, K]` with per-row global scales `gs_rows [M]` (float32).
+
+    `impl` "v2" (3-D tiles, magic-number rounding) or "v1" (the former 2-D kernel); same bits.
 
     Returns `(codes uint8 [M, K/2], scales float8_e4m3fn [M, K/16])` for out="packed", or
     `values float16 [M, K]` for out="values".
@@ -217,25 +309,32 @@ def act_quant(
     if hadamard_block:
         if k % hadamard_block or bk % hadamard_block:
             raise ValueError(f"hadamard_block {hadamard_block} must divide K = {k} and the tile width block_k = {bk}")
-    args = [x]
-    if gather is not None:
-        if gather.shape != (k,):
-            raise ValueError(f"gather must have shape ({k},) (one source channel per channel), found {gather.shape}")
-        args.append(gather.astype(jnp.int32))
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, found {impl!r}")
+    v2 = impl == "v2"
+    if gather is not None and gather.shape != (k,):
+        raise ValueError(f"gather must have shape ({k},) (one source channel per channel), found {gather.shape}")
+    if v2:  # blocks of 16 on their own axis (free reshapes of contiguous arrays)
+        args = [x if gather is not None else x.reshape(m, k // BLOCK_SIZE, BLOCK_SIZE)]
+        if gather is not None:
+            args.append(gather.astype(jnp.int32).reshape(k // BLOCK_SIZE, BLOCK_SIZE))
+    else:
+        args = [x] + ([gather.astype(jnp.int32)] if gather is not None else [])
     if hadamard_block:
         hpm = _sylvester_pm1(hadamard_block)
         hdt = jnp.float32 if x.dtype == jnp.float32 else x.dtype
         args.append(jnp.asarray(hpm, hdt))
     args.append(gs_rows.astype(jnp.float32))
+    kg = k // BLOCK_SIZE
     if out == "values":
-        out_shape = jax.ShapeDtypeStruct((m, k), jnp.float16)
+        out_shape = jax.ShapeDtypeStruct((m, kg, BLOCK_SIZE) if v2 else (m, k), jnp.float16)
     else:
         out_shape = (
-            jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
-            jax.ShapeDtypeStruct((m, k // BLOCK_SIZE), jnp.uint8),
+            jax.ShapeDtypeStruct((m, kg, BLOCK_SIZE // 2) if v2 else (m, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((m, kg), jnp.uint8),
         )
     kernel = functools.partial(
-        _act_quant_kernel,
+        _act_quant_kernel3 if v2 else _act_quant_kernel,
         m=m,
         k=k,
         bm=block_m,
@@ -255,9 +354,9 @@ def act_quant(
         name="nvfp4_act_quant",
     )(*args)
     if out == "values":
-        return res
+        return res.reshape(m, k)
     codes, scales = res
-    return codes, jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn)
+    return codes.reshape(m, k // 2), jax.lax.bitcast_convert_type(scales, jnp.float8_e4m3fn)
 
 
 def _sylvester_pm1(n: int) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The one entry point the library calls for NVFP4 linears: picks the kernel by device.
 
 - "pallas": the Pallas kernels (Triton backend), on a GPU with Triton (compute capability 8.0-9.x,
-  the H100 here): `act_quant` (W4A4) then `nvfp4_matmul`.
+  the H100 and H200 here): `act_quant` (W4A4), then the GEMM backend that `tuning.DISPATCH_TABLE`
+  picks for the device class and M (the in-register `nvfp4_matmul`, or a decode of W to exact 16-bit
+  values + cuBLAS); unknown devices use the table's fallback class.
 - "scaled_matmul": `jax.nn.scaled_matmul` with float4_e2m1fn values and float8_e4m3fn scales, which
   cuDNN runs natively on compute capability >= 10 (elsewhere XLA decomposes it, slowly).
 - "reference": the pure-JAX reference (`reference.py`), used on CPUs.
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from permuquant_jax.formats import nvfp4
 from permuquant_jax.formats.nvfp4 import NVFP4Tensor
 from permuquant_jax.kernels import act_quant as _aq
+from permuquant_jax.kernels import decode as _decode
 from permuquant_jax.kernels import reference, tuning
 from permuquant_jax.kernels.nvfp4_matmul import PrepackedNVFP4, nvfp4_matmul, prepack, unprepack
 
@@ -50,6 +53,12 @@ def _compute_capability() -> float | None:
     if dev.platform != "gpu" or cc is None:
         return None
     return float(cc)
+
+
+def device_class() -> str | None:
+    """The tuning-table class of this process's default device (`tuning.device_class`)."""
+    dev = jax.devices()[0]
+    return tuning.device_class(getattr(dev, "device_kind", ""), _compute_capability())
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -138,10 +147,13 @@ def nvfp4_linear(
     if not interpret:
         filter_triton_deprecation()
     wp = prepack_weight(w)
-    cfg = tuning.matmul_config(m, n, k)
-    mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
-    if m >= tuning.DEQUANT_DOT_MIN_M and not interpret:
-        mm = functools.partial(dequant_dot, out_dtype=out_dtype)
+    gemm = "triton" if interpret else tuning.gemm_backend(device_class(), m)
+    if gemm == "triton":
+        cfg = tuning.matmul_config(m, n, k)
+        mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
+    else:
+        decoder = "pallas" if gemm == "decode_cublas" else "bits"
+        mm = functools.partial(dequant_dot, out_dtype=out_dtype, decoder=decoder)
     if w4a16:
         xin = reference.transform_act(x2, gather=gather, hadamard_block=hadamard_block)
         y = mm(xin, wp, None, bias)
@@ -160,6 +172,23 @@ def nvfp4_linear(
     return y.reshape(*lead, n)
 
 
+DECODERS = ("pallas", "bits", "lut")
+
+
+def decode_weight(w: PrepackedNVFP4, dtype: jnp.dtype, decoder: str = "pallas", *, interpret: bool = False):
+    """Exact 16-bit block values `[N, K]` of `w`: "pallas" (decode kernel; canonical layout, else
+    falls back to "bits"), "bits" (XLA bit placement) or "lut" (the reference's table decode)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, found {decoder!r}")
+    if decoder == "lut":
+        return reference.block_values(unprepack(w)).astype(dtype)
+    if w.layout != "canonical":
+        w = prepack(unprepack(w), layout="canonical")
+    if decoder == "bits":
+        return _decode.decode_weight_bits(w, dtype)
+    return _decode.decode_weight_pallas(w, dtype, interpret=interpret, **tuning.decode_config(w.n, w.k))
+
+
 def dequant_dot(
     x: jax.Array,
     w: PrepackedNVFP4,
@@ -167,17 +196,18 @@ def dequant_dot(
     bias: jax.Array | None = None,
     *,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    decoder: str = "pallas",
+    interpret: bool = False,
 ) -> jax.Array:
-    """Same function as `nvfp4_matmul`, as an XLA decode of W to exact fp16/bf16 block values then
-    one cuBLAS GEMM (fp32 accumulation) and an XLA epilogue.
+    """Same function as `nvfp4_matmul`, as a decode of W to exact fp16/bf16 block values (`decode_weight`)
+    then one cuBLAS GEMM (fp32 accumulation) and an XLA epilogue.
 
-    The weights make one round trip through HBM per call (2 bytes per weight); at M >= 1024 on the
-    H100 this is still faster than our in-register decode kernel (see benchmarks/NOTES-kernels.md),
-    so the dispatch takes it there (`tuning.DEQUANT_DOT_MIN_M`).
+    The weights make one round trip through HBM per call (2 bytes per weight); at large M this beats
+    our in-register Triton kernel on Hopper (see benchmarks/NOTES-kernels.md).
     """
     m = x.shape[0]
     dt = jnp.float16 if x.dtype == jnp.float16 else jnp.bfloat16
-    wv = reference.block_values(unprepack(w)).astype(dt)  # exact: <= 6 significant bits
+    wv = decode_weight(w, dt, decoder, interpret=interpret)  # exact: <= 6 significant bits
     acc = jax.lax.dot_general(x.astype(dt), wv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     gx = jnp.ones((m,), jnp.float32) if x_scale is None else x_scale.astype(jnp.float32).reshape(m)
     y = acc * gx[:, None] * w.global_scale[None, :]

@@ -166,6 +166,37 @@ def _decode_bytes(byte: jax.Array, use_asm: bool) -> tuple[jax.Array, jax.Array]
     return lo, hi
 
 
+def _offsets(step: jax.Array, index: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(channel, code byte, scale group) offsets of K step `step`.
+
+    index "mul" (default): products of the step with constants, with `pl.multiple_of` hints, so Triton
+    can prove 16-byte alignment and issue vectorized async copies; "div": the former `kc // 2`,
+    `kc // 16` of a traced index (floor division defeats the alignment analysis: byte loads). Same values.
+    """
+    if index == "div":
+        kc = step * CHUNK
+        return kc, kc // 2, kc // BLOCK_SIZE
+    gs = CHUNK // BLOCK_SIZE
+    return pl.multiple_of(step * CHUNK, CHUNK), pl.multiple_of(step * HALF, HALF), pl.multiple_of(step * gs, gs)
+
+
+def _load_x(x_ref, m0, bm: int, c0, width: int, mmask, m: int, k: int, index: str) -> jax.Array:
+    """The x tile `[bm, width]` at rows m0.., channels c0..; zeros outside `[m, k]`.
+
+    With index "mul", masks only what can be out of range (none when bm divides M and 128 divides K),
+    so a full tile is a plain vectorized load.
+    """
+    ref = x_ref.at[pl.ds(m0, bm), pl.ds(c0, width)]
+    kmask = (c0 + _iota(width)) < k
+    if index == "div":
+        return plgpu.load(ref, mask=mmask[:, None] & kmask[None, :], other=0)
+    if m % bm == 0 and k % CHUNK == 0:
+        return plgpu.load(ref)
+    if k % CHUNK == 0:
+        return plgpu.load(ref, mask=jnp.broadcast_to(mmask[:, None], (bm, width)), other=0)
+    return plgpu.load(ref, mask=mmask[:, None] & kmask[None, :], other=0)
+
+
 def _load_scales(scales_ref, n0: int, g0: int, bn: int, ng: int = _GROUPS_PER_HALF) -> jax.Array:
     """E4M3 scale bytes `[bn, ng]` -> fp16 s * 2^7 (bit placement gives s * 2^-8, exact, subnormals too)."""
     sb = plgpu.load(scales_ref.at[pl.ds(n0, bn), pl.ds(g0, ng)])
@@ -199,6 +230,7 @@ def _matmul_kernel(
     out_dtype,
     layout,
     decode,
+    index,
     interpret,
 ):
     pn, pm = pl.program_id(0), pl.program_id(1)
@@ -210,18 +242,12 @@ def _matmul_kernel(
     dot_dtype = jnp.float16 if x_dtype == jnp.float16 else jnp.bfloat16
 
     def body(t, acc):
-        kc = (step0 + t) * CHUNK
-        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kc // 2, HALF)])
-        g0 = kc // BLOCK_SIZE
+        kc, kb, g0 = _offsets(step0 + t, index)
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kb, HALF)])
         s_lo = _load_scales(scales_ref, n0, g0, bn)
         s_hi = _load_scales(scales_ref, n0, g0 + _GROUPS_PER_HALF, bn)
-        cols = kc + _iota(HALF)
-        xlo = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(kc, HALF)], mask=mmask[:, None] & (cols < k)[None, :], other=0)
-        xhi = plgpu.load(
-            x_ref.at[pl.ds(m0, bm), pl.ds(kc + HALF, HALF)],
-            mask=mmask[:, None] & ((cols + HALF) < k)[None, :],
-            other=0,
-        )
+        xlo = _load_x(x_ref, m0, bm, kc, HALF, mmask, m, k, index)
+        xhi = _load_x(x_ref, m0, bm, kc + HALF, HALF, mmask, m, k, index)
         lo, hi = _decode_bytes(byte, use_asm=decode.startswith("asm") and not interpret)
         if decode in ("jnp", "asm"):  # scales broadcast over groups of 16 through a reshape
             lo = (lo.reshape(bn, _GROUPS_PER_HALF, BLOCK_SIZE) * s_lo[:, :, None]).reshape(bn, HALF)
@@ -241,16 +267,15 @@ def _matmul_kernel(
 
     def body_join(t, acc):
         # canonical bytes: decode both nibbles, scale per group, interleave back (tt.join), one dot.
-        kc = (step0 + t) * CHUNK
-        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kc // 2, HALF)])
-        s16 = _load_scales(scales_ref, n0, kc // BLOCK_SIZE, bn, 2 * _GROUPS_PER_HALF)
+        kc, kb, g0 = _offsets(step0 + t, index)
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kb, HALF)])
+        s16 = _load_scales(scales_ref, n0, g0, bn, 2 * _GROUPS_PER_HALF)
         lo, hi = _decode_bytes(byte, use_asm=(decode == "asm") and not interpret)
         if decode != "noscale":
             lo = (lo.reshape(bn, 2 * _GROUPS_PER_HALF, BLOCK_SIZE // 2) * s16[:, :, None]).reshape(bn, HALF)
             hi = (hi.reshape(bn, 2 * _GROUPS_PER_HALF, BLOCK_SIZE // 2) * s16[:, :, None]).reshape(bn, HALF)
         w = jnp.stack([lo, hi], axis=-1).reshape(bn, CHUNK).astype(dot_dtype)
-        cols = kc + _iota(CHUNK)
-        xt = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(kc, CHUNK)], mask=mmask[:, None] & (cols < k)[None, :], other=0)
+        xt = _load_x(x_ref, m0, bm, kc, CHUNK, mmask, m, k, index)
         acc += jnp.dot(w, xt.astype(dot_dtype).T, preferred_element_type=jnp.float32)
         return acc
 
@@ -286,34 +311,59 @@ def _gemv_kernel(
     split_k,
     out_dtype,
     decode,
+    index,
     interpret,
 ):
-    """Few rows (M <= 8): no tensor cores. Decode once, multiply by each row of x in float32, sum each
-    group of 16 before its scale multiply (one multiply per group), accumulate per output channel."""
+    """Few rows (M <= 8): no tensor cores; memory bound on the weight bytes.
+
+    index "mul": decode once per step, scale in fp16 (exact), fp32 multiply-add into a per-element
+    accumulator `[bn, 64]` per row; one cross-lane reduction per output after the loop.
+    index "div" (former version, kept to compare): group sums and a cross-lane reduction every step.
+    """
     pn = pl.program_id(0)
     ps = pl.program_id(1) if split_k > 1 else 0
     n0 = pn * bn
     g = _GROUPS_PER_HALF
+    use_asm = decode.startswith("asm") and not interpret
+    full_k = k % CHUNK == 0 and index != "div"
 
-    def body(t, accs):
-        kc = (ps * k_steps + t) * CHUNK
-        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kc // 2, HALF)])
-        lo, hi = _decode_bytes(byte, use_asm=decode.startswith("asm") and not interpret)
+    def xrow(r, c0):
+        ref = x_ref.at[pl.ds(r, 1), pl.ds(c0, HALF)]
+        if full_k:
+            return plgpu.load(ref).astype(jnp.float32)
+        return plgpu.load(ref, mask=((c0 + _iota(HALF)) < k)[None, :], other=0).astype(jnp.float32)
+
+    def body_div(t, accs):
+        kc, kb, g0 = _offsets(ps * k_steps + t, "div")
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kb, HALF)])
+        lo, hi = _decode_bytes(byte, use_asm=use_asm)
         lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
-        s_lo = _load_scales(scales_ref, n0, kc // BLOCK_SIZE, bn).astype(jnp.float32)
-        s_hi = _load_scales(scales_ref, n0, kc // BLOCK_SIZE + g, bn).astype(jnp.float32)
-        cols = kc + _iota(HALF)
+        s_lo = _load_scales(scales_ref, n0, g0, bn).astype(jnp.float32)
+        s_hi = _load_scales(scales_ref, n0, g0 + g, bn).astype(jnp.float32)
         out = []
         for r in range(m):
-            xl = plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(kc, HALF)], mask=(cols < k)[None, :], other=0)
-            xh = plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(kc + HALF, HALF)], mask=((cols + HALF) < k)[None, :], other=0)
-            pl_ = jnp.sum((lo * xl.astype(jnp.float32)).reshape(bn, g, BLOCK_SIZE), axis=-1) * s_lo
-            ph_ = jnp.sum((hi * xh.astype(jnp.float32)).reshape(bn, g, BLOCK_SIZE), axis=-1) * s_hi
+            xl, xh = xrow(r, kc), xrow(r, kc + HALF)
+            pl_ = jnp.sum((lo * xl).reshape(bn, g, BLOCK_SIZE), axis=-1) * s_lo
+            ph_ = jnp.sum((hi * xh).reshape(bn, g, BLOCK_SIZE), axis=-1) * s_hi
             out.append(accs[r] + pl_ + ph_)
         return tuple(out)
 
-    init = tuple(jnp.zeros((bn, g), jnp.float32) for _ in range(m))
-    accs = jax.lax.fori_loop(0, k_steps, body, init)
+    def body_mul(t, accs):
+        kc, kb, g0 = _offsets(ps * k_steps + t, index)
+        byte = plgpu.load(codes_ref.at[pl.ds(n0, bn), pl.ds(kb, HALF)])
+        lo, hi = _decode_bytes(byte, use_asm=use_asm)
+        s_lo = _load_scales(scales_ref, n0, g0, bn)
+        s_hi = _load_scales(scales_ref, n0, g0 + g, bn)
+        wlo = (lo.reshape(bn, g, BLOCK_SIZE) * s_lo[:, :, None]).reshape(bn, HALF).astype(jnp.float32)
+        whi = (hi.reshape(bn, g, BLOCK_SIZE) * s_hi[:, :, None]).reshape(bn, HALF).astype(jnp.float32)
+        return tuple(accs[r] + wlo * xrow(r, kc) + whi * xrow(r, kc + HALF) for r in range(m))
+
+    if index == "div":
+        init = tuple(jnp.zeros((bn, g), jnp.float32) for _ in range(m))
+        accs = jax.lax.fori_loop(0, k_steps, body_div, init)
+    else:
+        init = tuple(jnp.zeros((bn, HALF), jnp.float32) for _ in range(m))
+        accs = jax.lax.fori_loop(0, k_steps, body_mul, init)
     cols_n = n0 + _iota(bn)
     nmask = cols_n < n
     if split_k > 1:
@@ -344,6 +394,8 @@ class MatmulConfig:
     decode: str = "jnp"
     # "mma": tensor cores, tiles block_n x block_m; "gemv": CUDA cores, for M <= 8 (block_m unused)
     kind: str = "mma"
+    # K-step offsets: "mul" (aligned, vectorized loads) | "div" (the former floor division; to compare)
+    index: str = "mul"
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype", "interpret"))
@@ -396,6 +448,7 @@ def nvfp4_matmul(
             split_k=split,
             out_dtype=out_dtype,
             decode=cfg.decode,
+            index=cfg.index,
             interpret=interpret,
         )
     else:
@@ -412,6 +465,7 @@ def nvfp4_matmul(
             out_dtype=out_dtype,
             layout=w.layout,
             decode=cfg.decode,
+            index=cfg.index,
             interpret=interpret,
         )
     y = pl.pallas_call(

@@ -1,32 +1,79 @@
-"""Tuning tables of the kernels: configs are data, chosen by shape; `benchmarks/gemm.py --sweep`
-measures the candidates on the GPU and prints the rows to paste here.
+"""Tuning data of the kernels: per device class, which GEMM backend serves which M class, and the
+Triton tile configs. `benchmarks/gemm_variants.py` (versions side by side, sweeps) and
+`benchmarks/gemm.py --sweep` measure them on the GPU; the numbers are in benchmarks/NOTES-kernels.md.
 
-Measured on one H100 80GB HBM3 (JAX 0.11.2); see benchmarks/NOTES-kernels.md.
+GEMM backends (what `dispatch.nvfp4_linear` runs after the activation quantization):
+- "triton": the in-register Pallas-Triton matmul (`nvfp4_matmul`, config from `MATMUL_TABLE`);
+- "decode_cublas": the Pallas decode kernel to exact 16-bit weights, then cuBLAS (`dispatch.dequant_dot`);
+- "xla_decode_cublas": the same with XLA's bit-placement decode (no Pallas kernel in the GEMM path).
+Unknown devices (no table row) fall back to `FALLBACK_CLASS`, whose choices are safe everywhere the
+Triton backend runs (compute capability 8.0-9.x).
 """
 
 from __future__ import annotations
 
 from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
 
-# (max M, config), first match wins; measured with benchmarks/gemm.py --sweep (NOTES-kernels.md).
-# Small M is bound by memory: many CTAs over N and split K keep weight bytes in flight; large M is
-# bound by the tensor cores (and, today, by our decode path: see the notes).
+GEMM_BACKENDS = ("triton", "decode_cublas", "xla_decode_cublas")
+
+# M classes: (name, largest M in the class); the first that holds M wins.
+M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 128), ("medium", 1023), ("large", 1 << 62))
+
+# device class -> M class -> GEMM backend. H200: benchmarks/results/gemm_variants_h200.md (2026-12-01):
+# M = 1: triton 49-50 us vs decode+cuBLAS 105-119 us; M = 512: triton 168-178 us vs decode+cuBLAS
+# 104-119 us; M >= 4096: triton 1.5-2.2x cuBLAS vs decode+cuBLAS 0.97-1.20x. "small" (17..128) is not
+# measured: the in-register kernel is memory bound there, like the GEMV. H100: the 2026-11-24 table
+# (dequant_dot from M = 1024 on; the Pallas decode was not measured there, so it keeps XLA's decode).
+DISPATCH_TABLE: dict[str, dict[str, str]] = {
+    "h200": {"gemv": "triton", "small": "triton", "medium": "decode_cublas", "large": "decode_cublas"},
+    "h100": {"gemv": "triton", "small": "triton", "medium": "triton", "large": "xla_decode_cublas"},
+    "sm80": {"gemv": "triton", "small": "triton", "medium": "triton", "large": "xla_decode_cublas"},
+}
+FALLBACK_CLASS = "sm80"
+
+
+def device_class(device_kind: str, compute_capability: float | None) -> str | None:
+    """The tuning-table class of a device, or None where the Triton kernels do not run (CPU, cc < 8)."""
+    kind = device_kind.lower()
+    if compute_capability is None or not 8.0 <= compute_capability < 10.0:
+        return None
+    for name, keys in (("h200", ("h200",)), ("h100", ("h100", "h800"))):
+        if any(key in kind for key in keys):
+            return name
+    return FALLBACK_CLASS
+
+
+def m_class(m: int) -> str:
+    """The M class (`M_CLASSES`) of a GEMM with `m` rows."""
+    for name, max_m in M_CLASSES:
+        if m <= max_m:
+            return name
+    return M_CLASSES[-1][0]
+
+
+def gemm_backend(dev_class: str | None, m: int) -> str:
+    """The GEMM backend for `m` rows on a device class (unknown classes: `FALLBACK_CLASS`)."""
+    table = DISPATCH_TABLE.get(dev_class or FALLBACK_CLASS, DISPATCH_TABLE[FALLBACK_CLASS])
+    return table[m_class(m)]
+
+
+# (max M, config), first match wins (the "triton" backend's tiles), measured with
+# benchmarks/gemm_variants.py on the H200 (aligned "mul" K offsets).
 MATMUL_TABLE: tuple[tuple[int, MatmulConfig], ...] = (
-    # M = 1 GEMV: 53-64 us at 1 x 3072 x 18432 (the CUDA-core "gemv" kernel measured 75 us)
+    # M = 1 GEMV: 49-60 us at 1 x 3072 x 18432 (the CUDA-core "gemv" kind: 56-62 us)
     (16, MatmulConfig(block_n=64, block_m=16, num_warps=4, num_stages=4, split_k=4, decode="asm")),
     (64, MatmulConfig(block_n=128, block_m=64, num_warps=4, num_stages=4, split_k=2, decode="asm")),
-    # M = 512: 177-202 us at 512 x 3072 x 9216
+    # M = 512: 159-178 us at 512 x 3072 x 9216
     (1023, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1, decode="asm")),
-    # M >= 1024 goes to dispatch.dequant_dot; the kernel, if asked, 706-800 us at 4096 x 3072 x 9216
-    (1 << 62, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1)),
+    # M >= 1024 is served by decode+cuBLAS; the kernel, if asked: 645-660 us at 4096 x 3072 x 9216
+    (1 << 62, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1, decode="asm")),
 )
 
-# From this M on, the dispatch decodes W with XLA and calls cuBLAS (`dispatch.dequant_dot`): measured
-# 1.25-1.38x cuBLAS bf16 against 1.9-2.1x for our in-register kernel at M >= 4096 (NOTES-kernels.md).
-DEQUANT_DOT_MIN_M = 1024
+# Activation quantization, impl "v2": 49-52 us at 4608 x 3072 and 113-131 us at 4608 x 15360 (H200).
+ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 32, "block_k": 256, "num_warps": 8, "num_stages": 1}
 
-# Activation quantization (60 us at 4608 x 3072, bf16 in, fp16 values out).
-ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 8, "block_k": 512, "num_warps": 4, "num_stages": 1}
+# Weight decode kernel (kernels/decode.py): 93 us at 21504 x 3072 (H200, 1.8 TB/s).
+DECODE_CONFIG: dict[str, int | str] = {"block_n": 32, "block_k": 1024, "num_warps": 8, "num_stages": 1, "decode": "asm"}
 
 
 def matmul_config(m: int, n: int, k: int) -> MatmulConfig:
@@ -44,3 +91,9 @@ def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[
     if hadamard_block and cfg["block_k"] < hadamard_block:
         cfg["block_k"] = hadamard_block
     return cfg
+
+
+def decode_config(n: int, k: int) -> dict[str, int | str]:
+    """The tuned decode-kernel config for weights `[n, k]`."""
+    del n, k
+    return dict(DECODE_CONFIG)
