@@ -749,6 +749,9 @@ def save_calibration_npz(path: str | Path, txt: np.ndarray, y: np.ndarray, promp
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, txt=store, y=y.astype(np.float32), prompts=np.asarray(list(prompts), dtype=str))
+        mask = os.umask(0o22)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
