@@ -1,0 +1,212 @@
+"""Procedurally generated scenes with captions: coloured shapes on a light background, made from a seed.
+
+Every scene is drawn from ``numpy.random.default_rng([seed, index])``, so scene ``index`` of a seed is
+the same picture and caption on every machine, whatever else was drawn before. Three kinds of scene:
+
+- one shape: ``"a red circle"``, ``"a small blue square"``, ``"a big green triangle"``;
+- a count: ``"two yellow circles"``, ``"three red triangles"`` (the same shape and colour, apart);
+- a relation: ``"a red circle above a blue square"`` (``above``, ``below``, ``to the left of``,
+  ``to the right of``; the first-named shape is the one the relation is about).
+
+Shapes are rendered with 4x4 supersampling (smooth edges) and never overlap. Images are RGB, square,
+``size`` pixels a side (a multiple of 16, as FLUX's 8x autoencoder with 2x2 packed latents needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+IMAGE_SIZE = 32
+SUPERSAMPLE = 4
+BACKGROUND = (235, 235, 235)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = {2: "two", 3: "three"}
+RELATIONS = ("above", "below", "to the left of", "to the right of")
+SIZES = {"small": 0.7, "big": 1.35}
+KIND_WEIGHTS = {"one": 0.3, "count": 0.2, "relation": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One drawn shape: kind, colour name, centre (x right, y down, in pixels) and radius in pixels."""
+
+    kind: str
+    colour: str
+    x: float
+    y: float
+    r: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """A caption and the shapes it describes (in the caption's order), for a ``size`` x ``size`` picture."""
+
+    caption: str
+    shapes: tuple[Shape, ...]
+    size: int
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int | np.integer) or size < 16 or size % 16:
+        raise ValueError(f"scene size must be a positive multiple of 16 pixels, got {size!r}")
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _apart(shapes: Sequence[Shape], x: float, y: float, r: float, margin: float) -> bool:
+    return all(math.hypot(s.x - x, s.y - y) >= s.r + r + margin for s in shapes)
+
+
+def _place(rng: np.random.Generator, size: int, r: float, others: Sequence[Shape], margin: float,
+           box: tuple[float, float, float, float] | None = None) -> tuple[float, float] | None:
+    """A centre for a shape of radius ``r`` inside the picture (and ``box`` = x0, y0, x1, y1 if given),
+    clear of ``others``; None if 100 draws found none."""
+    lo, hi = r + 1.0, size - r - 1.0
+    x0, y0, x1, y1 = box if box is not None else (lo, lo, hi, hi)
+    x0, y0, x1, y1 = max(x0, lo), max(y0, lo), min(x1, hi), min(y1, hi)
+    if x0 > x1 or y0 > y1:
+        return None
+    for _ in range(100):
+        x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+        if _apart(others, x, y, r, margin):
+            return float(x), float(y)
+    return None
+
+
+def _one(rng: np.random.Generator, size: int) -> Scene:
+    colour, kind = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    adjective = rng.choice(["", "", "small", "big"])
+    r = size * 0.16 * (SIZES[adjective] if adjective else 1.0) * rng.uniform(0.9, 1.1)
+    x, y = _place(rng, size, r, [], 0.0)
+    words = ["a", adjective, colour, kind] if adjective else ["a", colour, kind]
+    return Scene(" ".join(words), (Shape(str(kind), str(colour), x, y, r),), size)
+
+
+def _count(rng: np.random.Generator, size: int) -> Scene | None:
+    n = int(rng.choice(list(COUNTS)))
+    colour, kind = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    r = size * (0.13 if n == 2 else 0.11) * rng.uniform(0.9, 1.1)
+    shapes: list[Shape] = []
+    for _ in range(n):
+        at = _place(rng, size, r, shapes, 0.08 * size)
+        if at is None:
+            return None
+        shapes.append(Shape(str(kind), str(colour), *at, r))
+    return Scene(f"{COUNTS[n]} {colour} {_plural(str(kind))}", tuple(shapes), size)
+
+
+def _relation(rng: np.random.Generator, size: int) -> Scene | None:
+    (c1, c2), (s1, s2) = rng.choice(list(COLOURS), 2), rng.choice(SHAPES, 2)
+    if c1 == c2 and s1 == s2:
+        return None
+    rel = rng.choice(RELATIONS)
+    r1, r2 = (size * 0.14 * rng.uniform(0.9, 1.1) for _ in range(2))
+    half, gap = size / 2.0, 0.06 * size
+    # The first shape goes in its half of the picture and the second in the other half, roughly in line.
+    if rel in ("above", "below"):
+        top, bottom = (0.0, half - gap / 2), (half + gap / 2, float(size))
+        b1, b2 = (top, bottom) if rel == "above" else (bottom, top)
+        cx = rng.uniform(0.3 * size, 0.7 * size)
+        box1 = (cx - 0.15 * size, b1[0] + r1, cx + 0.15 * size, b1[1] - r1)
+        box2 = (cx - 0.15 * size, b2[0] + r2, cx + 0.15 * size, b2[1] - r2)
+    else:
+        left, right = (0.0, half - gap / 2), (half + gap / 2, float(size))
+        b1, b2 = (left, right) if rel == "to the left of" else (right, left)
+        cy = rng.uniform(0.3 * size, 0.7 * size)
+        box1 = (b1[0] + r1, cy - 0.15 * size, b1[1] - r1, cy + 0.15 * size)
+        box2 = (b2[0] + r2, cy - 0.15 * size, b2[1] - r2, cy + 0.15 * size)
+    p1 = _place(rng, size, r1, [], 0.0, box1)
+    if p1 is None:
+        return None
+    first = Shape(str(s1), str(c1), *p1, r1)
+    p2 = _place(rng, size, r2, [first], gap, box2)
+    if p2 is None:
+        return None
+    return Scene(f"a {c1} {s1} {rel} a {c2} {s2}", (first, Shape(str(s2), str(c2), *p2, r2)), size)
+
+
+def make_scene(seed: int, index: int, size: int = IMAGE_SIZE) -> Scene:
+    """Scene ``index`` of ``seed`` (shapes + caption), the same on every run."""
+    _check_size(size)
+    rng = np.random.default_rng([int(seed), int(index)])
+    kinds, weights = list(KIND_WEIGHTS), np.array(list(KIND_WEIGHTS.values()))
+    while True:
+        kind = rng.choice(kinds, p=weights / weights.sum())
+        scene = {"one": _one, "count": _count, "relation": _relation}[str(kind)](rng, size)
+        if scene is not None:
+            return scene
+
+
+def shape_mask(shape: Shape, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Boolean mask of the points (``xs``, ``ys`` in pixels) inside ``shape``."""
+    dx, dy = xs - shape.x, ys - shape.y
+    if shape.kind == "circle":
+        return dx * dx + dy * dy <= shape.r * shape.r
+    if shape.kind == "square":
+        h = shape.r * 0.85  # about the circle's area
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape.kind == "triangle":
+        # Upward, apex at (0, -r), base at y = +0.75 r from -r to +r (centroid near the centre).
+        apex, base = -shape.r, 0.75 * shape.r
+        inside_y = (dy >= apex) & (dy <= base)
+        half_width = shape.r * (dy - apex) / (base - apex)
+        return inside_y & (np.abs(dx) <= half_width)
+    raise ValueError(f"unknown shape kind {shape.kind!r}; expected one of {list(SHAPES)}")
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The scene as uint8 RGB ``[size, size, 3]`` (4x4 supersampled, box-filtered)."""
+    n, s = scene.size, SUPERSAMPLE
+    sub = (np.arange(n * s, dtype=np.float32) + 0.5) / s
+    xs, ys = np.meshgrid(sub, sub)
+    img = np.empty((n * s, n * s, 3), np.float32)
+    img[:] = np.asarray(BACKGROUND, np.float32)
+    for shape in scene.shapes:
+        # Only the shape's bounding box (in subpixels) is tested.
+        lo = [max(0, int((c - shape.r - 1) * s)) for c in (shape.y, shape.x)]
+        hi = [min(n * s, int(math.ceil((c + shape.r + 1) * s))) for c in (shape.y, shape.x)]
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+        img[box][shape_mask(shape, xs[box], ys[box])] = np.asarray(COLOURS[shape.colour], np.float32)
+    img = img.reshape(n, s, n, s, 3).mean(axis=(1, 3))
+    return np.round(img).astype(np.uint8)
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] (the autoencoder's input range)."""
+    return (np.asarray(images, np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def make_dataset(num: int, seed: int = 0, size: int = IMAGE_SIZE, start: int = 0) -> tuple[np.ndarray, list[str],
+                                                                                              list[Scene]]:
+    """Scenes ``start .. start + num - 1`` of ``seed``: (uint8 images ``[num, size, size, 3]``, captions, scenes)."""
+    if num < 1:
+        raise ValueError(f"make_dataset: num must be >= 1, got {num}")
+    scenes = [make_scene(seed, start + i, size) for i in range(num)]
+    return np.stack([render(sc) for sc in scenes]), [sc.caption for sc in scenes], scenes
+
+
+def all_captions() -> list[str]:
+    """Every caption the generator can write, sorted (for encoding them once)."""
+    out = set()
+    for c in COLOURS:
+        for s in SHAPES:
+            out.add(f"a {c} {s}")
+            out.update(f"a {a} {c} {s}" for a in SIZES)
+            out.update(f"{w} {c} {_plural(s)}" for w in COUNTS.values())
+            for c2 in COLOURS:
+                for s2 in SHAPES:
+                    if (c, s) != (c2, s2):
+                        out.update(f"a {c} {s} {rel} a {c2} {s2}" for rel in RELATIONS)
+    return sorted(out)
