@@ -528,6 +528,25 @@ def test_stale_cleanup_removes_only_dead_runs_of_ours(tmp_path):
     assert (tmp_path / "dst" / "permuquant.json").is_file()  # the previous output put back
 
 
+def test_failed_overwrite_keeps_the_previous_output(tmp_path):
+    """The old output is replaced only by a complete new one; a failure on the way leaves it as it was."""
+    from permuquant_jax.convert.atomic import atomic_output_dir
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "permuquant.json").write_text('{"old": true}')
+    with pytest.raises(OSError, match="disk full"), atomic_output_dir(dst, overwrite=True) as tmp:
+        (tmp / "permuquant.json").write_text('{"new": true}')
+        raise OSError("disk full (simulated)")
+    assert [p.name for p in tmp_path.iterdir()] == ["dst"]
+    assert (dst / "permuquant.json").read_text() == '{"old": true}'
+    with atomic_output_dir(dst, overwrite=True, sources=[("SRC", tmp_path / "elsewhere")]) as tmp:
+        (tmp / "permuquant.json").write_text('{"new": true}')
+    assert [p.name for p in tmp_path.iterdir()] == ["dst"]
+    assert sorted(p.name for p in dst.iterdir()) == ["permuquant.json"]  # no owner marker left inside
+    assert (dst / "permuquant.json").read_text() == '{"new": true}'
+
+
 def test_interrupt_swallowed_in_a_gc_callback_is_raised_again(capfd):
     """Python drops an exception raised inside a gc callback (JAX registers one); the handler raises it
     again soon after, and the dropped one prints nothing."""
