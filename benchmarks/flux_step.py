@@ -45,10 +45,10 @@ def category(name: str) -> str:
         return "act_quant"
     if "nvfp4_decode" in n:
         return "weight_decode"
-    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "nvfp4_matmul", "gemv", "cublas", "sm90_")):
-        return "gemm"
-    if any(s in n for s in ("fmha", "cudnn", "flash", "attention", "sdpa")):
+    if any(s in n for s in ("fmha", "sdpa", "flash", "attention")):  # before "gemm": cuDNN's names hold "sm90"
         return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "nvfp4_matmul", "gemv", "cublas")):
+        return "gemm"
     return "rest"
 
 

@@ -17,13 +17,14 @@ from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
 GEMM_BACKENDS = ("triton", "decode_cublas", "xla_decode_cublas")
 
 # M classes: (name, largest M in the class); the first that holds M wins.
-M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 128), ("medium", 1023), ("large", 1 << 62))
+M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 64), ("medium", 1023), ("large", 1 << 62))
 
-# device class -> M class -> GEMM backend. H200: benchmarks/results/gemm_variants_h200.md (2026-12-01):
-# M = 1: triton 49-50 us vs decode+cuBLAS 105-119 us; M = 512: triton 168-178 us vs decode+cuBLAS
-# 104-119 us; M >= 4096: triton 1.5-2.2x cuBLAS vs decode+cuBLAS 0.97-1.20x. "small" (17..128) is not
-# measured: the in-register kernel is memory bound there, like the GEMV. H100: the 2026-11-24 table
-# (dequant_dot from M = 1024 on; the Pallas decode was not measured there, so it keeps XLA's decode).
+# device class -> M class -> GEMM backend. H200: benchmarks/results/gemm_variants_h200.md (2026-12-01,
+# two runs): M = 1: triton 49-58 us vs decode+cuBLAS 105-126 us; M = 128: triton 86 vs decode+cuBLAS
+# 69-71 us; M = 256-512: triton 94-178 vs 86-138 us; M >= 4096: triton 1.46-2.2x cuBLAS bf16 vs
+# decode+cuBLAS 0.90-1.20x. "small" (17..64) is not measured: the in-register kernel is memory bound
+# there, like the GEMV. H100: the 2026-11-24 table (decode+cuBLAS from M = 1024 on; the Pallas decode
+# was not measured there, so it keeps XLA's decode).
 DISPATCH_TABLE: dict[str, dict[str, str]] = {
     "h200": {"gemv": "triton", "small": "triton", "medium": "decode_cublas", "large": "decode_cublas"},
     "h100": {"gemv": "triton", "small": "triton", "medium": "triton", "large": "xla_decode_cublas"},
@@ -69,10 +70,14 @@ MATMUL_TABLE: tuple[tuple[int, MatmulConfig], ...] = (
     (1 << 62, MatmulConfig(block_n=128, block_m=256, num_warps=8, num_stages=3, split_k=1, decode="asm")),
 )
 
-# Activation quantization, impl "v2": 49-52 us at 4608 x 3072 and 113-131 us at 4608 x 15360 (H200).
+# Activation quantization, impl "v2" (H200): at K <= 4096, 32 x 128 tiles, 4 warps: 40.6 us at 4608 x 3072
+# (32 x 256, 8 warps: 48-52 us); above, 32 x 256, 8 warps: 113-114 us at 4608 x 15360 (70 % of the copy).
 ACT_QUANT_CONFIG: dict[str, int] = {"block_m": 32, "block_k": 256, "num_warps": 8, "num_stages": 1}
+ACT_QUANT_CONFIG_NARROW: dict[str, int] = {"block_m": 32, "block_k": 128, "num_warps": 4, "num_stages": 1}
+ACT_QUANT_NARROW_MAX_K = 4096
 
-# Weight decode kernel (kernels/decode.py): 93 us at 21504 x 3072 (H200, 1.8 TB/s).
+# Weight decode kernel (kernels/decode.py): 93-135 us at 21504 x 3072 over two H200 runs (the same
+# config moved by 45 %: the tile sweep is within noise; 16 x 1024 x 4 warps measured 96-128 us).
 DECODE_CONFIG: dict[str, int | str] = {"block_n": 32, "block_k": 1024, "num_warps": 8, "num_stages": 1, "decode": "asm"}
 
 
@@ -87,7 +92,7 @@ def matmul_config(m: int, n: int, k: int) -> MatmulConfig:
 
 def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[str, int]:
     """The tuned activation-quantization config; the tile width holds whole Hadamard blocks."""
-    cfg = dict(ACT_QUANT_CONFIG)
+    cfg = dict(ACT_QUANT_CONFIG_NARROW if k <= ACT_QUANT_NARROW_MAX_K else ACT_QUANT_CONFIG)
     if hadamard_block and cfg["block_k"] < hadamard_block:
         cfg["block_k"] = hadamard_block
     return cfg
