@@ -39,7 +39,7 @@ SHAPES = [
     ("single linear1", 4608, 3072, 21504),
     ("single linear2", 4608, 15360, 3072),
 ]
-HBM_TBS = 2.94  # measured device-to-device copy on this H100 (read + write), H100.md
+HBM_TBS = {"h100": 2.94, "h200": 3.58}  # measured copies (read + write): H100.md; gemm_variants on the H200
 
 C, K = "chunk128", "canonical"
 G = "gemv"
@@ -152,23 +152,32 @@ def time_shape(key, m, k, n, layout_cfg, act_cfg, with_baselines=True):
         return nvfp4_matmul(v, p, gs, None, config=cfg, out_dtype=jnp.bfloat16)
 
     res["w4a4_total"] = bench(w4a4, list(zip(x, wp, strict=True)))
-    if m >= 512:  # the dispatch's large-M path: XLA decode of W to exact fp16/bf16, then cuBLAS
+    if m >= 512:  # the dispatch's large-M path: Pallas decode of W to exact fp16/bf16, then cuBLAS
+        wpc = d["wpc"]
         res["w4a16_dqdot"] = bench(
-            lambda a, p: dispatch.dequant_dot(a, p, None, None, out_dtype=jnp.bfloat16), list(zip(x, wp, strict=True))
+            lambda a, p: dispatch.dequant_dot(a, p, None, None, out_dtype=jnp.bfloat16), list(zip(x, wpc, strict=True))
         )
 
         def w4a4_dq(a, p):
             v = aq.act_quant(a, gs, out="values", **act_cfg)
             return dispatch.dequant_dot(v, p, gs, None, out_dtype=jnp.bfloat16)
 
-        res["w4a4_dqdot_total"] = bench(w4a4_dq, list(zip(x, wp, strict=True)))
+        res["w4a4_dqdot_total"] = bench(w4a4_dq, list(zip(x, wpc, strict=True)))
     return res
 
 
 def sweep(key, out_log):
+    """Best Triton config per M class, then the dispatch row: per M class of `tuning.M_CLASSES`, the
+    faster of the best Triton config and decode + cuBLAS (W4A4 fp16 values + W4A16 bf16, summed)."""
     best = {}
-    reps_shape = {"small": (1, 3072, 18432), "medium": (512, 3072, 9216), "large": (4096, 3072, 9216)}
-    for cls, (m, k, n) in reps_shape.items():
+    row = {}
+    reps_shape = {
+        "gemv": ("small", (1, 3072, 18432)),
+        "small": ("medium", (64, 3072, 9216)),
+        "medium": ("medium", (512, 3072, 9216)),
+        "large": ("large", (4096, 3072, 9216)),
+    }
+    for mcls, (cls, (m, k, n)) in reps_shape.items():
         inner = 16 if m <= 16 else (8 if m <= 1024 else 4)
         d = make_inputs(key, m, k, n, inner)
         xv = [xi.astype(jnp.float16) for xi in d["x"]]
@@ -199,8 +208,25 @@ def sweep(key, out_log):
             out_log.append(
                 {"sweep": cls, "layout": layout, "config": dataclasses.asdict(cfg), "fp16_s": t, "bf16_s": tb}
             )
-        if rows:
-            best[cls] = min((r for r in rows if r[3][1].decode != "noscale"), key=lambda r: r[0])[3]
+        if not rows:
+            continue
+        top = min((r for r in rows if r[3][1].decode != "noscale"), key=lambda r: r[0])
+        if mcls != "small":
+            best[cls] = top[3]
+        tq = bench(
+            lambda a, p, g=gs: dispatch.dequant_dot(a, p, g, None, out_dtype=jnp.bfloat16),
+            list(zip(xv, d["wpc"], strict=True)),
+            reps=7,
+        )
+        tqb = bench(
+            lambda a, p: dispatch.dequant_dot(a, p, None, None, out_dtype=jnp.bfloat16),
+            list(zip(d["x"], d["wpc"], strict=True)),
+            reps=7,
+        )
+        row[mcls] = "triton" if top[0] <= tq + tqb else "decode_cublas"
+        print(f"dispatch {mcls} {m}x{k}x{n}: triton {top[0] * 1e6:.1f} us, decode_cublas {(tq + tqb) * 1e6:.1f} us")
+        out_log.append({"dispatch": mcls, "triton_s": top[0], "decode_cublas_s": tq + tqb})
+    print(f"tuning.DISPATCH_TABLE[{dispatch.device_class()!r}] = {row!r}", flush=True)
     # activation quantization alone at M = 4608, K = 3072
     x = copies(jax.random.normal(key, (4608, 3072), jnp.float32).astype(jnp.bfloat16), 4)
     gs = jnp.full((4608,), 0.01, jnp.float32)
@@ -253,6 +279,7 @@ def main() -> None:
         "| W4A4 kernel: act quant + matmul = total | W4A4 act quant + deq+cuBLAS | act quant GB/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    hbm = HBM_TBS.get(dispatch.device_class() or "", 2.94)
     for r in table:
         m, k, n = r["m"], r["k"], r["n"]
         base = r["cublas_bf16"]
@@ -269,7 +296,7 @@ def main() -> None:
             f"| {r['name']} {m}x{k}x{n} | {base * 1e6:.0f} ({tf:.0f} TF/s) | {c('xla_dequant_dot')} | "
             f"{c('scaled_matmul')} | {c('w4a16')} | {c('w4a16_dqdot')} | "
             f"{r['act_quant'] * 1e6:.0f} + {r['w4a4_matmul'] * 1e6:.0f} = {c('w4a4_total')} | "
-            f"{c('w4a4_dqdot_total')} | {gbs:.0f} ({gbs / HBM_TBS / 10:.0f}%) |"
+            f"{c('w4a4_dqdot_total')} | {gbs:.0f} ({gbs / hbm / 10:.0f}%) |"
         )
     text = "\n".join(lines)
     print("\n" + text, flush=True)
