@@ -124,13 +124,14 @@ def test_quantize_flux(flux):
     """The whole FLUX plan with PermuQuant-H (plain PermuQuant is exercised on the generic model)."""
     model, batches, refs, fwd = flux
     q, rep = quantize_flux(nnx.clone(model), batches, method="permuquant-h", hadamard_block=32, progress=False,
-                           schedule="parallel")  # block level, each site at every layer of a stack at once
+                           accept="block", schedule="parallel")  # each site at every layer of a stack at once
     d, s = CFG.depth, CFG.depth_single_blocks
     assert rep.n_sites == 9 * d + 4 * s + 1  # final_layer.norm feeds the 16-bit final projection
     for sr in rep.sites:  # kept only where the block (or, for final_layer.mod, the model) error fell
-        d = sr.decision
-        assert d["level"] == ("model" if sr.site.startswith("final_layer") else "block"), sr.name
-        assert not sr.accepted or (d["choose_best"] < d["choose_before"] and d["heldout_best"] < d["heldout_before"])
+        dec = sr.decision
+        assert dec["level"] == ("model" if sr.site.startswith("final_layer") else "block"), sr.name
+        assert not sr.accepted or (dec["choose_best"] < dec["choose_before"]
+                                   and dec["heldout_best"] < dec["heldout_before"])
         assert sr.accepted == (sr.chosen != "identity")
     assert isinstance(q.double_blocks.img_attn.qkv, QuantLinear)
     assert isinstance(q.single_blocks.linear2, QuantLinear)
