@@ -11,7 +11,7 @@ import pytest
 
 # Small calibration so a whole conversion stays in seconds on the CPU.
 FAST_CONVERT = ["--calib-samples", "1", "--heldout-samples", "1", "--steps", "3", "--timesteps", "2",
-                "--resolution", "64", "--no-progress"]
+                "--resolution", "64", "--accept", "layer", "--no-progress"]
 
 
 @pytest.fixture(scope="session")

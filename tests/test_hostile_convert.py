@@ -31,7 +31,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--calib-samples", "1", "--heldout-samples", "1", "--steps", "3", "--timesteps", "2",
-        "--resolution", "64", "--no-progress"]
+        "--resolution", "64", "--accept", "layer", "--no-progress"]
 
 
 def _env() -> dict[str, str]:

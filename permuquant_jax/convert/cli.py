@@ -17,14 +17,22 @@ EPILOG = """\
 examples:
   python -m permuquant_jax.convert --out flux-tiny-nvfp4            # the embedded tiny model
   python -m permuquant_jax.convert flux1-dev.safetensors --calib prompts.npz --out flux1-dev-nvfp4
+  python -m permuquant_jax.convert FLUX.1-dev/ --out flux1-dev-nvfp4   # calibrates on the built-in prompts
+  python -m permuquant_jax.convert flux1-dev.safetensors --text-encoders FLUX.1-dev/ --prompts my.txt --out DST
+  python -m permuquant_jax.convert --prompts my.txt --out tiny-nvfp4   # the embedded tiny pipeline, real prompts
   python -m permuquant_jax.convert FLUX.1-dev/ --calib prompts.npz --dry-run
 
 SRC is a Black Forest Labs single file (flux1-dev.safetensors, flux1-schnell.safetensors), a diffusers
 transformer/ folder or a full diffusers pipeline folder. --calib takes an .npz with 'txt' [N, S, 4096]
-(T5 embeddings) and 'y' [N, 768] (CLIP pooled vectors). Set PERMUQUANT_DEBUG=1 to see tracebacks.
+(T5 embeddings) and 'y' [N, 768] (CLIP pooled vectors), as `python -m permuquant_jax.generate --export-calib`
+writes them. Without --calib, a source with text encoders (a pipeline folder, or --text-encoders DIR) is
+calibrated on prompts (--prompts FILE, default: the built-in prompt set) encoded by its own T5 and CLIP.
+Set PERMUQUANT_DEBUG=1 to see tracebacks.
 """
 
-METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h", "auto")
+ACCEPT_LEVELS = ("layer", "block", "model")
+SCHEDULES = ("sequential", "parallel")
 HADAMARD_BLOCKS = (16, 32, 64, 128)
 TOY_PARAMS = 100_000_000  # below this, synthetic calibration is allowed (the embedded tiny model)
 MAX_SEED = 2**32 - 1 - 10_000  # held-out trajectories use seed + 10_000; numpy seeds are < 2**32
@@ -59,11 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", default="0,0.25,0.5,0.75,1", metavar="A[,A...]",
                    help="PermuQuant candidate alphas of the joint criterion, comma-separated, each in [0, 1]" + d)
     p.add_argument("--tau", type=float, default=0.0,
-                   help="accept a permutation only if it lowers the calibration error by more than this "
-                   "fraction (finite, >= 0)" + d)
+                   help="minimum relative gain on the held-out half of the calibration data for a candidate to be "
+                   "kept (finite, >= 0)" + d)
+    p.add_argument("--accept", default=None, choices=ACCEPT_LEVELS,
+                   help="what a candidate must lower: its layer's output, the enclosing double/single block's "
+                   "outputs, or the DiT output (other layers quantized, validated on held-out samples); default: "
+                   "model for toy models (< 100M parameters), block otherwise (model level costs hours at full size)")
+    p.add_argument("--top-k", type=int, default=3, metavar="N",
+                   help="candidates per site (best by layer error) measured downstream, >= 1" + d)
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="channel-swap moves tried per site, each kept only if the measured error falls, >= 0" + d)
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="sequential: decide stacked blocks one after another; parallel: a site at every layer of a "
+                   "stack at once (depth x cheaper, block level only); default: sequential for toy models, "
+                   "parallel otherwise")
     p.add_argument("--calib", metavar="NPZ|synthetic", default=None,
                    help="text conditioning for calibration: an .npz with 'txt' and 'y', or 'synthetic' "
                    "(random embeddings, toy models only); default: synthetic for toy models, required otherwise")
+    p.add_argument("--prompts", metavar="FILE", default=None,
+                   help="calibrate on these prompts (a text file, one prompt a line), encoded by the source's "
+                   "text encoders (a pipeline folder or --text-encoders); default for such sources: the built-in "
+                   "prompt set. Without SRC: the embedded tiny pipeline")
+    p.add_argument("--text-encoders", metavar="DIR", default=None,
+                   help="T5/CLIP encoders and tokenizers for --prompts when SRC has none: a diffusers FLUX "
+                   "pipeline folder, or a folder with clip_l*.safetensors, t5xxl*.safetensors and tokenizer_2/")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
+                   help="T5 prompt length in tokens for --prompts (default: 512 for guidance-distilled models "
+                   "such as FLUX.1-dev, 256 otherwise, as BFL's code)")
     p.add_argument("--calib-samples", type=int, default=4, metavar="N",
                    help="number of sampling trajectories (prompts x seeds) used for calibration, >= 1" + d)
     p.add_argument("--heldout-samples", type=int, default=1, metavar="N",
@@ -117,13 +147,19 @@ def _validate(args: argparse.Namespace) -> None:
         get_format(args.format)
     except (ValueError, KeyError) as e:
         raise UsageError(f"--format {args.format!r}: {' '.join(str(e).split())}") from None
-    for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0)):
+    if args.calib is not None and (args.prompts or args.text_encoders):
+        raise UsageError("--calib gives precomputed embeddings; it cannot be combined with --prompts or "
+                         "--text-encoders (choose one)")
+    for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0),
+                     ("max_seq_len", 2), ("top_k", 1), ("refine", 0)):
         require_int_range(name, getattr(args, name), lo)
     require_int_range("seed", args.seed, 0, MAX_SEED)
     require_multiple("resolution", args.resolution, 16)
     require_finite("tau", args.tau, lo=0.0)
     require_finite("guidance", args.guidance)
     require_finite("smooth_alpha", args.smooth_alpha, lo=0.0, hi=1.0)
+    if args.schedule == "parallel" and args.accept not in (None, "block"):
+        raise UsageError(f"--schedule parallel needs --accept block, found --accept {args.accept}")
     if args.hadamard_block not in HADAMARD_BLOCKS:
         raise UsageError(f"--hadamard-block must be a power of two in {', '.join(map(str, HADAMARD_BLOCKS))}, "
                          f"found {args.hadamard_block}")
@@ -143,7 +179,37 @@ def source_paths(args: argparse.Namespace, src: Path) -> list[tuple[str, Path]]:
     out = [("SRC", src)]
     if args.calib not in (None, "synthetic"):
         out.append(("--calib", Path(args.calib)))
+    if args.prompts:
+        out.append(("--prompts", Path(args.prompts)))
+    if args.text_encoders:
+        out.append(("--text-encoders", Path(args.text_encoders)))
     return out
+
+
+def _has_text_encoders(src: Path) -> bool:
+    """A diffusers pipeline folder with its T5 and CLIP (the converter can then calibrate on prompts)."""
+    return src.is_dir() and (src / "text_encoder").is_dir() and (src / "text_encoder_2").is_dir()
+
+
+def _prompt_text(args: argparse.Namespace, src: Path, config: Any, progress: bool) -> tuple[Any, Any]:
+    """T5/CLIP embeddings of the calibration and held-out prompts: (calibration (txt, y), held-out (txt, y)).
+
+    The prompts (--prompts, else the built-in set) are shuffled by --seed; the first --calib-samples
+    calibrate, the next --heldout-samples are held out (other prompts than calibration's)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from permuquant_jax.generate.pipeline import builtin_prompts, calibration_text, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else builtin_prompts()
+    order = np.random.default_rng(args.seed).permutation(len(prompts))
+    need = args.calib_samples + args.heldout_samples
+    chosen = [prompts[i] for i in np.resize(order, need)]  # fewer prompts than samples: reused in turn
+    encoders = args.text_encoders or (str(src) if args.src else None)
+    max_seq_len = args.max_seq_len or (512 if config.guidance_embed else 256)
+    txt, y = calibration_text(encoders, chosen, max_seq_len, dtype=jnp.dtype(args.dtype), progress=progress)
+    c = args.calib_samples
+    return (txt[:c], y[:c]), ((txt[c:], y[c:]) if args.heldout_samples else None)
 
 
 def _validate_for_model(args: argparse.Namespace, src: Path) -> dict[str, Any]:
@@ -161,12 +227,14 @@ def _validate_for_model(args: argparse.Namespace, src: Path) -> dict[str, Any]:
     widths = linear_paths(abstract)
     keep = effective_keep(args.keep_bf16, FLUX_KEEP, widths)
     fmt = get_format(args.format)
-    hb = args.hadamard_block if uses_hadamard(args.method) else None
+    hb = args.hadamard_block if uses_hadamard(args.method) or args.method == "auto" else None
     check_widths(widths, keep, group=fmt.group, format=fmt.name, hadamard_block=hb,
                  segment_widths=(config.hidden_size, config.mlp_hidden_dim))
     n_params = param_count(abstract)
     toy = n_params < TOY_PARAMS
     calib = args.calib
+    if calib is None and (args.prompts or args.text_encoders or _has_text_encoders(src)):
+        calib = "prompts"
     if calib is None:
         if not toy:
             raise UsageError(
@@ -178,7 +246,7 @@ def _validate_for_model(args: argparse.Namespace, src: Path) -> dict[str, Any]:
         raise UsageError(f"--calib synthetic is only for toy models (< {TOY_PARAMS / 1e6:.0f}M parameters); "
                          f"{src} has {n_params / 1e9:.1f}B: pass --calib FILE.npz")
     text = None
-    if calib != "synthetic":
+    if calib not in ("synthetic", "prompts"):
         text = load_calib_npz(calib, txt_width=config.context_in_dim, y_width=config.vec_in_dim)
     return dict(config=config, abstract=abstract, keep=keep, toy=toy, n_params=n_params, calib=calib, text=text)
 
@@ -225,7 +293,7 @@ def dry_run_plan(model: Any, *, method: str, format: str, keep: Sequence[str]) -
     """`quant.plan_summary` for the FLUX site plan, with the whole model's parameter bytes before/after."""
     from permuquant_jax.quant import flux_sites, plan_summary
 
-    sites = flux_sites(model) if method in ("permuquant", "permuquant-h") else []
+    sites = flux_sites(model) if method in ("permuquant", "permuquant-h", "auto") else []
     plan = plan_summary(model, sites=sites, keep=keep, format=format)
     if not sites:
         plan["sites"] = []
@@ -307,8 +375,16 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _validate(args)
-    src = Path(args.src) if args.src else default_checkpoint_path()
-    src_desc = str(src) if args.src else f"{src} (embedded tiny model)"
+    if args.src:
+        src, src_desc = Path(args.src), str(args.src)
+    elif args.prompts or args.text_encoders:  # real prompts need the embedded pipeline's DiT (its text widths)
+        from permuquant_jax.generate.pipeline import embedded_transformer_path
+
+        src = embedded_transformer_path()
+        src_desc = f"{src} (embedded tiny pipeline)"
+    else:
+        src = default_checkpoint_path()
+        src_desc = f"{src} (embedded tiny model)"
     if not src.exists():
         raise UsageError(f"SRC {src}: no such file or directory")
     sources = source_paths(args, src)
@@ -323,6 +399,12 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     dtype = jnp.dtype(args.dtype)
     with atomic_output_dir(args.out, overwrite=args.overwrite, sources=sources) as tmp:
+        heldout_text = text
+        if calib == "prompts":  # encode first, so the text encoders are released before the DiT loads
+            _enter("encoding prompts", f"encoding {args.calib_samples + args.heldout_samples} calibration "
+                   f"prompts ({args.prompts or 'built-in set'}) with the text encoders ...")
+            text, heldout_text = _prompt_text(args, src, m["config"], progress)
+            v.check_batches_finite([{"txt": text[0], "y": text[1]}], "prompt embeddings")
         _enter("loading", f"loading {src} ...")
         model = load_flux(src, dtype=dtype, progress=progress)
         n_params, toy = m["n_params"], m["toy"]
@@ -330,14 +412,15 @@ def run(args: argparse.Namespace) -> int:
             _say("WARNING: calibrating on SYNTHETIC random text embeddings (toy model). The permutations and "
                  "scales are only as meaningful as that data; use --calib FILE.npz for real models.")
         res = args.resolution or (256 if toy else 1024)
-        common = dict(text=text, num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
+        common = dict(num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
                       guidance=args.guidance, progress=progress)
         _enter("compiling", f"sampling {args.calib_samples} calibration trajectories at {res}x{res} "
                "(compiling the model first) ...")
-        batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, **common)
+        batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, text=text,
+                                           **common)
         _enter("sampling")
         heldout = (flux_calibration_batches(model, num_samples=args.heldout_samples, seed=args.seed + 10_000,
-                                            **common) if args.heldout_samples else [])
+                                            text=heldout_text, **common) if args.heldout_samples else [])
         v.check_batches_finite(batches, "calibration")
         v.check_batches_finite(heldout, "held-out")
         refs = [flux_forward(model, b).astype(jnp.float32) for b in heldout]
@@ -352,11 +435,14 @@ def run(args: argparse.Namespace) -> int:
         stats = calibrate(model, batches, targets, progress=progress)
         v.check_stats_finite(stats)
         before = param_bytes(model)
-        _enter("quantizing", "choosing permutations and quantizing ...")
+        accept = args.accept or ("model" if toy else "block")
+        schedule = args.schedule or ("sequential" if toy or accept != "block" else "parallel")
+        _enter("quantizing", f"choosing permutations ({accept}-level acceptance) and quantizing ...")
         model, report = quantize_flux(
             model, batches, method=args.method, format=args.format, alphas=args.alphas, tau=args.tau,
             keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
-            act_scale=args.act_scale, stats=stats, progress=progress,
+            act_scale=args.act_scale, stats=stats, progress=progress, accept=accept, top_k=args.top_k,
+            refine=args.refine, schedule=schedule,
         )
         v.check_report_finite(report)
         after = param_bytes(model)
@@ -366,9 +452,15 @@ def run(args: argparse.Namespace) -> int:
         metadata = dict(
             format=args.format,
             method=args.method,
-            settings=dict(alphas=list(args.alphas), tau=args.tau, hadamard_block=args.hadamard_block,
+            settings=dict(alphas=list(args.alphas), tau=args.tau, accept=accept, top_k=args.top_k,
+                          refine=args.refine, schedule=schedule, hadamard_block=args.hadamard_block,
                           smooth_alpha=args.smooth_alpha, act_scale=args.act_scale, keep_bf16=list(keep),
-                          calib=calib if calib == "synthetic" else str(Path(calib).absolute()),
+                          calib=calib if calib == "synthetic" else
+                          (dict(prompts=str(Path(args.prompts).absolute()) if args.prompts else "built-in",
+                                text_encoders=str(Path(args.text_encoders).absolute()) if args.text_encoders
+                                else ("embedded" if not args.src else str(src.absolute())),
+                                max_seq_len=args.max_seq_len or (512 if m["config"].guidance_embed else 256))
+                           if calib == "prompts" else str(Path(calib).absolute())),
                           calib_samples=args.calib_samples, heldout_samples=args.heldout_samples,
                           steps=args.steps, timesteps=args.timesteps, resolution=res, guidance=args.guidance,
                           seed=args.seed),
