@@ -438,6 +438,9 @@ def markdown(benches: dict, rows: list[dict], planned: int, started: str, wall: 
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["model"] == kind):
+            if "error" in row:
+                lines.append(f"| {row['format']} | {row['method']} | failed: {row['error']} |||||||")
+                continue
             lines.append(
                 f"| {row['format']} | {row['method']} | {row['step_err']:.4f} | {row['final_err']:.4f} | "
                 f"{row['psnr']:.2f} | {_fmt(row['block_mean'], 3)} | {_fmt(row['block_worst'], 3)} "
@@ -457,6 +460,9 @@ def markdown(benches: dict, rows: list[dict], planned: int, started: str, wall: 
             "|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["model"] == "minilm"):
+            if "error" in row:
+                lines.append(f"| {row['format']} | {row['method']} | failed: {row['error']} |||||")
+                continue
             lines.append(
                 f"| {row['format']} | {row['method']} | {row['layer_err']:.5f} | {row['layer_mean']:.3f} | "
                 f"{row['layer_worst']:.3f} ({row['worst_layer']}) | {row['n_worse']} | {row['time']:.1f} |"
@@ -484,7 +490,9 @@ def _git_rev() -> str:
 def short_table(rows: list[dict]) -> str:
     out = []
     for row in rows:
-        if row["model"] == "minilm":
+        if "error" in row:
+            out.append(f"{row['model']:8s} {row['format']:14s} {row['method']:13s} FAILED {row['error'][:80]}")
+        elif row["model"] == "minilm":
             out.append(f"{row['model']:8s} {row['format']:14s} {row['method']:13s} layer/RTN {row['layer_mean']:.3f} "
                        f"(worst {row['layer_worst']:.3f})")
         else:
@@ -530,9 +538,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not (m == "minilm" and not benches[m].supports(me))]
     rows: list[dict] = []
     for fmt, m, method in plan:
-        row = benches[m].row(fmt, method)
+        try:
+            row = benches[m].row(fmt, method)
+            log(benches[m].describe(row))
+        except Exception as e:  # noqa: BLE001 - a method that fails on a model is a result: record it
+            row = dict(model=m, format=fmt, method=method, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            log(f"[{m}] {fmt:14s} {method:13s} FAILED {row['error']}")
         rows.append(row)
-        log(benches[m].describe(row))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(markdown(benches, rows, len(plan), started, time.time() - t0, args.note))
