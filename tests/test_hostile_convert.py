@@ -187,6 +187,13 @@ DOOR_CASES = [
     ("keep-everything", [S, "--out", O, "--keep-bf16", "*"], ["nothing would be quantized"], O),
     ("format-unknown", [S, "--out", O, "--format", "nvfp5"], ["nvfp5", "nvfp4"], O),
     ("method-unknown", [S, "--out", O, "--method", "gptq"], ["--method", "'gptq'"], O),
+    ("calib-and-prompts", [S, "--out", O, "--calib", "{npz_good}", "--prompts", "{npz_good}"],
+     ["--calib", "--prompts", "choose one"], O),
+    ("prompts-missing", [S, "--out", O, "--prompts", "{tmp}/no-prompts.txt"], ["--prompts", "no such file"], O),
+    ("text-encoders-not-dir", [S, "--out", O, "--text-encoders", "{npz_good}"], ["--text-encoders", "not a folder"],
+     O),
+    ("parallel-needs-block", [S, "--out", O, "--accept", "model", "--schedule", "parallel"],
+     ["--schedule parallel", "--accept block"], O),
     # option ranges
     ("alpha-out-of-range", [S, "--out", O, "--alpha", "0,1.5"], ["--alpha", "1.5", "[0, 1]"], O),
     ("alpha-nan", [S, "--out", O, "--alpha", "0.5,nan"], ["--alpha", "nan"], O),

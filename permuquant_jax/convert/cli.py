@@ -150,6 +150,11 @@ def _validate(args: argparse.Namespace) -> None:
     if args.calib is not None and (args.prompts or args.text_encoders):
         raise UsageError("--calib gives precomputed embeddings; it cannot be combined with --prompts or "
                          "--text-encoders (choose one)")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise UsageError(f"--prompts {args.prompts}: no such file (expected a text file, one prompt a line)")
+    if args.text_encoders and not Path(args.text_encoders).is_dir():
+        raise UsageError(f"--text-encoders {args.text_encoders}: not a folder (expected a FLUX pipeline folder, or "
+                         "one with clip_l*.safetensors, t5xxl*.safetensors and tokenizer_2/)")
     for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0),
                      ("max_seq_len", 2), ("top_k", 1), ("refine", 0)):
         require_int_range(name, getattr(args, name), lo)
