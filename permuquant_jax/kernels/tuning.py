@@ -23,8 +23,9 @@ M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 64), ("medium"
 # two runs): M = 1: triton 49-58 us vs decode+cuBLAS 105-126 us; M = 128: triton 86 vs decode+cuBLAS
 # 69-71 us; M = 256-512: triton 94-178 vs 86-138 us; M >= 4096: triton 1.46-2.2x cuBLAS bf16 vs
 # decode+cuBLAS 0.90-1.20x. "small": `gemm.py --sweep` at M = 64 (results/gemm_h200.md): triton 185 us
-# vs decode+cuBLAS 165 us (W4A4 + W4A16 summed); that sweep printed this whole row. H100: the 2026-11-24 table (decode+cuBLAS from M = 1024 on; the Pallas decode
-# was not measured there, so it keeps XLA's decode).
+# vs decode+cuBLAS 165 us (W4A4 + W4A16 summed); that sweep printed this whole row. H100: the
+# 2026-11-24 table (decode+cuBLAS from M = 1024 on; the Pallas decode was not measured there, so it
+# keeps XLA's decode).
 DISPATCH_TABLE: dict[str, dict[str, str]] = {
     "h200": {"gemv": "triton", "small": "decode_cublas", "medium": "decode_cublas", "large": "decode_cublas"},
     "h100": {"gemv": "triton", "small": "triton", "medium": "triton", "large": "xla_decode_cublas"},
