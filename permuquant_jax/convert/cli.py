@@ -533,7 +533,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 acknowledge()
                 _say(_interrupted("SIGINT"))
                 return 130
+            except SystemError as e:  # our Interrupted raised inside a C callback comes back wrapped
+                hit = _interrupt_in_chain(e)
+                if hit is None:
+                    raise
+                acknowledge()
+                _say(_interrupted(hit.name))
+                return hit.exit_code
         return 130
+
+
+def _interrupt_in_chain(e: BaseException) -> Interrupted | None:
+    """The `Interrupted` among `e`'s causes/contexts, if a signal is what really ended the call."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Interrupted):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _main(argv: Sequence[str] | None) -> int:
