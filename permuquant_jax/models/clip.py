@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from permuquant_jax.models.flux import scan_blocks
+from permuquant_jax.models.flux import scan_blocks, stack_blocks
 from permuquant_jax.models.layers import Dtype, Linear
-from permuquant_jax.models.t5 import _stacked
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new")
 LEGACY_EOS_TOKEN_ID = 2
@@ -168,7 +167,7 @@ class CLIPTextModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.token_embedding = nnx.Embed(config.vocab_size, config.hidden, **kw)
         self.position_embedding = nnx.Embed(config.max_position, config.hidden, **kw)
-        self.layers = _stacked(
+        self.layers = stack_blocks(
             lambda r: CLIPLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r), config.layers, rngs
         )
         self.final_layer_norm = LayerNorm(config.hidden, eps=config.eps, param_dtype=param_dtype)

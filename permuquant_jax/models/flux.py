@@ -211,8 +211,9 @@ class LastLayer(nnx.Module):
         return self.linear(self.norm_final(x, shift, scale))
 
 
-def _stacked(make, depth: int, rngs: nnx.Rngs):
-    """Build ``depth`` copies of a block as one module whose arrays have a leading depth axis."""
+def stack_blocks(make, depth: int, rngs: nnx.Rngs):
+    """Build ``depth`` copies of a block as one module whose arrays have a leading depth axis (the shape
+    `scan_blocks` runs; also used by the T5 and CLIP encoders)."""
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -303,8 +304,8 @@ class FluxDiT(nnx.Module):
         self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, h, **kw) if config.guidance_embed else None
         self.txt_in = Linear(config.context_in_dim, h, **kw)
         block_kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.double_blocks = _stacked(lambda r: DoubleStreamBlock(config, **block_kw, rngs=r), config.depth, rngs)
-        self.single_blocks = _stacked(
+        self.double_blocks = stack_blocks(lambda r: DoubleStreamBlock(config, **block_kw, rngs=r), config.depth, rngs)
+        self.single_blocks = stack_blocks(
             lambda r: SingleStreamBlock(config, **block_kw, rngs=r), config.depth_single_blocks, rngs
         )
         self.final_layer = LastLayer(h, config.out_channels, **kw)

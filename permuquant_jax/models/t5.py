@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from permuquant_jax.models.flux import scan_blocks
+from permuquant_jax.models.flux import scan_blocks, stack_blocks
 from permuquant_jax.models.layers import Dtype, Linear
 
 
@@ -183,17 +183,6 @@ def _clamp_fp16(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -limit, limit)
 
 
-def _stacked(make, depth: int, rngs: nnx.Rngs):
-    """``depth`` copies of a block as one module whose arrays carry a leading depth axis."""
-
-    @nnx.split_rngs(splits=depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def build(r: nnx.Rngs):
-        return make(r)
-
-    return build(rngs)
-
-
 class T5Encoder(nnx.Module):
     """T5 v1.1 encoder: ``encoder(input_ids int32 [B, S]) -> [B, S, d_model]`` (final-normed hidden states).
 
@@ -210,7 +199,7 @@ class T5Encoder(nnx.Module):
         self.relative_attention_bias = nnx.Embed(
             config.relative_attention_num_buckets, config.num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.blocks = _stacked(
+        self.blocks = stack_blocks(
             lambda r: T5Block(config, dtype=dtype, param_dtype=param_dtype, rngs=r), config.num_layers, rngs
         )
         self.final_norm = T5RMSNorm(config.d_model, eps=config.eps, param_dtype=param_dtype)
