@@ -325,12 +325,29 @@ def _quant_error_jit(x_c, x_h, w, perm, smooth, *, fmt_name: str, hadamard: int)
     return jnp.sum(d * d) / jnp.maximum(jnp.sum(ref * ref), 1e-30)
 
 
-def _choose(x_c, w, fmt, hadamard_block, method=None):
-    kw: dict[str, Any] = dict(format=fmt, hadamard_block=hadamard_block)
-    if method is not None:
-        kw["method"] = method
-    perm, rep = quant.choose_for_layer(x_c, w, **kw)
-    return perm, rep
+def _choose(x_c, x_a, w, fmt, method):
+    """The per-layer choice of `quant.choose_for_layer`: chosen on `x_c`, validated on `x_a` (other sentences)."""
+    return quant.choose_for_layer(x_c, w, format=fmt, method=method, x_accept=x_a)
+
+
+def _won(labels: Sequence[str]) -> str:
+    """What the per-layer choice kept, counted: RTN, orders, smoothing, each rotation size."""
+    if not labels:
+        return "-"
+    kinds: dict[str, int] = {}
+    for lb in labels:
+        parts = []
+        if lb == "identity":
+            parts.append("rtn")
+        if "smooth" in lb:
+            parts.append("smooth")
+        if "sort" in lb or "deal" in lb or "refined" in lb:
+            parts.append("order")
+        if "+ H" in lb:
+            parts.append("H" + lb.rsplit("+ H", 1)[1])
+        k = "+".join(parts) or "identity+?"
+        kinds[k] = kinds.get(k, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 class MiniLMBench:
@@ -342,7 +359,10 @@ class MiniLMBench:
         n = 128 if quick else 256
         t0 = time.time()
         calib_s, held_s = _sentences(CALIB_MODULES, n), _sentences(HELDOUT_MODULES, n)
-        self.xc, self.weights, self.info = minilm_activations(calib_s)
+        # the calibration sentences split by sentence: even ones choose, odd ones accept
+        self.xc0, self.weights, self.info = minilm_activations(calib_s[0::2])
+        self.xc1, _, _ = minilm_activations(calib_s[1::2])
+        self.xc = {k: np.concatenate([self.xc0[k], self.xc1[k]]) for k in self.xc0}
         self.xh, _, _ = minilm_activations(held_s)
         self.names = list(self.weights)
         first = self.names[0]
@@ -350,6 +370,7 @@ class MiniLMBench:
         self.n_held = (len(held_s), self.xh[first].shape[0])
         self.auto_ok = "method" in inspect.signature(quant.choose_for_layer).parameters
         self.rtn: dict[str, np.ndarray] = {}
+        self.chosen: dict[tuple[str, str], list[str]] = {}
         log(f"[minilm] {self.info['linears']} linears, {self.n_calib[0]} / {self.n_held[0]} sentences, "
             f"{self.n_calib[1]} / {self.n_held[1]} tokens (calibration / held-out) ({time.time() - t0:.0f} s)")
 
@@ -365,15 +386,10 @@ class MiniLMBench:
         if method == "smoothquant":
             s = quant.smoothquant_scales(np.abs(xc).max(0), np.abs(w).max(0), 0.5)
             return _quant_error(xc, xh, w, fmt, smooth=s)
-        if method == "permuquant":
-            perm, _ = _choose(xc, w, fmt, None)
-            return _quant_error(xc, xh, w, fmt, perm=perm)
-        if method == "permuquant-h":
-            perm, _ = _choose(xc, w, fmt, HADAMARD_BLOCK)
-            return _quant_error(xc, xh, w, fmt, perm=perm, hadamard=HADAMARD_BLOCK)
-        # auto, through the API's per-layer choice (its report says which transform it kept)
-        perm, rep = _choose(xc, w, fmt, HADAMARD_BLOCK, method="auto")
-        return _quant_error(xc, xh, w, fmt, perm=perm, smooth=rep.get("smooth"), hadamard=rep.get("hadamard_block"))
+        # permuquant / permuquant-h / auto: the per-layer choice, validated on the other calibration half
+        perm, rep = _choose(self.xc0[name], self.xc1[name], w, fmt, method)
+        self.chosen.setdefault((fmt, method), []).append(rep["chosen"])
+        return _quant_error(xc, xh, w, fmt, perm=perm, smooth=rep["smooth"], hadamard=rep["hadamard_block"])
 
     def row(self, fmt: str, method: str) -> dict:
         t0 = time.time()
@@ -384,7 +400,8 @@ class MiniLMBench:
         worst = int(np.argmax(ratio))
         return dict(model="minilm", format=fmt, method=method, layer_err=float(np.mean(errs)),
                     layer_mean=float(np.mean(ratio)), layer_worst=float(ratio[worst]), worst_layer=self.names[worst],
-                    n_worse=int(np.sum(ratio > 1.01)), time=time.time() - t0, layers=errs.tolist())
+                    n_worse=int(np.sum(ratio > 1.01)), time=time.time() - t0, layers=errs.tolist(),
+                    won=_won(self.chosen.get((fmt, method), [])))
 
     @staticmethod
     def describe(row: dict) -> str:
@@ -456,16 +473,17 @@ def markdown(benches: dict, rows: list[dict], planned: int, started: str, wall: 
             f"held-out {b.n_held[0]} sentences ({b.n_held[1]} tokens) from other documents.",
             "",
             "| format | method | layer err (mean) | layer vs RTN mean | worst (layer) | layers > 1% worse than RTN "
-            "| time (s) |",
-            "|---|---|---|---|---|---|---|",
+            "| kept (layers) | time (s) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["model"] == "minilm"):
             if "error" in row:
-                lines.append(f"| {row['format']} | {row['method']} | failed: {row['error']} |||||")
+                lines.append(f"| {row['format']} | {row['method']} | failed: {row['error']} ||||||")
                 continue
             lines.append(
                 f"| {row['format']} | {row['method']} | {row['layer_err']:.5f} | {row['layer_mean']:.3f} | "
-                f"{row['layer_worst']:.3f} ({row['worst_layer']}) | {row['n_worse']} | {row['time']:.1f} |"
+                f"{row['layer_worst']:.3f} ({row['worst_layer']}) | {row['n_worse']} | {row.get('won', '-')} | "
+                f"{row['time']:.1f} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -473,8 +473,15 @@ def decide(
     refine: int = 0,
     progress: bool = False,
     schedule: str = "sequential",
+    hadamard_sizes: bool = True,
 ) -> dict[str, Any]:
-    """Sequential downstream decisions (see the module docstring). Returns {"chosen": {site: {layer: c}},
+    """Sequential downstream decisions (see the module docstring).
+
+    hadamard: per linear (the block sizes its trial chooses among, 0 = none; the starting index).
+    choose_hadamard: choose among them (method auto). hadamard_sizes: a linear with ONE block b > 0
+    (PermuQuant-H) chooses among b, the other sizes aligned with the format's groups and its column
+    parts (`permute.aligned_hadamard_blocks`) and none, starting from b; each change is kept only if it
+    lowers the held-out error at `level` by more than `tau`. Returns {"chosen": {site: {layer: c}},
     "info": {(site, layer): dict}, "hadamard": {path: block or None}, "amax": {path: [*stack]},
     "hadamard_info": {path: dict}, "forwards": int, "seconds": float, "blocks": {path: block path}}."""
     t_start = timer()
@@ -488,6 +495,19 @@ def decide(
         return [ref_of[id(b)] for b in batches]
 
     refs_c, refs_h = refs_for(choose_batches), refs_for(held_batches)
+    hadamard = dict(hadamard)
+    if hadamard_sizes and not choose_hadamard:
+        from permuquant_jax.formats.registry import get_format
+        from permuquant_jax.quant.permute import aligned_hadamard_blocks
+
+        group = get_format(format).group
+        for p in targets:
+            hb0, _ = hadamard[p]
+            if len(hb0) == 1 and hb0[0]:
+                k = get_node(model, p).kernel.get_value().shape[-2]
+                cuts = [c for _, s, n in parts_of.get(p, []) for c in (s, s + n)]
+                sizes = aligned_hadamard_blocks(k, group, starts=cuts)
+                hadamard[p] = ((hb0[0], *(b for b in sizes if b != hb0[0]), 0), 0)
 
     def make_trial(p, lin):
         parts = []
@@ -535,36 +555,55 @@ def decide(
         def err_at(b, layer, batches, refs):
             return measure(ev, level, b, layer, batches, refs)
 
-        # ---- Hadamard on/off per linear (method auto), all layers of a stack together
-        if choose_hadamard:
-            for p in targets:
-                hb, _ = hadamard[p]
-                if len(hb) < 2:
-                    continue
-                trial = trial_of[p]
-                b = block_of[p]
-                n0 = ev.forwards
+        # ---- the Hadamard block per linear (auto: none or its block; permuquant-h: its block, the other
+        # aligned sizes or none), all layers of a stack together, each change validated on held-out batches
+        cur: dict[Any, tuple[float, float | None]] = {}  # error key -> (choose, held-out) in the current state
+        for p in targets:
+            hb, h0 = hadamard[p]
+            if len(hb) < 2 or not (choose_hadamard or hadamard_sizes):
+                continue
+            trial = trial_of[p]
+            b = block_of[p]
+            n0 = ev.forwards
+            hk = "model" if (level == "model" or b is None) else b
+            stack = np.shape(trial.hsel.get_value())
 
-                def total(batches, refs, b=b):
-                    errs, me = ev.run(batches, refs)
-                    return float(me) if (level == "model" or b is None) else float(np.sum(errs[b]))
+            def total(batches, refs, b=b):
+                errs, me = ev.run(batches, refs)
+                return float(me) if (level == "model" or b is None) else float(np.sum(errs[b]))
 
-                before_c = total(choose_batches, refs_c)
-                stack = np.shape(trial.hsel.get_value())
-                trial.hsel.set_value(jax.device_put(np.ones(stack, np.int32)))
-                after_c = total(choose_batches, refs_c)
-                kept = False
-                before_h = after_h = None
-                if after_c < before_c:
-                    after_h = total(held_batches, refs_h)
-                    trial.hsel.set_value(jax.device_put(np.zeros(stack, np.int32)))
-                    before_h = total(held_batches, refs_h)
-                    kept = before_h > 0 and (before_h - after_h) / before_h > tau
-                trial.hsel.set_value(jax.device_put(np.full(stack, 1 if kept else 0, np.int32)))
-                cache.clear()
-                out["hadamard_info"][path_str(p)] = {
-                    "block": hb[1], "kept": bool(kept), "choose_before": before_c, "choose_after": after_c,
-                    "heldout_before": before_h, "heldout_after": after_h, "forwards": ev.forwards - n0}
+            def select(h, trial=trial, stack=stack):
+                trial.hsel.set_value(jax.device_put(np.full(stack, h, np.int32)))
+
+            if hk not in cur:
+                cur[hk] = (total(choose_batches, refs_c), None)
+            before_c = cur[hk][0]
+            tried = {}
+            for h in range(len(hb)):
+                if h != h0:
+                    select(h)
+                    tried[h] = total(choose_batches, refs_c)
+            best = min(tried, key=lambda h: (tried[h], h))
+            kept = False
+            before_h = after_h = None
+            if tried[best] < before_c:
+                select(best)
+                after_h = total(held_batches, refs_h)
+                select(h0)
+                if cur[hk][1] is None:
+                    cur[hk] = (before_c, total(held_batches, refs_h))
+                before_h = cur[hk][1]
+                kept = before_h > 0 and (before_h - after_h) / before_h > tau
+            select(best if kept else h0)
+            if kept:
+                cur.clear()
+                cur[hk] = (tried[best], after_h)
+            cache.clear()
+            out["hadamard_info"][path_str(p)] = {
+                "block": hb[best] or None, "start": hb[h0] or None, "kept": bool(kept),
+                "tried": {str(hb[h] or "none"): e for h, e in tried.items()},
+                "choose_before": before_c, "choose_after": tried[best],
+                "heldout_before": before_h, "heldout_after": after_h, "forwards": ev.forwards - n0}
 
         # ---- site decisions, block by block, layer by layer, site by site
         order: list[tuple[int, tuple[int, ...], Path | None]] = []

@@ -301,6 +301,19 @@ def accept(errors: Sequence[float], tau: float = 0.0, identity_index: int = 0) -
     return identity_index, False, gain
 
 
+LAYER_METHODS: tuple[str, ...] = ("permuquant", "permuquant-h", "auto")
+SMOOTH_ALPHAS: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+
+def aligned_hadamard_blocks(k: int, group: int, sizes: Sequence[int] = (16, 32, 64, 128),
+                            starts: Sequence[int] = ()) -> tuple[int, ...]:
+    """The block Hadamard sizes aligned with a format's groups for `k` input channels: each size divides
+    `k` (and every column offset in `starts`) and either divides the group or is a multiple of it, so
+    block and group boundaries coincide."""
+    return tuple(int(b) for b in sizes
+                 if k % b == 0 and (b % group == 0 or group % b == 0) and all(s % b == 0 for s in starts))
+
+
 def choose_for_layer(
     x_calib: np.ndarray | jax.Array,
     weight: np.ndarray | jax.Array,
@@ -310,35 +323,111 @@ def choose_for_layer(
     tau: float = 0.0,
     segments: Sequence[int] | int | None = None,
     hadamard_block: int | None = None,
+    method: str | None = None,
+    x_accept: np.ndarray | jax.Array | None = None,
+    hadamard_blocks: Sequence[int] | None = None,
+    smooth_alphas: Sequence[float] = SMOOTH_ALPHAS,
 ) -> tuple[np.ndarray | None, dict]:
-    """Choose a channel order for one linear from its calibration activations.
+    """Choose the transform of one linear from its calibration activations (validated on `x_accept`).
 
-    x_calib `[..., K]` (activations of the layer input), weight `[N, K]` (PyTorch layout). Candidates:
-    the identity and the joint order for each alpha; each is scored by the relative output error of the
-    quantized layer (`format` from the registry, optional block Hadamard after the order) against float
-    on `x_calib`. Returns `(perm, report)`: `perm` is None when the identity is kept.
+    x_calib `[..., K]` (activations of the layer input), weight `[N, K]` (PyTorch layout). Every candidate
+    is scored by the relative squared output error (bias excluded) of the quantized layer (`format` from
+    the registry) against float on `x_calib`; the best is kept only if it lowers the error of plain RTN
+    (identity, no rotation) by more than `tau` (relative) on `x_accept` (held-out tokens of OTHER
+    samples; None: on `x_calib` itself). Candidates by `method`:
+    - "permuquant" (default; with `hadamard_block` given and no method: "permuquant-h" at that one block):
+      the joint order per alpha, the orders by activation absmax and by weight column absmax, the
+      alpha=0.5 order dealt into groups;
+    - "permuquant-h": each of those orders (and each dealt into Hadamard blocks) followed by a block
+      Hadamard of each size in `hadamard_blocks` (default: `aligned_hadamard_blocks`), and without one;
+    - "auto": as "permuquant-h", plus SmoothQuant scales per `smooth_alphas`, alone and followed by the
+      joint order of the smoothed moments.
+    Returns `(perm, report)`: `perm` is None when the order stays the identity; the report names the
+    chosen candidate, its `hadamard_block` (None: no rotation) and `smooth` scales (None: none), and the
+    choosing / held-out errors of every candidate.
     """
+    from permuquant_jax.quant.baselines import smoothquant_scales
+
     fmt = _fmt(format)
+    if method is None:
+        method = "permuquant" if hadamard_block is None else "permuquant-h"
+    if method not in LAYER_METHODS:
+        raise ValueError(f"method must be one of {LAYER_METHODS}, found {method!r}")
     x = jnp.asarray(x_calib, jnp.float32)
     w = np.asarray(weight, np.float32)
     k = x.shape[-1]
     if w.ndim != 2 or w.shape[1] != k:
         raise ValueError(f"weight must be [N, K] with K = x_calib.shape[-1] = {k}; found shape {w.shape}")
     x = x.reshape(-1, k)
-    mu_a = np.asarray(jnp.mean(x * x, axis=0))
-    cands = make_candidates(
-        mu_a, np.mean(w.astype(np.float64) ** 2, axis=0), alphas=alphas, segments=segments, group=fmt.group
-    )
-    perms = jnp.asarray(np.stack([c.perm for c in cands]))
-    err, ref, _ = _layer_errors(x, jnp.asarray(w.T), perms, None, fmt.name, hadamard_block)
-    rel = np.asarray(err, np.float64) / max(float(ref), _EPS)
-    idx, accepted, gain = accept(rel, tau)
+    xa = None if x_accept is None else jnp.asarray(x_accept, jnp.float32).reshape(-1, k)
+    if xa is not None and xa.shape[-1] != k:
+        raise ValueError(f"x_accept must have K = {k} channels last, found shape {np.shape(x_accept)}")
+    mu_a = np.asarray(jnp.mean(x * x, axis=0), np.float64)
+    a_max = np.asarray(jnp.max(jnp.abs(x), axis=0), np.float64)
+    mu_w = np.mean(w.astype(np.float64) ** 2, axis=0)
+    w_max = np.max(np.abs(w), axis=0).astype(np.float64)
+    if method == "permuquant":
+        blocks: tuple[int | None, ...] = (None,)
+    elif hadamard_blocks is not None:
+        blocks = (None, *(int(b) for b in hadamard_blocks))
+    elif hadamard_block is not None and method == "permuquant-h" and x_accept is None:
+        blocks = (int(hadamard_block),)  # the single-block variant (the identity is then plain Hadamard)
+    else:
+        blocks = (None, *aligned_hadamard_blocks(k, fmt.group))
+    # (label, perm, scale, block): the first is RTN, the reference of the acceptance rule
+    cands: list[tuple[str, np.ndarray, np.ndarray | None, int | None]] = [
+        ("identity", np.arange(k, dtype=np.int32), None, None)]
+    for b in blocks:
+        tag = "" if b is None else f" + H{b}"
+        orders = make_candidates(mu_a, mu_w, alphas=alphas, segments=segments, group=fmt.group,
+                                 deal_block=b if b and b > fmt.group else None, act_absmax=a_max,
+                                 weight_absmax=w_max, deal_groups=True)
+        for c in orders:
+            if c.label == "identity" and b is None:
+                continue
+            cands.append((c.label + tag, c.perm, None, b))
+        if method == "auto":
+            for sa in smooth_alphas:
+                s = smoothquant_scales(a_max, w_max, float(sa)).astype(np.float64)
+                ident = np.arange(k, dtype=np.int32)
+                cands.append((f"smooth(a={sa:g}){tag}", ident, s.astype(np.float32), b))
+                order = order_from_moments(mu_a / s**2, mu_w * s**2, 0.5, segments, fmt.group)
+                cands.append((f"smooth(a={sa:g}) + sort(a=0.5){tag}", order, s.astype(np.float32), b))
+    rel_c, rel_h = np.zeros(len(cands)), np.zeros(len(cands))
+    w_kn = jnp.asarray(w.T)
+    for b in dict.fromkeys(c[3] for c in cands):
+        idx = [i for i, c in enumerate(cands) if c[3] == b]
+        perms = jnp.asarray(np.stack([cands[i][1] for i in idx]))
+        scales = None
+        if any(cands[i][2] is not None for i in idx):
+            one = np.ones(k, np.float32)
+            scales = jnp.asarray(np.stack([one if cands[i][2] is None else cands[i][2] for i in idx]))
+        for data, out in ((x, rel_c), (xa, rel_h)):
+            if data is None:
+                continue
+            err, ref, _ = _layer_errors(data, w_kn, perms, scales, fmt.name, b)
+            out[idx] = np.asarray(err, np.float64) / max(float(ref), _EPS)
+    if xa is None:
+        rel_h = rel_c
+    best = int(np.argmin(rel_c))
+    gain = (rel_h[0] - rel_h[best]) / rel_h[0] if rel_h[0] > 0 else 0.0
+    accepted = best != 0 and gain > tau
+    idx = best if accepted else 0
+    label, perm, scale, block = cands[idx]
     report = {
-        "candidates": [{"label": c.label, "error": float(e)} for c, e in zip(cands, rel, strict=True)],
-        "chosen": cands[idx].label,
-        "accepted": accepted,
-        "gain": gain,
-        "error_identity": float(rel[0]),
-        "error_chosen": float(rel[idx]),
+        "method": method,
+        "candidates": [{"label": c[0], "error": float(e), "heldout_error": float(h)}
+                       for c, e, h in zip(cands, rel_c, rel_h, strict=True)],
+        "best": cands[best][0],
+        "chosen": label,
+        "accepted": bool(accepted),
+        "gain": float(gain),
+        "error_identity": float(rel_c[0]),
+        "error_chosen": float(rel_c[idx]),
+        "heldout_identity": float(rel_h[0]),
+        "heldout_chosen": float(rel_h[idx]),
+        "hadamard_block": block,
+        "smooth": scale,
     }
-    return (cands[idx].perm if accepted else None), report
+    keep_perm = accepted and not np.array_equal(perm, np.arange(k))
+    return (perm if keep_perm else None), report
