@@ -26,7 +26,12 @@ examples:
 --model is a diffusers FLUX pipeline folder (transformer/, text_encoder/, text_encoder_2/, vae/, tokenizer/,
 tokenizer_2/) or a BFL transformer file with --ae, --clip, --t5 (tokenizers from --tokenizers DIR: its
 tokenizer/ and tokenizer_2/, the CLIP one defaulting to the vocabulary shipped in the package). Without
---model the tiny pipeline embedded in the package runs (random weights: the images are noise-like).
+--model the tiny pipeline embedded in the package runs: a DiT and autoencoder trained on captioned
+64x64 scenes of coloured shapes ("a red circle above a blue square", "two green triangles"; see
+permuquant_jax/train/tiny.py), read through random but fixed tiny T5/CLIP encoders. Its image size,
+T5 length, steps and guidance default to what it was trained for (the DiT file's metadata); it is
+not guidance-distilled, so --guidance is a true classifier-free guidance scale there (two DiT passes
+a step; 1 turns it off).
 Image i of a run uses seed --seed + i; its PNG holds the prompt, seed and settings in text chunks.
 Set PERMUQUANT_DEBUG=1 to see tracebacks.
 """
@@ -58,16 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="sampling steps (default: 28 for guidance-distilled models such as dev, 4 for schnell)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance-distilled models)" + d)
+                   help="sampling steps (default: the trained DiT's, else 28 for guidance-distilled models such "
+                   "as dev, 4 for schnell)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="guidance scale: guidance-distilled models (default 3.5), or classifier-free guidance for "
+                   "DiTs trained with caption dropout (default: the trained one's, 3.0 for the embedded pipeline)")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i" + d)
     p.add_argument("--height", type=int, default=None, metavar="PX",
-                   help="image height, a multiple of 16 (default: 1024; 256 for the embedded pipeline)")
+                   help="image height, a multiple of 16 (default: the size the DiT was trained at, 64 for the "
+                   "embedded pipeline; else 1024)")
     p.add_argument("--width", type=int, default=None, metavar="PX",
-                   help="image width, a multiple of 16 (default: 1024; 256 for the embedded pipeline)")
+                   help="image width, a multiple of 16 (default: as --height)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="prompts per batch (one compile per size)" + d)
     p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
-                   help="T5 prompt length in tokens (default: 512 for dev, 256 for schnell, as BFL's code)")
+                   help="T5 prompt length in tokens (default: the trained DiT's, 24 for the embedded pipeline; "
+                   "else 512 for dev, 256 for schnell, as BFL's code)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the float parts (encoders, autoencoder, float DiT)" + d)
     p.add_argument("--release-text-encoders", action="store_true",
@@ -155,7 +165,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-seq-len must lie in [2, 4096], found {args.max_seq_len}")
     if args.tile is not None and (args.tile < 2 or args.tile % 2):
         raise UsageError(f"--tile must be an even number >= 2 (latents), found {args.tile}")
-    if not (args.guidance == args.guidance) or abs(args.guidance) == float("inf"):
+    if args.guidance is not None and (not (args.guidance == args.guidance) or abs(args.guidance) == float("inf")):
         raise UsageError(f"--guidance must be a finite number, found {args.guidance}")
     if args.out is None and args.export_calib is None:
         raise UsageError("nothing to do: pass --out DIR (images) and/or --export-calib FILE.npz (embeddings)")
@@ -255,12 +265,13 @@ def run(args: argparse.Namespace) -> int:
     npz = _check_npz_target(args.export_calib, args.overwrite) if args.export_calib else None
     source = resolve_source(args.model, ae=args.ae, clip=args.clip, t5=args.t5, tokenizers=args.tokenizers,
                             quantized=args.quantized)
-    size = 256 if source.embedded else 1024
-    height, width = args.height or size, args.width or size
     progress = not args.no_progress
     dtype = jnp.dtype(args.dtype)
     pipe = FluxPipeline.from_source(source, dtype=dtype, max_seq_len=args.max_seq_len, progress=progress)
+    size = pipe.default_size() if pipe.trained.get("image_size") else (256 if source.embedded else 1024)
+    height, width = args.height or size, args.width or size
     steps = args.steps or pipe.default_steps()
+    guidance = pipe.default_guidance() if args.guidance is None else args.guidance
     names: list[str] = []
     out = None
     if args.out is not None:
@@ -278,14 +289,14 @@ def run(args: argparse.Namespace) -> int:
 
     if out is not None:
         base = dict(model=str(source.transformer or ""), quantized=str(source.quantized or ""),
-                    steps=steps, guidance=args.guidance, height=height, width=width, max_seq_len=pipe.max_seq_len,
+                    steps=steps, guidance=guidance, height=height, width=width, max_seq_len=pipe.max_seq_len,
                     dtype=args.dtype, software=f"permuquant-jax {permuquant_jax.__version__}")
         if source.embedded:
             base["model"] = "embedded tiny pipeline"
         bar = tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress)
         try:
             for i, prompt, seed, image in pipe.iter_images(
-                prompts, height=height, width=width, steps=steps, guidance=args.guidance, seed=args.seed,
+                prompts, height=height, width=width, steps=steps, guidance=guidance, seed=args.seed,
                 batch=args.batch, release_text_encoders=args.release_text_encoders, tile=args.tile,
             ):
                 settings = dict(prompt=prompt, seed=seed, **base)
@@ -298,8 +309,9 @@ def run(args: argparse.Namespace) -> int:
         per_step = f"{first * 1e3:.1f} ms first batch (incl. compile)"
         if later is not None:
             per_step += f", {later * 1e3:.1f} ms later batches"
+        cfg = f", classifier-free guidance {guidance:g}" if pipe.uses_cfg(guidance) else ""
         rows += [
-            ("images", f"{len(prompts)} x {height}x{width}, {steps} steps, batch {args.batch} -> {out}"),
+            ("images", f"{len(prompts)} x {height}x{width}, {steps} steps{cfg}, batch {args.batch} -> {out}"),
             ("time per step", per_step),
             ("encode / denoise / decode", f"{st.encode_s:.2f} s / {sum(st.denoise_s):.2f} s / {st.decode_s:.2f} s"),
             ("loading weights", f"{st.load_s:.2f} s"),

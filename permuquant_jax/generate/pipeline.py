@@ -83,6 +83,30 @@ def default_max_seq_len(config: FluxConfig | None) -> int:
     return SCHNELL_MAX_SEQ_LEN if config is not None and not config.guidance_embed else DEV_MAX_SEQ_LEN
 
 
+TRAINED_KEYS = ("image_size", "max_seq_len", "sample_steps", "cfg_scale")
+
+
+def trained_defaults(path: str | Path | None) -> dict[str, Any]:
+    """What a DiT trained by ``python -m permuquant_jax.train.tiny`` records about its training, read
+    from the ``trained`` entry of its file's ``permuquant.flux_config`` metadata: ``image_size`` (px),
+    ``max_seq_len`` (T5 tokens), ``sample_steps`` and ``cfg_scale`` (classifier-free guidance scale;
+    present only when the DiT was trained with caption dropout). ``{}`` for other files (real FLUX
+    checkpoints, diffusers folders) or ``None``."""
+    if path is None or not Path(path).is_file():
+        return {}
+    from safetensors import safe_open
+
+    from permuquant_jax.convert.checkpoint import CONFIG_METADATA_KEY
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        trained = json.loads(meta.get(CONFIG_METADATA_KEY, "{}")).get("trained", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: trained[k] for k in TRAINED_KEYS if isinstance(trained, dict) and trained.get(k) is not None}
+
+
 # --------------------------------------------------------------------------- where the parts are
 
 
@@ -305,6 +329,22 @@ def _ae_decode_tiled(model: nnx.Module, z: jax.Array, tile: int) -> jax.Array:
     return jnp.clip(model.decode_tiled(z, tile=tile).astype(jnp.float32), -1.0, 1.0)
 
 
+@nnx.jit
+def _denoise_cfg_loop(dit, img, img_ids, txt, txt_ids, y, txt_u, y_u, t_curr, dt, scale):
+    """Euler steps with classifier-free guidance: the conditional and unconditional velocities in one
+    DiT call on the doubled batch, ``v = v_u + scale * (v_c - v_u)``."""
+    b = img.shape[0]
+    ids2, txt_ids2 = jnp.concatenate([img_ids, img_ids]), jnp.concatenate([txt_ids, txt_ids])
+    txt2, y2 = jnp.concatenate([txt, txt_u]), jnp.concatenate([y, y_u])
+
+    def step(i, x):
+        t = jnp.full((2 * b,), t_curr[i], jnp.float32)
+        pred = dit(jnp.concatenate([x, x]), ids2, txt2, txt_ids2, t, y2, None).astype(jnp.float32)
+        return x + dt[i] * (pred[b:] + scale * (pred[:b] - pred[b:]))
+
+    return jax.lax.fori_loop(0, t_curr.shape[0], step, img)
+
+
 def delete_device_arrays(module: nnx.Module) -> int:
     """Free the device buffers of every array in ``module`` now (the module is unusable after); returns bytes."""
     freed = 0
@@ -369,7 +409,14 @@ class FluxPipeline:
 
     ``dit``, ``t5``, ``clip``, ``ae``: modules, or zero-argument loaders called on first use (so the text
     encoders can be released before the DiT is loaded). ``dit_config``: the DiT's config when ``dit`` is
-    a loader (read from a header; used to check the encoders' widths and pick defaults).
+    a loader (read from a header; used to check the encoders' widths and pick defaults). ``trained``:
+    :func:`trained_defaults` of the DiT (image size, T5 length, steps and classifier-free guidance scale
+    it was trained for), the defaults where the caller gives none.
+
+    Guidance: a guidance-distilled DiT (FLUX.1-dev) gets ``guidance`` through its guidance embedder; a
+    DiT trained with caption dropout (``trained["cfg_scale"]``, the tiny embedded one) gets true
+    classifier-free guidance with ``guidance`` as the scale (two DiT passes a step, cond and empty
+    prompt, in one call; 1.0 is the plain conditional model); other DiTs ignore it (schnell).
     """
 
     def __init__(
@@ -384,6 +431,7 @@ class FluxPipeline:
         dit_config: FluxConfig | None = None,
         schedule: dict[str, Any] | None = None,
         description: str = "",
+        trained: dict[str, Any] | None = None,
     ):
         self._parts: dict[str, Any] = {"dit": dit, "t5": t5, "clip": clip, "ae": ae}
         self._loaded: dict[str, nnx.Module | None] = {
@@ -394,7 +442,9 @@ class FluxPipeline:
         self.clip_tokenizer = clip_tokenizer
         self.schedule = schedule if schedule is not None else schedule_options(None, self.dit_config)
         self.description = description
+        self.trained = dict(trained or {})
         self.stats = GenerationStats()
+        self._uncond: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -431,6 +481,8 @@ class FluxPipeline:
             from permuquant_jax.convert.saved import load_metadata
 
             meta = load_metadata(source.quantized)
+            # convert keeps no training record: an embedded source's comes from the embedded DiT file
+            trained = trained_defaults(embedded_transformer_path()) if source.embedded else {}
             try:
                 dit_config = FluxConfig(**{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in meta["config"].items()})
@@ -443,13 +495,15 @@ class FluxPipeline:
                 return permuquant_jax.load(source.quantized, backend=backend)
         elif source.transformer is not None:
             dit_config = read_flux_config(source.transformer)
+            trained = trained_defaults(source.transformer)
 
             def dit():
                 return load_flux(source.transformer, dtype=dtype, progress=progress)
         else:
             dit, dit_config = None, None
+            trained = trained_defaults(embedded_transformer_path()) if source.embedded else {}
         if max_seq_len is None:
-            max_seq_len = default_max_seq_len(dit_config)
+            max_seq_len = int(trained.get("max_seq_len") or default_max_seq_len(dit_config))
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise PipelineError(f"max_seq_len must be an integer >= 2, found {max_seq_len!r}")
         return cls(
@@ -462,11 +516,12 @@ class FluxPipeline:
             dit_config=dit_config,
             schedule=schedule_options(source.scheduler_config, dit_config),
             description=source.description,
+            trained=trained,
         )
 
     @classmethod
     def embedded(cls, *, dtype: Any = jnp.float32, max_seq_len: int | None = None) -> FluxPipeline:
-        """The tiny pipeline shipped in the package (random weights; a few MB)."""
+        """The tiny pipeline shipped in the package (trained on captioned shape scenes; a few MB)."""
         return cls.from_pretrained(None, dtype=dtype, max_seq_len=max_seq_len)
 
     # ------------------------------------------------------------------ parts
@@ -576,24 +631,55 @@ class FluxPipeline:
                 raise PipelineError(f"{name} must be a positive multiple of 16, found {v}")
 
     def sample(self, txt: jax.Array, txt_ids: jax.Array, y: jax.Array, noise: jax.Array, *, steps: int,
-               guidance: float = 3.5) -> jax.Array:
-        """The Euler flow-matching loop from ``noise`` (NHWC latents) -> packed latents ``[B, seq, 64]`` float32."""
+               guidance: float | None = None) -> jax.Array:
+        """The Euler flow-matching loop from ``noise`` (NHWC latents) -> packed latents ``[B, seq, 64]`` float32.
+
+        ``guidance`` None: :meth:`default_guidance`. With classifier-free guidance (see the class) the
+        empty prompt's embeddings are encoded once and kept."""
         from permuquant_jax.models.sampling import denoise, get_schedule, pack_latents, prepare_img_ids
 
         if steps < 1:
             raise PipelineError(f"steps must be >= 1, found {steps}")
+        guidance = self.default_guidance() if guidance is None else float(guidance)
         dit = self.dit
         b, h, w = noise.shape[0], noise.shape[1], noise.shape[2]
         img = pack_latents(jnp.asarray(noise, jnp.float32))
         img_ids = prepare_img_ids(b, h, w)
         timesteps = get_schedule(steps, img.shape[1], **self.schedule)
-        g = jnp.full((b,), guidance, jnp.float32) if dit.config.guidance_embed else None
         t0 = time.perf_counter()
-        out = denoise(dit, img, img_ids, txt, txt_ids, y, timesteps, guidance=g)
+        if self.uses_cfg(guidance):
+            txt_u, y_u = self.unconditional(b)
+            if txt_u.shape[1:] != tuple(txt.shape[1:]):
+                raise PipelineError(f"classifier-free guidance: the empty prompt's embeddings {txt_u.shape[1:]} "
+                                    f"differ from the prompts' {tuple(txt.shape[1:])}")
+            sched = np.asarray(timesteps, np.float64)
+            out = _denoise_cfg_loop(
+                dit, img, img_ids, jnp.asarray(txt), jnp.asarray(txt_ids), jnp.asarray(y),
+                jnp.broadcast_to(jnp.asarray(txt_u), tuple(txt.shape)),
+                jnp.broadcast_to(jnp.asarray(y_u), tuple(y.shape)),
+                jax.device_put(sched[:-1].astype(np.float32)), jax.device_put(np.diff(sched).astype(np.float32)),
+                jnp.float32(guidance))
+        else:
+            g = jnp.full((b,), guidance, jnp.float32) if dit.config.guidance_embed else None
+            out = denoise(dit, img, img_ids, txt, txt_ids, y, timesteps, guidance=g)
         out.block_until_ready()
         self.stats.denoise_s.append(time.perf_counter() - t0)
         self.stats.steps = steps
         return out
+
+    def uses_cfg(self, guidance: float | None = None) -> bool:
+        """Whether sampling at ``guidance`` (None: the default) runs true classifier-free guidance."""
+        guidance = self.default_guidance() if guidance is None else guidance
+        return "cfg_scale" in self.trained and not (self.dit_config is not None and self.dit_config.guidance_embed) \
+            and guidance != 1.0
+
+    def unconditional(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The empty prompt's (txt ``[1, max_seq_len, T5 width]``, y ``[1, CLIP width]``), encoded once
+        (in a batch of ``batch``: the prompts' batch shape, so the encoders need no second compile)."""
+        if self._uncond is None:
+            txt, _, y = self.encode_prompts([""] * batch)
+            self._uncond = (np.asarray(txt)[:1], np.asarray(y)[:1])
+        return self._uncond
 
     def decode(self, latents: jax.Array, height: int, width: int, *, tile: int | None = None) -> jax.Array:
         """Packed latents -> images NHWC float32 in [-1, 1]; ``tile`` (latents) decodes tile by tile."""
@@ -612,10 +698,10 @@ class FluxPipeline:
         self,
         prompts: Sequence[str],
         *,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
-        guidance: float = 3.5,
+        guidance: float | None = None,
         seed: int = 0,
         batch: int = 1,
         release_text_encoders: bool = False,
@@ -626,14 +712,18 @@ class FluxPipeline:
 
         Batches are padded to ``batch`` prompts (one compile per shape). With ``release_text_encoders``
         every prompt is encoded first, the encoders are freed, and only then is the DiT loaded.
+        ``height``/``width``/``steps``/``guidance`` None: :meth:`default_size`, :meth:`default_steps`,
+        :meth:`default_guidance`.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PipelineError("no prompts")
         if batch < 1:
             raise PipelineError(f"batch must be >= 1, found {batch}")
+        height, width = height or self.default_size(), width or self.default_size()
         self.check_size(height, width)
         steps = steps or self.default_steps()
+        guidance = self.default_guidance() if guidance is None else guidance
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
         def encode(chunk: list[str]):
@@ -643,6 +733,8 @@ class FluxPipeline:
         encoded = None
         if release_text_encoders:
             encoded = [tuple(np.asarray(a) for a in encode(c)) for c in chunks]
+            if self.uses_cfg(guidance):
+                self.unconditional(batch)
             self.release_text_encoders()
         index = 0
         for k, chunk in enumerate(chunks):
@@ -658,9 +750,9 @@ class FluxPipeline:
             if on_batch is not None:
                 on_batch(len(chunk))
 
-    def generate(self, prompts: Sequence[str], *, height: int = 1024, width: int = 1024, steps: int | None = None,
-                 guidance: float = 3.5, seed: int = 0, batch: int = 1, release_text_encoders: bool = False,
-                 tile: int | None = None) -> np.ndarray:
+    def generate(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int = 0, batch: int = 1,
+                 release_text_encoders: bool = False, tile: int | None = None) -> np.ndarray:
         """Images for ``prompts``: uint8 ``[len(prompts), height, width, 3]`` (image i from seed ``seed + i``)."""
         out = [img for _, _, _, img in self.iter_images(
             prompts, height=height, width=width, steps=steps, guidance=guidance, seed=seed, batch=batch,
@@ -668,9 +760,20 @@ class FluxPipeline:
         return np.stack(out)
 
     def default_steps(self) -> int:
-        """28 sampling steps for guidance-distilled models (dev), 4 otherwise (schnell)."""
+        """The steps the DiT was trained for (``trained``), else 28 for guidance-distilled models (dev),
+        4 otherwise (schnell)."""
+        if self.trained.get("sample_steps"):
+            return int(self.trained["sample_steps"])
         cfg = self.dit_config
         return 28 if cfg is None or cfg.guidance_embed else 4
+
+    def default_size(self) -> int:
+        """Image side in pixels: the one the DiT was trained at (``trained``), else 1024 (FLUX.1)."""
+        return int(self.trained.get("image_size") or 1024)
+
+    def default_guidance(self) -> float:
+        """The classifier-free guidance scale the DiT was trained for (``trained``), else FLUX.1-dev's 3.5."""
+        return float(self.trained.get("cfg_scale", 3.5))
 
 
 # --------------------------------------------------------------------------- calibration text

@@ -55,6 +55,7 @@ def train_autoencoder(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     log_every: int = 0,
+    max_seconds: float | None = None,
 ) -> tuple[AutoEncoder, list[float]]:
     """Train an :class:`AutoEncoder` of ``config`` (float32) on uint8 or [-1, 1] float ``images`` ``[N, H, W, 3]``.
 
@@ -75,7 +76,7 @@ def train_autoencoder(
         return ae_loss(m, data[idx], eps, loss_cfg)
 
     losses = train(model, loss_fn, jax.device_put(x), optim, desc="autoencoder", progress=progress, log=log,
-                   log_every=log_every)
+                   log_every=log_every, max_seconds=max_seconds)
     return model, losses
 
 

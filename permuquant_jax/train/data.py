@@ -167,20 +167,27 @@ def shape_mask(shape: Shape, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def render(scene: Scene) -> np.ndarray:
-    """The scene as uint8 RGB ``[size, size, 3]`` (4x4 supersampled, box-filtered)."""
+    """The scene as uint8 RGB ``[size, size, 3]`` (4x4 supersampled, box-filtered).
+
+    Only the pixels of each shape's bounding box are supersampled (the rest is background); in a box
+    every shape is tested, later shapes drawn over earlier ones, so overlapping boxes agree."""
     n, s = scene.size, SUPERSAMPLE
-    sub = (np.arange(n * s, dtype=np.float32) + 0.5) / s
-    xs, ys = np.meshgrid(sub, sub)
-    img = np.empty((n * s, n * s, 3), np.float32)
-    img[:] = np.asarray(BACKGROUND, np.float32)
+    out = np.empty((n, n, 3), np.uint8)
+    out[:] = np.asarray(BACKGROUND, np.uint8)
+    bg = np.asarray(BACKGROUND, np.float32)
     for shape in scene.shapes:
-        # Only the shape's bounding box (in subpixels) is tested.
-        lo = [max(0, int((c - shape.r - 1) * s)) for c in (shape.y, shape.x)]
-        hi = [min(n * s, int(math.ceil((c + shape.r + 1) * s))) for c in (shape.y, shape.x)]
-        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-        img[box][shape_mask(shape, xs[box], ys[box])] = np.asarray(COLOURS[shape.colour], np.float32)
-    img = img.reshape(n, s, n, s, 3).mean(axis=(1, 3))
-    return np.round(img).astype(np.uint8)
+        (y0, x0), (y1, x1) = ([max(0, int(math.floor(c - shape.r - 1))) for c in (shape.y, shape.x)],
+                              [min(n, int(math.ceil(c + shape.r + 1))) for c in (shape.y, shape.x)])
+        sub_y = y0 + (np.arange((y1 - y0) * s, dtype=np.float32) + 0.5) / s
+        sub_x = x0 + (np.arange((x1 - x0) * s, dtype=np.float32) + 0.5) / s
+        xs, ys = np.meshgrid(sub_x, sub_y)
+        box = np.empty(xs.shape + (3,), np.float32)
+        box[:] = bg
+        for other in scene.shapes:
+            box[shape_mask(other, xs, ys)] = np.asarray(COLOURS[other.colour], np.float32)
+        box = box.reshape(y1 - y0, s, x1 - x0, s, 3).mean(axis=(1, 3))
+        out[y0:y1, x0:x1] = np.round(box).astype(np.uint8)
+    return out
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:

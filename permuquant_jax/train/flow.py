@@ -71,6 +71,7 @@ def train_dit(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     log_every: int = 0,
+    max_seconds: float | None = None,
 ) -> tuple[FluxDiT, list[float]]:
     """Train a float32 :class:`FluxDiT` of ``config`` on ``data``; returns it and the per-step losses."""
     if data.latents.shape[-1] != config.in_channels:
@@ -87,7 +88,8 @@ def train_dit(
     def loss_fn(m: FluxDiT, key: jax.Array, d: dict) -> jax.Array:
         return flow_loss(m, key, d, flow, data.latent_hw)
 
-    losses = train(model, loss_fn, arrays, optim, desc="dit", progress=progress, log=log, log_every=log_every)
+    losses = train(model, loss_fn, arrays, optim, desc="dit", progress=progress, log=log, log_every=log_every,
+                   max_seconds=max_seconds)
     return model, losses
 
 

@@ -2,18 +2,30 @@
 
     python -m permuquant_jax.train.tiny --out /tmp/trained_tiny/run [--ae-steps N] [--steps N] ...
 
-1. scenes: ``train.data`` (coloured shapes with captions, 32x32 by default, deterministic from --seed);
+The defaults are the recipe of the shipped embedded pipeline (a few minutes on one GPU; hours on a
+CPU: pass small --steps / --ae-steps / --num-images / --batch there).
+
+1. scenes: ``train.data`` (coloured shapes with captions, 64x64 by default, deterministic from --seed);
 2. the autoencoder (``AutoEncoderConfig.tiny()``: FLUX's architecture at width 32, 16 latent channels)
    trained on them, written as ``ae.safetensors`` (BFL layout) and read back from that file;
 3. the captions encoded once by the embedded pipeline's fixed random T5 and CLIP encoders (loaded by
    ``generate.pipeline.FluxPipeline`` as ``generate`` loads them, in --text-dtype, T5 length
    --max-seq-len);
 4. the DiT (``FluxConfig.tiny()`` widths reading the tiny encoders, without the guidance embedder:
-   nothing here is guidance-distilled) trained with the rectified-flow objective on the latents,
-   written as ``flux1-tiny.safetensors`` (BFL layout, bf16);
+   nothing here is guidance-distilled) trained with the rectified-flow objective on the latents, with
+   caption dropout (--drop-text: the empty prompt, for classifier-free guidance) and an exponential
+   moving average of the weights (--ema, the weights written), as ``flux1-tiny.safetensors`` (BFL
+   layout, bf16; its metadata's ``trained`` entry holds the image size, T5 length, sampling steps and
+   guidance scale that ``generate`` takes as defaults);
 5. the encoders and ``tokenizer_2/`` copied from the embedded pipeline, so the folder has the same
-   files as ``assets/tiny_pipeline/``; ``train_log.json`` (settings, losses, times), ``losses.png``
-   and ``samples.png`` (the pipeline run from the written files on held-out prompts) beside them.
+   files as ``assets/tiny_pipeline/`` (--no-encoder-copy: only the trained files; the samples then read
+   the embedded encoders); ``train_log.json`` (settings, losses, times), ``losses.png``, ``data.png``
+   (training scenes) and ``samples.png`` / ``samples_nocfg.png`` (the pipeline run from the written
+   files at --cfg-scale and at 1.0, i.e. without guidance) beside them.
+
+--budget-s is a safety stop for runs under a hard time limit: each training phase stops early (at a
+multiple of 50 steps, recorded in ``train_log.json`` as ``ae_steps_run`` / ``dit_steps_run``) when
+the run would not otherwise finish in time; the result is then not the full schedule.
 """
 
 from __future__ import annotations
@@ -109,21 +121,32 @@ def write_loss_plot(curves: dict[str, list[float]], path: Path, width: int = 360
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m permuquant_jax.train.tiny", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (the embedded pipeline's layout)")
-    p.add_argument("--steps", type=int, default=1500, help="DiT training steps (default: %(default)s)")
-    p.add_argument("--ae-steps", type=int, default=500, help="autoencoder training steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="DiT batch size (default: %(default)s)")
-    p.add_argument("--ae-batch", type=int, default=16, help="autoencoder batch size (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=15000, help="DiT training steps (default: %(default)s)")
+    p.add_argument("--ae-steps", type=int, default=3000, help="autoencoder training steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=256, help="DiT batch size (default: %(default)s)")
+    p.add_argument("--ae-batch", type=int, default=64, help="autoencoder batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="DiT peak learning rate (default: %(default)s)")
     p.add_argument("--ae-lr", type=float, default=1e-3, help="autoencoder peak learning rate (default: %(default)s)")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels, a multiple of 16 (default: %(default)s)")
-    p.add_argument("--num-images", type=int, default=4096, help="training scenes (default: %(default)s)")
+    p.add_argument("--ema", type=float, default=0.999,
+                   help="DiT weight averaging decay, 0: none (default: %(default)s)")
+    p.add_argument("--drop-text", type=float, default=0.1,
+                   help="fraction of captions replaced by the empty prompt (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=3.0,
+                   help="classifier-free guidance scale recorded as generate's default and used for samples.png; "
+                   "needs --drop-text > 0 (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 16 (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=12288, help="training scenes (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=24, help="T5 prompt length (default: %(default)s)")
     p.add_argument("--text-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="dtype the encoders run in for the training captions (generate's default: bfloat16)")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler steps for samples.png (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes and of both trainings (default: 0)")
     p.add_argument("--ae", metavar="FILE", help="reuse a trained ae.safetensors instead of training one")
-    p.add_argument("--log-every", type=int, default=50, help="log line every N steps (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=500, help="log line every N steps (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="safety stop: the whole run's wall-clock limit in seconds (see above; default: none)")
+    p.add_argument("--no-encoder-copy", action="store_true",
+                   help="write only the trained files (not the embedded encoders and tokenizer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -160,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.copyfile(args.ae, out / AE_FILE)
     else:
         ae_model, ae_losses = train_autoencoder(images, ae_cfg, ae_optim, AELossConfig(batch_size=args.ae_batch),
-                                                progress=progress, log=log, log_every=args.log_every)
+                                                progress=progress, log=log, log_every=args.log_every,
+                                                max_seconds=_left(args.budget_s, t_all, 0.35))
         save_autoencoder(ae_model, out / AE_FILE)
         del ae_model
     times["ae_s"] = time.perf_counter() - t0
@@ -171,9 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"reconstruction mean |err| {rec_err:.4f} (of 2)")
 
     src = embedded_pipeline_dir()
-    for name in (CLIP_FILE, T5_FILE):
-        shutil.copyfile(src / name, out / name)
-    shutil.copytree(src / T5_TOKENIZER_DIR, out / T5_TOKENIZER_DIR, dirs_exist_ok=True)
+    enc = src if args.no_encoder_copy else out
+    if not args.no_encoder_copy:
+        for name in (CLIP_FILE, T5_FILE):
+            shutil.copyfile(src / name, out / name)
+        shutil.copytree(src / T5_TOKENIZER_DIR, out / T5_TOKENIZER_DIR, dirs_exist_ok=True)
     text_dtype = jnp.dtype(args.text_dtype)
     pipe = FluxPipeline.from_pretrained(None, dtype=text_dtype, max_seq_len=args.max_seq_len)
     vocab = all_captions() + [""]
@@ -188,23 +214,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = FlowData(latents=packed, caption_ids=caption_ids, txt=txt, y=y, empty=index[""],
                     latent_hw=(latents.shape[1], latents.shape[2]))
     dit_cfg = trained_dit_config(txt.shape[-1], y.shape[-1])
-    dit_optim = OptimConfig(steps=args.steps, lr=args.lr, seed=args.seed)
-    flow_cfg = FlowConfig(batch_size=args.batch)
+    dit_optim = OptimConfig(steps=args.steps, lr=args.lr, seed=args.seed, ema=args.ema)
+    flow_cfg = FlowConfig(batch_size=args.batch, drop_text=args.drop_text)
     t0 = time.perf_counter()
     dit, dit_losses = train_dit(data, dit_cfg, dit_optim, flow_cfg, progress=progress, log=log,
-                                log_every=args.log_every)
+                                log_every=args.log_every, max_seconds=_left(args.budget_s, t_all, 0.8))
     times["dit_s"] = time.perf_counter() - t0
     train_info = dict(image_size=args.size, max_seq_len=args.max_seq_len, sample_steps=args.sample_steps,
-                      dit_steps=args.steps, ae_steps=args.ae_steps, seed=args.seed)
+                      dit_steps=args.steps, dit_steps_run=len(dit_losses), ae_steps=args.ae_steps,
+                      ae_steps_run=len(ae_losses) if ae_losses else None, seed=args.seed, ema=args.ema,
+                      drop_text=args.drop_text, scenes=args.num_images)
+    if args.drop_text > 0:
+        train_info["cfg_scale"] = args.cfg_scale
     save_dit(dit, out / DIT_FILE, extra={"trained": train_info})
     log(f"DiT: {times['dit_s']:.0f} s; final loss (mean of last 100) {np.mean(dit_losses[-100:]):.4f}")
 
     t0 = time.perf_counter()
-    gen = FluxPipeline.from_pretrained(out / DIT_FILE, ae=out / AE_FILE, clip=out / CLIP_FILE, t5=out / T5_FILE,
-                                       max_seq_len=args.max_seq_len)
-    samples = gen.generate(list(SAMPLE_PROMPTS), height=args.size, width=args.size, steps=args.sample_steps,
-                           seed=0, batch=len(SAMPLE_PROMPTS))
-    write_grid(samples, out / "samples.png")
+    gen = FluxPipeline.from_pretrained(out / DIT_FILE, ae=out / AE_FILE, clip=enc / CLIP_FILE, t5=enc / T5_FILE,
+                                       tokenizers=enc)
+    for name, scale in (("samples.png", args.cfg_scale if args.drop_text > 0 else 1.0), ("samples_nocfg.png", 1.0)):
+        samples = gen.generate(list(SAMPLE_PROMPTS), seed=0, batch=len(SAMPLE_PROMPTS), guidance=scale)
+        write_grid(samples, out / name)
     write_grid(images[:16], out / "data.png")
     times["sample_s"] = time.perf_counter() - t0
     curves = {"autoencoder": ae_losses, "dit": dit_losses} if ae_losses else {"dit": dit_losses}
@@ -222,7 +252,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
     log(f"wrote {out} ({times['total_s']:.0f} s): " + ", ".join(f"{k} {v / 1e6:.2f} MB"
                                                             for k, v in record["files"].items()))
+    import jax
+
+    rows = [
+        ("device", f"{jax.devices()[0].device_kind} (jax {jax.__version__})"),
+        ("scenes", f"{len(images)} x {args.size}x{args.size} ({times['data_s']:.0f} s)"),
+        ("autoencoder", f"{train_info['ae_steps_run']} / {args.ae_steps} steps, batch {args.ae_batch}, "
+                        f"{times['ae_s']:.0f} s, reconstruction mean |err| {rec_err:.4f}"
+         if ae_losses else f"reused {args.ae}"),
+        ("DiT", f"{len(dit_losses)} / {args.steps} steps, batch {args.batch}, {times['dit_s']:.0f} s, "
+                f"loss first/last 100 {np.mean(dit_losses[:100]):.4f} / {np.mean(dit_losses[-100:]):.4f}"),
+        ("samples", f"{times['sample_s']:.0f} s (cfg {train_info.get('cfg_scale', 1.0)} and 1.0)"),
+        ("total", f"{times['total_s']:.0f} s"),
+    ]
+    print("\n".join(f"{k:<12} {v}" for k, v in rows), flush=True)
     return 0
+
+
+def _left(budget_s: float | None, t_start: float, frac: float) -> float | None:
+    """Seconds a phase may still run so that it ends by ``frac`` of the budget (None: no budget)."""
+    if budget_s is None:
+        return None
+    return max(1.0, frac * budget_s - (time.perf_counter() - t_start))
 
 
 def _reconstruction_error(ae, images: np.ndarray, latents: np.ndarray) -> float:
