@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace DST if it is a previous output of this tool (holds permuquant.json) or empty; "
                    "the old one is removed only once the new one is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="split calibration and acceptance batches over the first N devices (data parallel, "
+                   "jax.sharding; trajectories are sampled N at a time); default: 1")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --devices N > 1: shard the float DiT's stacked weights over the devices along their "
+                   "output axis (for a model that fits no single device) instead of a copy on each")
+    p.add_argument("--save-stats", metavar="FILE.npz", default=None,
+                   help="save the calibration statistics once the calibration pass is done (atomic write), so a "
+                   "later run (e.g. after an interruption, or with another --format/--method) can skip it")
+    p.add_argument("--stats", metavar="FILE.npz", default=None,
+                   help="reuse statistics saved by --save-stats instead of the calibration pass; the file must "
+                   "come from the same checkpoint and calibration settings (checked, one-line error otherwise)")
+    p.add_argument("--timings", metavar="FILE.json", default=None,
+                   help="write the wall time of every phase, peak device memory and peak host RSS to this JSON "
+                   "file (rewritten after every phase, so an interrupted run still tells where time went)")
     return p
 
 
@@ -155,7 +170,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.text_encoders and not Path(args.text_encoders).is_dir():
         raise UsageError(f"--text-encoders {args.text_encoders}: not a folder (expected a FLUX pipeline folder, or "
                          "one with clip_l*.safetensors, t5xxl*.safetensors and tokenizer_2/)")
-    for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0),
+    for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0), ("devices", 1),
                      ("max_seq_len", 2), ("top_k", 1), ("refine", 0)):
         require_int_range(name, getattr(args, name), lo)
     require_int_range("seed", args.seed, 0, MAX_SEED)
@@ -169,6 +184,16 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--hadamard-block must be a power of two in {', '.join(map(str, HADAMARD_BLOCKS))}, "
                          f"found {args.hadamard_block}")
     compile_patterns("keep_bf16", args.keep_bf16 or ())
+    if args.stats and not Path(args.stats).is_file():
+        raise UsageError(f"--stats {args.stats}: no such file (expected statistics written by --save-stats)")
+    if args.save_stats:
+        parent = Path(args.save_stats).absolute().parent
+        if not parent.is_dir():
+            raise UsageError(f"--save-stats {args.save_stats}: folder {parent} does not exist; create it first")
+        if Path(args.save_stats).is_dir():
+            raise UsageError(f"--save-stats {args.save_stats}: is a folder, expected a file name such as stats.npz")
+        if args.stats and Path(args.save_stats).absolute() == Path(args.stats).absolute():
+            raise UsageError("--save-stats and --stats name the same file; drop --save-stats when reusing statistics")
     args.alphas = _parse_alphas(args.alpha)
 
 
@@ -188,7 +213,58 @@ def source_paths(args: argparse.Namespace, src: Path) -> list[tuple[str, Path]]:
         out.append(("--prompts", Path(args.prompts)))
     if args.text_encoders:
         out.append(("--text-encoders", Path(args.text_encoders)))
+    if getattr(args, "stats", None):
+        out.append(("--stats", Path(args.stats)))
     return out
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stats_identity(args: argparse.Namespace, config: Any, calib: str, src_sha: str) -> dict[str, Any]:
+    """What calibration statistics depend on: the checkpoint (its sha256), the model config and dtype,
+    and every setting of the calibration trajectories (text conditioning by content hash)."""
+    if calib == "prompts":
+        text = dict(prompts=_file_sha256(args.prompts) if args.prompts else "built-in",
+                    text_encoders=str(Path(args.text_encoders).absolute()) if args.text_encoders else "source",
+                    max_seq_len=args.max_seq_len or (512 if config.guidance_embed else 256))
+    elif calib == "synthetic":
+        text = "synthetic"
+    else:
+        text = dict(npz_sha256=_file_sha256(calib))
+    return dict(source_sha256=src_sha, config=config.to_dict(), dtype=args.dtype, text=text,
+                calib_samples=args.calib_samples, steps=args.steps, timesteps=args.timesteps,
+                resolution=args.resolution, guidance=args.guidance, seed=args.seed)
+
+
+def load_stats_for(file: str, identity: dict[str, Any]) -> Any:
+    """`CalibrationStats` from `file`, refused (UsageError, one line) unless they were saved for the same
+    `identity` (checkpoint, config, calibration settings)."""
+    from permuquant_jax.quant.calibrate import CalibrationStats
+
+    try:
+        stats = CalibrationStats.load(file)
+    except ValueError as e:
+        raise UsageError(f"--stats {e}") from None
+    saved = stats.meta.get("identity")
+    if not isinstance(saved, dict):
+        raise UsageError(f"--stats {file}: saved without the converter's settings (not written by --save-stats); "
+                         "recalibrate")
+    for key in identity:
+        if saved.get(key) != identity[key]:
+            what = {"source_sha256": "another checkpoint", "config": "another model config",
+                    "text": "other text conditioning"}.get(key, f"--{key.replace('_', '-')} {saved.get(key)}")
+            raise UsageError(f"--stats {file}: computed for {what}, this run has "
+                             f"{str(identity[key])[:80] if key not in ('config', 'text') else 'different ones'}; "
+                             "use the same settings or recalibrate (drop --stats)")
+    return stats
 
 
 def _has_text_encoders(src: Path) -> bool:
@@ -257,6 +333,78 @@ def _validate_for_model(args: argparse.Namespace, src: Path) -> dict[str, Any]:
 
 
 _phase = ["starting"]
+PHASE_LABELS = {"compiling": "trajectories (calibration, incl. compile)", "sampling": "trajectories (held out)",
+                "calibrating": "calibration", "quantizing": "folding + quantization",
+                "evaluating": "held-out error", "loading": "load", "saving": "save"}
+
+
+class PhaseClock:
+    """Wall time per phase of a run (phases entered with `_enter`), optionally written to a JSON file
+    after every phase: {"phases": {name: seconds}, "current": name, "peak_device_bytes", ...}."""
+
+    def __init__(self, file: str | None = None):
+        self.file = file
+        self.t0 = self.t_phase = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.current = "starting"
+        self.extra: dict[str, Any] = {}
+
+    def enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[self.current] = round(self.phases.get(self.current, 0.0) + now - self.t_phase, 3)
+        self.current, self.t_phase = phase, now
+        self.write()
+
+    def split(self, phase: str, parts: dict[str, float]) -> None:
+        """Replace the finished `phase` by its named parts (seconds measured inside it); the rest keeps
+        the phase's name."""
+        total = self.phases.pop(phase, 0.0)
+        for k, v in parts.items():
+            self.phases[k] = round(self.phases.get(k, 0.0) + v, 3)
+        rest = total - sum(parts.values())
+        if rest > 0.0005:
+            self.phases[phase] = round(rest, 3)
+
+    def summary(self) -> dict[str, Any]:
+        out = dict(phases=dict(self.phases), current=self.current,
+                   elapsed_s=round(time.perf_counter() - self.t0, 3), peak_host_rss_bytes=_peak_rss())
+        out.update(_device_memory())
+        out.update(self.extra)
+        return out
+
+    def write(self) -> None:
+        if not self.file:
+            return
+        import json
+
+        tmp = f"{self.file}.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(self.summary(), fh, indent=1)
+        os.replace(tmp, self.file)
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _device_memory() -> dict[str, Any]:
+    """Peak / limit bytes of device 0 as its allocator reports them (None where it reports nothing, e.g. CPU)."""
+    if "jax" not in sys.modules:
+        return dict(peak_device_bytes=None, device_bytes_limit=None)
+    import jax
+
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        st = {}
+    return dict(peak_device_bytes=st.get("peak_bytes_in_use"), device_bytes_limit=st.get("bytes_limit"),
+                device=str(jax.devices()[0].device_kind))
+
+
+_clock = [PhaseClock()]
 
 
 def _enter(phase: str, msg: str | None = None) -> None:
@@ -265,6 +413,7 @@ def _enter(phase: str, msg: str | None = None) -> None:
 
     check_interrupt()
     _phase[0] = phase
+    _clock[0].enter(phase)
     if msg:
         _say(msg)
 
@@ -379,6 +528,7 @@ def run(args: argparse.Namespace) -> int:
     from permuquant_jax.quant.sites import find_linears, match_any
 
     t0 = time.perf_counter()
+    _clock[0] = clock = PhaseClock(getattr(args, "timings", None))
     _validate(args)
     if args.src:
         src, src_desc = Path(args.src), str(args.src)
@@ -410,15 +560,35 @@ def run(args: argparse.Namespace) -> int:
                    f"prompts ({args.prompts or 'built-in set'}) with the text encoders ...")
             text, heldout_text = _prompt_text(args, src, m["config"], progress)
             v.check_batches_finite([{"txt": text[0], "y": text[1]}], "prompt embeddings")
+        src_sha = stats_id = reused = None
+        if args.stats or args.save_stats:  # statistics are tied to the checkpoint: hash it first
+            _enter("hashing source", f"hashing {src} (statistics are tied to the checkpoint) ...")
+            src_sha = _source_sha256(src, progress)
+            stats_id = stats_identity(args, m["config"], calib, src_sha)
+            if args.stats:
+                reused = load_stats_for(args.stats, stats_id)
         _enter("loading", f"loading {src} ...")
         model = load_flux(src, dtype=dtype, progress=progress)
         n_params, toy = m["n_params"], m["toy"]
+        mesh, n_dev = None, args.devices or 1
+        if n_dev > 1:
+            from permuquant_jax.quant.sharding import data_mesh, place_model, shard_batches
+
+            try:
+                mesh = data_mesh(n_dev)
+            except ValueError as e:
+                raise UsageError(f"--devices {n_dev}: {e}") from None
+            place_model(model, mesh, fsdp=args.fsdp)
+            _say(f"{n_dev} devices: batches of {n_dev} trajectories split over them (data parallel)"
+                 + ("; float DiT weights sharded (FSDP)" if args.fsdp else "; float DiT replicated"))
+        elif args.fsdp:
+            raise UsageError("--fsdp needs --devices N with N > 1")
         if calib == "synthetic":
             _say("WARNING: calibrating on SYNTHETIC random text embeddings (toy model). The permutations and "
                  "scales are only as meaningful as that data; use --calib FILE.npz for real models.")
         res = args.resolution or (256 if toy else 1024)
         common = dict(num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
-                      guidance=args.guidance, progress=progress)
+                      guidance=args.guidance, progress=progress, batch_size=n_dev)
         _enter("compiling", f"sampling {args.calib_samples} calibration trajectories at {res}x{res} "
                "(compiling the model first) ...")
         batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, text=text,
@@ -428,6 +598,8 @@ def run(args: argparse.Namespace) -> int:
                                             text=heldout_text, **common) if args.heldout_samples else [])
         v.check_batches_finite(batches, "calibration")
         v.check_batches_finite(heldout, "held-out")
+        if mesh is not None:
+            batches, heldout = shard_batches(batches, mesh), shard_batches(heldout, mesh)
         refs = [flux_forward(model, b).astype(jnp.float32) for b in heldout]
         for i, r in enumerate(refs):
             hit = v.first_nonfinite({"output": r})
@@ -435,10 +607,21 @@ def run(args: argparse.Namespace) -> int:
                 raise v.NonFiniteError(f"the float model's output on held-out batch {i} holds {hit[2]} at index "
                                        f"{hit[1]}; nothing was written")
 
-        _enter("calibrating", "calibrating ...")
         targets = [p for p in find_linears(model) if not match_any(p, keep)]
-        stats = calibrate(model, batches, targets, progress=progress)
+        if reused is not None:
+            _enter("calibrating", f"reusing the calibration statistics of {args.stats} ...")
+            try:
+                reused.check_model(model, targets)
+            except ValueError as e:
+                raise UsageError(f"--stats {args.stats}: {' '.join(str(e).split())}") from None
+            stats = reused
+        else:
+            _enter("calibrating", "calibrating ...")
+            stats = calibrate(model, batches, targets, progress=progress)
         v.check_stats_finite(stats)
+        if args.save_stats:
+            stats.save(args.save_stats, meta=dict(identity=stats_id, permuquant_jax=permuquant_jax.__version__))
+            _say(f"calibration statistics saved to {args.save_stats}")
         before = param_bytes(model)
         accept = args.accept or ("model" if toy else "block")
         schedule = args.schedule or ("sequential" if toy or accept != "block" else "parallel")
@@ -452,7 +635,17 @@ def run(args: argparse.Namespace) -> int:
         v.check_report_finite(report)
         after = param_bytes(model)
         _enter("evaluating")
+        sec = report.config.get("seconds", {})
+        ds_sec = report.config.get("downstream", {}).get("seconds", 0.0)
+        clock.split("quantizing", {"candidates + layer errors": sec.get("layer_pass", 0.0),
+                                   "acceptance": ds_sec})
+        clock.extra.update(forwards=report.config.get("downstream", {}).get("forwards"),
+                           accept=accept, schedule=schedule, calib_batches=len(batches),
+                           heldout_batches=len(heldout), n_params=n_params)
         err = _rel_err(model, heldout, refs) if heldout else None
+        if src_sha is None:
+            _enter("hashing source")
+            src_sha = _source_sha256(src, progress)
 
         metadata = dict(
             format=args.format,
@@ -469,7 +662,7 @@ def run(args: argparse.Namespace) -> int:
                           calib_samples=args.calib_samples, heldout_samples=args.heldout_samples,
                           steps=args.steps, timesteps=args.timesteps, resolution=res, guidance=args.guidance,
                           seed=args.seed),
-            source=dict(path=str(src.absolute()), sha256=_source_sha256(src, progress), embedded=not args.src),
+            source=dict(path=str(src.absolute()), sha256=src_sha, embedded=not args.src),
             heldout_rel_error=err,
             permutations=report.permutations,
             act_global_scales={k: val.get("act_global_scale") for k, val in report.layers.items()},
@@ -481,6 +674,10 @@ def run(args: argparse.Namespace) -> int:
         with deferred_signals():  # orbax writes with threads: let it finish, then clean up if interrupted
             save_quantized(model, tmp, metadata=metadata, report=report)
     wall = time.perf_counter() - t0
+    _enter("done")
+    clock.extra["output_bytes"] = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    clock.write()
+    mem = _device_memory()
 
     err_s = "n/a (--heldout-samples 0)" if err is None else f"{err:.4f} (quantized vs float output, " \
         f"{len(heldout)} batches)"
@@ -492,6 +689,11 @@ def run(args: argparse.Namespace) -> int:
         ("sites accepted", f"{report.n_accepted} / {report.n_sites} (layer-sites, stacked blocks counted per layer)"),
         ("held-out rel. error", err_s),
         ("wall time", f"{wall:.1f} s"),
+        ("time by phase", ", ".join(f"{PHASE_LABELS.get(k, k)} {val:.1f} s" for k, val in clock.phases.items()
+                                    if k not in ("starting", "done") and val >= 0.05)),
+        ("peak memory", f"host RSS {_human(_peak_rss())}" + (
+            f", device {_human(mem['peak_device_bytes'])} of {_human(mem['device_bytes_limit'] or 0)}"
+            if mem.get("peak_device_bytes") else "")),
         ("output", str(Path(args.out).absolute())),
         ("versions", f"permuquant-jax {permuquant_jax.__version__}, jax {jax.__version__}"),
     ]

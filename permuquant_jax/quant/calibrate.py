@@ -16,7 +16,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from permuquant_jax.quant.paths import Path, get_node, parse_path, path_str, set_node
 
 Forward = Callable[[nnx.Module, object], object]
+STATS_KIND = "permuquant-calibration-stats"
+STATS_VERSION = 1
 
 
 def default_forward(model: nnx.Module, batch: object) -> object:
@@ -149,6 +151,7 @@ class CalibrationStats:
 
     layers: dict[Path, LayerStats]
     batches: int = 0
+    meta: dict = field(default_factory=dict)
 
     def __getitem__(self, path: Path | str) -> LayerStats:
         return self.layers[parse_path(path)]
@@ -158,28 +161,90 @@ class CalibrationStats:
         desc = sorted((path_str(p), list(s.sumsq.shape)) for p, s in self.layers.items())
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
-    def save(self, file: str) -> None:
-        """Write all statistics to one .npz (keys '<path>/<field>')."""
-        arrays = {"__meta__": np.frombuffer(json.dumps({"batches": self.batches}).encode(), np.uint8)}
+    def save(self, file: str, meta: dict | None = None) -> None:
+        """Write all statistics to one .npz (keys '<path>/<field>'), atomically (a temporary file in the
+        same folder, then renamed): an interrupted write leaves no file. `meta` (JSON-safe: e.g. the
+        model config and calibration settings) is stored with them and comes back in `meta` on load."""
+        import os
+
+        info = {"kind": STATS_KIND, "version": STATS_VERSION, "batches": self.batches,
+                "fingerprint": self.fingerprint(), "meta": meta if meta is not None else self.meta}
+        arrays = {"__meta__": np.frombuffer(json.dumps(info).encode(), np.uint8)}
         for p, s in self.layers.items():
             for f in ("sumsq", "absmax", "count", "amax"):
-                arrays[f"{path_str(p)}/{f}"] = getattr(s, f)
-        with open(file, "wb") as fh:
-            np.savez(fh, **arrays)
+                arrays[f"{path_str(p)}/{f}"] = np.asarray(getattr(s, f))
+        file = os.fspath(file)
+        tmp = os.path.join(os.path.dirname(os.path.abspath(file)), f".{os.path.basename(file)}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, file)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, file: str) -> CalibrationStats:
-        """Read statistics written by `save`."""
-        with np.load(file) as z:
-            meta = json.loads(bytes(z["__meta__"]).decode())
+        """Read statistics written by `save`; anything else (not an .npz, another kind or version of
+        file, missing or malformed fields, non-finite values) is a one-line ValueError."""
+        try:
+            z = np.load(file, allow_pickle=False)
+        except FileNotFoundError:
+            raise ValueError(f"{file}: no such file (expected calibration statistics written by --save-stats)") \
+                from None
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{file}: not a readable .npz of calibration statistics "
+                             f"({' '.join(str(e).split())[:160]})") from None
+        if not hasattr(z, "files"):
+            raise ValueError(f"{file}: a single .npy array, not calibration statistics (write them with --save-stats)")
+        with z:
+            try:
+                info = json.loads(bytes(z["__meta__"]).decode())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                raise ValueError(f"{file}: an .npz without calibration-statistics metadata; write the file with "
+                                 "--save-stats") from None
+            if not isinstance(info, dict) or info.get("kind", STATS_KIND) != STATS_KIND:
+                raise ValueError(f"{file}: not a calibration-statistics file (kind {info.get('kind')!r})")
+            version = info.get("version", 0)
+            if version > STATS_VERSION:
+                raise ValueError(f"{file}: statistics format version {version}, this permuquant-jax reads up to "
+                                 f"{STATS_VERSION}; upgrade permuquant-jax or recalibrate")
             fields: dict[str, dict[str, np.ndarray]] = {}
             for key in z.files:
                 if key == "__meta__":
                     continue
+                if "/" not in key:
+                    raise ValueError(f"{file}: unexpected array {key!r} (expected '<module path>/<field>')")
                 p, f = key.rsplit("/", 1)
-                fields.setdefault(p, {})[f] = z[key]
-        layers = {parse_path(p): LayerStats(**d) for p, d in fields.items()}
-        return cls(layers=layers, batches=int(meta["batches"]))
+                if f not in ("sumsq", "absmax", "count", "amax"):
+                    raise ValueError(f"{file}: unexpected field {f!r} of {p!r} (expected sumsq, absmax, count, amax)")
+                try:
+                    fields.setdefault(p, {})[f] = z[key]
+                except (OSError, ValueError, EOFError) as e:
+                    raise ValueError(f"{file}: array {key!r} is unreadable ({' '.join(str(e).split())[:120]})") \
+                        from None
+        layers = {}
+        for p, d in fields.items():
+            missing = sorted({"sumsq", "absmax", "count", "amax"} - set(d))
+            if missing:
+                raise ValueError(f"{file}: statistics of {p!r} lack {', '.join(missing)}; recalibrate")
+            st = LayerStats(**d)
+            if st.sumsq.shape != st.absmax.shape or st.count.shape != st.sumsq.shape[:-1] \
+                    or st.amax.shape != st.count.shape:
+                raise ValueError(f"{file}: statistics of {p!r} have inconsistent shapes {st.sumsq.shape}, "
+                                 f"{st.absmax.shape}, {st.count.shape}, {st.amax.shape}; recalibrate")
+            for f in ("sumsq", "absmax", "amax"):
+                a = getattr(st, f)
+                if a.dtype.kind != "f" or not np.all(np.isfinite(a)):
+                    raise ValueError(f"{file}: {p}/{f} is not finite float data; recalibrate")
+            layers[parse_path(p)] = st
+        out = cls(layers=layers, batches=int(info.get("batches", 0)), meta=info.get("meta") or {})
+        if "fingerprint" in info and info["fingerprint"] != out.fingerprint():
+            raise ValueError(f"{file}: the arrays do not match the recorded fingerprint (a modified or mixed file); "
+                             "recalibrate")
+        return out
 
     def check_model(self, model: nnx.Module, paths: Sequence[Path]) -> None:
         """Raise ValueError if these stats do not cover `paths` with matching input shapes."""
