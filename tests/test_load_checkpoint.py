@@ -22,6 +22,7 @@ from permuquant_jax.convert import (
     load_flux,
     read_flux_config,
 )
+from permuquant_jax.convert.safetensors_io import TensorInfo, check_tensors
 from permuquant_jax.models import FluxConfig, FluxDiT
 
 
@@ -99,7 +100,8 @@ def test_config_override_and_metadata_free_inference(tiny, tmp_path):
     path = tmp_path / "nometa.safetensors"
     save_file(dict(tiny), str(path))  # no metadata: RoPE axes from the head dim (8/28/28 for 64)
     assert read_flux_config(path) == FluxConfig.tiny()
-    with pytest.raises(CheckpointError, match=r"missing key 'double_blocks.2.img_mod.lin.weight'"):
+    with pytest.raises(CheckpointError, match=r"missing key 'double_blocks.2.img_mod.lin.weight'.*"
+                       r"depth=3\+4.*\(the config passed in\)"):
         load_flux(path, config=FluxConfig(**{**FluxConfig.tiny().to_dict(), "depth": 3}))
 
 
@@ -188,7 +190,34 @@ def test_missing_key(tiny, tmp_path):
     del tensors["double_blocks.1.txt_attn.proj.bias"]
     p = tmp_path / "missing.safetensors"
     save_file(tensors, str(p))
-    expect_error(p, str(p), "missing key 'double_blocks.1.txt_attn.proj.bias'", "expected shape [128]")
+    expect_error(p, str(p), "missing key 'double_blocks.1.txt_attn.proj.bias'", "expected shape [128]",
+                 "expected a FLUX.1 transformer with hidden_size=128", "(inferred from the other keys)")
+
+
+def test_check_tensors_order_counts_and_notes():
+    """The one key/shape/dtype check every loader runs: missing before unexpected before shape before
+    dtype, the first of each named with how many more, notes and the basis where given."""
+    infos = {"a": TensorInfo("p.a", "BF16", (2, 3), 0, 12), "b": TensorInfo("p.b", "I8", (4,), 12, 16),
+             "x": TensorInfo("p.x", "F32", (1,), 16, 20), "y": TensorInfo("p.y", "F32", (1,), 20, 24)}
+
+    def check(expected, present, **kw):
+        with pytest.raises(CheckpointError) as e:
+            check_tensors(expected, present, infos.__getitem__, checkpoint="ck", describe="a toy with w=2",
+                          dtypes=("BF16", "F32"), stored=lambda k: "p." + k, where=lambda k: f"file-{k}", **kw)
+        return str(e.value)
+
+    msg = check({"a": (2, 3), "m": (5,), "n": (6,)}, ["a", "x"], basis="from config.json",
+                missing_note=lambda k: " (or 'q.m')" if k == "m" else "")
+    assert msg == ("ck: missing key 'p.m' (or 'q.m') (expected shape [5]) and 1 more; expected a toy with w=2 "
+                   "(from config.json)")
+    msg = check({"a": (2, 3)}, ["a", "x", "y"], unexpected_note=lambda k: " (an adapter)")
+    assert msg == "file-x: unexpected key 'p.x' (shape [1]) and 1 more; not part of a toy with w=2 (an adapter)"
+    assert check({"a": (3, 2), "b": (4,)}, ["a", "b"]) == (
+        "file-a: key 'p.a': expected shape [3, 2], found [2, 3] (for a toy with w=2)")
+    assert check({"a": (2, 3), "b": (4,)}, ["a", "b"]) == (
+        "file-b: key 'p.b': expected a float tensor (BF16, F32), found I8")
+    check_tensors({"a": (2, 3)}, ["a"], infos.__getitem__, checkpoint="ck", describe="", dtypes=("BF16",),
+                  stored=str, where=str)  # all good: no error
 
 
 def test_unexpected_key(tiny, tmp_path):

@@ -30,6 +30,7 @@ from permuquant_jax.convert.safetensors_io import (
     CheckpointError,
     SafetensorsCollection,
     check_path,
+    check_tensors,
     load_json,
     open_safetensors,
 )
@@ -276,39 +277,23 @@ def _describe(cfg: AutoEncoderConfig) -> str:
     )
 
 
-def _check_keys(source: AESource, table: dict[str, AETensor], cfg: AutoEncoderConfig) -> None:
-    present = source.keys()
-    present_set = set(present)
-    missing = [k for k in table if k not in present_set]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(
-            f"{source.tensors.path}: missing key '{source.stored(missing[0])}' (expected shape "
-            f"{list(table[missing[0]].shape)}){more}; the other keys describe an autoencoder with {_describe(cfg)}"
-        )
-    unexpected = [k for k in present if k not in table]
-    if unexpected:
-        k = unexpected[0]
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        hint = (
-            " (a quant_conv belongs to SD/SDXL VAEs; FLUX's autoencoder has none)" if "quant_conv" in k else ""
-        )
-        raise CheckpointError(
-            f"{source.where(k)}: unexpected key '{source.stored(k)}' (shape {list(source.shape(k))}){more}; not "
-            f"part of a FLUX autoencoder with {_describe(cfg)}{hint}"
-        )
-    for k, entry in table.items():
-        info = source.tensors.info(source.stored(k))
-        if tuple(info.shape) != entry.shape:
-            raise CheckpointError(
-                f"{source.where(k)}: key '{source.stored(k)}': expected shape {list(entry.shape)}, found "
-                f"{list(info.shape)} (for {_describe(cfg)})"
-            )
-        if info.dtype not in ("F32", "F16", "BF16", "F64"):
-            raise CheckpointError(
-                f"{source.where(k)}: key '{source.stored(k)}': expected a float tensor (F32, F16 or BF16), "
-                f"found {info.dtype}"
-            )
+STORED_DTYPES = ("F32", "F16", "BF16", "F64")  # what the autoencoder's weights may be stored as
+
+
+def _check_keys(source: AESource, table: dict[str, AETensor], cfg: AutoEncoderConfig, basis: str) -> None:
+    check_tensors(
+        {k: e.shape for k, e in table.items()},
+        source.keys(),
+        lambda k: source.tensors.info(source.stored(k)),
+        checkpoint=source.tensors.path,
+        describe=f"a FLUX autoencoder with {_describe(cfg)}",
+        basis=basis,
+        dtypes=STORED_DTYPES,
+        stored=source.stored,
+        where=source.where,
+        unexpected_note=lambda k: " (a quant_conv belongs to SD/SDXL VAEs; FLUX's autoencoder has none)"
+        if "quant_conv" in k else "",
+    )
 
 
 def read_autoencoder_config(path: str | os.PathLike) -> AutoEncoderConfig:
@@ -340,17 +325,21 @@ def load_autoencoder(
     ``first_stage_model.``), a diffusers ``vae/`` folder (``config.json`` + weights), or a pipeline
     folder holding ``vae/``. ``config`` overrides the config read from ``config.json`` or inferred
     from the shapes (BFL files carry no scale/shift: FLUX's 0.3611 / 0.1159 unless ``config`` says).
-    Stored tensors may be F32, F16 or BF16. Raises :class:`CheckpointError` (one line) otherwise.
+    Stored tensors may be F32, F16, BF16 or F64. Raises :class:`CheckpointError` (one line) otherwise.
     """
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _LOADABLE]:
         raise ValueError(f"load_autoencoder: dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
     np_dtype = np.dtype(jnp.dtype(dtype))
     source = _open(Path(path))
-    if config is None:
-        config = _config_from_diffusers(source) if source.diffusers_config is not None else _config_from_shapes(source)
+    if config is not None:
+        basis = "the config passed in"
+    elif source.diffusers_config is not None:
+        config, basis = _config_from_diffusers(source), "read from config.json"
+    else:
+        config, basis = _config_from_shapes(source), "inferred from the other keys"
     model = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0), dtype=dtype))
     table = ae_keymap(config, source.layout, model)
-    _check_keys(source, table, config)
+    _check_keys(source, table, config, basis)
     items: Iterable[AETensor] = table.values()
     if progress:
         from tqdm import tqdm

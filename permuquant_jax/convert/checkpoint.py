@@ -32,6 +32,7 @@ from permuquant_jax.convert.safetensors_io import (
     SafetensorsFile,
     all_finite,
     check_path,
+    check_tensors,
     load_json,
     open_index,
 )
@@ -410,36 +411,19 @@ def read_flux_config(path: str | os.PathLike | None = None) -> FluxConfig:
     return infer_config(open_checkpoint(path))
 
 
-def _check_keys(source: CheckpointSource, table: dict[str, SourceTensor], cfg: FluxConfig) -> None:
+def _check_keys(source: CheckpointSource, table: dict[str, SourceTensor], cfg: FluxConfig, basis: str) -> None:
     present = source.stored_key
-    missing = [k for k in table if k not in present]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(
-            f"{source.path}: missing key '{_stored(source, missing[0])}' (expected shape "
-            f"{list(table[missing[0]].shape)}){more}; the checkpoint's other keys describe {_describe(cfg)}"
-        )
-    unexpected = [k for k in present if k not in table]
-    if unexpected:
-        k = unexpected[0]
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        raise CheckpointError(
-            f"{source.where(k)}: unexpected key '{present[k]}' (shape {list(source.shape(k))}){more}; "
-            f"not part of a FLUX.1 transformer with {_describe(cfg)}"
-        )
-    for k, entry in table.items():
-        found = source.shape(k)
-        if found != entry.shape:
-            raise CheckpointError(
-                f"{source.where(k)}: key '{present[k]}': expected shape {list(entry.shape)}, found "
-                f"{list(found)} (for {_describe(cfg)})"
-            )
-        dtype = source.files[k].tensors[present[k]].dtype
-        if dtype not in STORED_DTYPES:
-            raise CheckpointError(
-                f"{source.where(k)}: key '{present[k]}': expected a float tensor "
-                f"({', '.join(STORED_DTYPES)}), found {dtype}"
-            )
+    check_tensors(
+        {k: e.shape for k, e in table.items()},
+        present,
+        lambda k: source.files[k].tensors[present[k]],
+        checkpoint=source.path,
+        describe=f"a FLUX.1 transformer with {_describe(cfg)}",
+        basis=basis,
+        dtypes=STORED_DTYPES,
+        stored=lambda k: _stored(source, k),
+        where=source.where,
+    )
 
 
 def _stored(source: CheckpointSource, key: str) -> str:
@@ -487,7 +471,9 @@ def load_flux(
     source = open_checkpoint(path)
     cfg = config or infer_config(source)
     table = bfl_keymap(cfg) if source.layout == "bfl" else diffusers_keymap(cfg)
-    _check_keys(source, table, cfg)
+    basis = "the config passed in" if config is not None else (
+        "read from config.json" if source.diffusers_config is not None else "inferred from the other keys")
+    _check_keys(source, table, cfg, basis)
 
     model = nnx.eval_shape(lambda: FluxDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl))
     by_target: dict[tuple[str, ...], list[SourceTensor]] = {}

@@ -34,9 +34,11 @@ import numpy as np
 from flax import nnx
 
 from permuquant_jax.convert.safetensors_io import (
+    FLOAT_DTYPES,
     CheckpointError,
     SafetensorsCollection,
     check_path,
+    check_tensors,
     load_json,
     open_safetensors,
 )
@@ -359,6 +361,7 @@ def load_t5(
         lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype),
         dtype,
         f"a T5 encoder with {_describe_t5(cfg)}",
+        _basis(config, source, T5_CONFIG_METADATA_KEY),
         "load_t5",
         progress,
         check_finite,
@@ -481,6 +484,7 @@ def load_clip(
         dtype,
         f"a CLIP text encoder with hidden={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, "
         f"mlp={cfg.intermediate}, vocab={cfg.vocab_size}, positions={cfg.max_position}",
+        _basis(config, source, CLIP_CONFIG_METADATA_KEY),
         "load_clip",
         progress,
         check_finite,
@@ -490,36 +494,30 @@ def load_clip(
 # ---------------------------------------------------------------- shared loading
 
 
-def _check_keys(source: _Source, table: dict[str, EncoderTensor], describe: str) -> None:
-    missing = [k for k in table if k not in source.stored]
-    if missing:
-        k = missing[0]
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        alt = " (or 'encoder.embed_tokens.weight')" if k == "shared.weight" else ""
-        raise CheckpointError(
-            f"{source.tensors.path}: missing key '{source.prefix + k}'{alt} (expected shape "
-            f"{list(table[k].shape)}){more}; expected {describe}"
-        )
-    unexpected = [k for k in source.stored if k not in table]
-    if unexpected:
-        k = unexpected[0]
-        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        raise CheckpointError(
-            f"{source.file(k)}: unexpected key '{source.stored[k]}' (shape {list(source.shape(k))}){more}; not part "
-            f"of {describe}"
-        )
-    for k, entry in table.items():
-        info = source.tensors.info(source.stored[k])
-        if info.shape != entry.shape:
-            raise CheckpointError(
-                f"{source.file(k)}: key '{source.stored[k]}': expected shape {list(entry.shape)}, found "
-                f"{list(info.shape)} (for {describe})"
-            )
-        if not info.is_float:
-            raise CheckpointError(
-                f"{source.file(k)}: key '{source.stored[k]}': expected a float tensor (BF16, F16, F32, F8_E4M3), "
-                f"found {info.dtype}"
-            )
+def _basis(config: object | None, source: _Source, metadata_key: str) -> str:
+    """Where the config a table was made from came from, for check_tensors' messages."""
+    if config is not None:
+        return "the config passed in"
+    if source.config is not None:
+        return f"read from {source.config_path}"
+    if metadata_key in source.tensors.metadata:
+        return f"read from the file's metadata '{metadata_key}'"
+    return "inferred from the other keys"
+
+
+def _check_keys(source: _Source, table: dict[str, EncoderTensor], describe: str, basis: str) -> None:
+    check_tensors(
+        {k: e.shape for k, e in table.items()},
+        source.stored,
+        lambda k: source.tensors.info(source.stored[k]),
+        checkpoint=source.tensors.path,
+        describe=describe,
+        basis=basis,
+        dtypes=tuple(FLOAT_DTYPES),
+        stored=lambda k: source.prefix + k,
+        where=source.file,
+        missing_note=lambda k: " (or 'encoder.embed_tokens.weight')" if k == "shared.weight" else "",
+    )
 
 
 def _load(
@@ -528,6 +526,7 @@ def _load(
     build: Callable[[], nnx.Module],
     dtype,
     describe: str,
+    basis: str,
     name: str,
     progress: bool,
     check_finite: bool,
@@ -535,7 +534,7 @@ def _load(
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _LOADABLE]:
         raise ValueError(f"{name}: dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
     np_dtype = np.dtype(jnp.dtype(dtype))
-    _check_keys(source, table, describe)
+    _check_keys(source, table, describe, basis)
     model = nnx.eval_shape(build)
     by_target: dict[tuple[str, ...], list[EncoderTensor]] = {}
     for entry in table.values():

@@ -9,6 +9,8 @@ encoders or the VAE) build on it:
   :class:`CheckpointError` naming the file, the key and what was expected vs found.
 - :func:`open_safetensors` opens a file, a ``*.safetensors.index.json`` of shards, or a folder that
   holds exactly one of those, as one :class:`SafetensorsCollection` (key -> file).
+- :func:`check_tensors` checks a checkpoint's keys, shapes and dtypes against a loader's table of
+  expected tensors (the one check every model loader runs before reading anything).
 - ``read(key, dtype=None, check_finite=False)`` reads one tensor with a positioned read into a fresh
   numpy array (BF16 and FP8 as ``ml_dtypes`` types); nothing is memory-mapped, so tensors already
   consumed do not stay resident. ``check_finite`` rejects NaN/Inf (and values a cast overflows),
@@ -23,7 +25,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 import ml_dtypes
@@ -571,3 +573,69 @@ def _sniff(head: bytes) -> str:
     if head[:1] == b"\x80":
         return "this is a Python pickle: convert it to .safetensors first"
     return ""
+
+
+# --------------------------------------------------------------------------- what a loader expects
+
+
+def check_tensors(
+    expected: Mapping[str, tuple[int, ...]],
+    present: Iterable[str],
+    info: Callable[[str], TensorInfo],
+    *,
+    checkpoint: str | os.PathLike,
+    describe: str,
+    dtypes: Collection[str],
+    stored: Callable[[str], str],
+    where: Callable[[str], str | os.PathLike],
+    basis: str | None = None,
+    missing_note: Callable[[str], str] | None = None,
+    unexpected_note: Callable[[str], str] | None = None,
+) -> None:
+    """Check a checkpoint's tensors against a loader's table before anything is read.
+
+    ``expected``: (unprefixed) key -> shape; ``present``: the keys the checkpoint holds, unprefixed, in
+    file order; ``info(key)``: a present key's header entry (``.key`` the name as stored, ``.shape``,
+    ``.dtype``); ``stored(key)``: the name a key has (or would have) in the file; ``where(key)``: the
+    file holding a present key. ``describe`` names the model the table was made for ("a FLUX
+    autoencoder with ch=128, ..."); ``basis``, where its config came from ("inferred from the other
+    keys"), is said after a missing key. ``*_note(key)``: extra words for one key (an alternative
+    name, what an unexpected key belongs to).
+
+    Raises :class:`CheckpointError` (one line) at the first of: a missing key (the first in table
+    order, and how many more), an unexpected key (the first in file order, and how many more), a
+    shape, a dtype not in ``dtypes``.
+    """
+    present = list(present)
+    have = set(present)
+    missing = [k for k in expected if k not in have]
+    if missing:
+        k = missing[0]
+        note = missing_note(k) if missing_note else ""
+        raise CheckpointError(
+            f"{checkpoint}: missing key '{stored(k)}'{note} (expected shape {list(expected[k])})"
+            f"{_more(missing)}; expected {describe}" + (f" ({basis})" if basis else "")
+        )
+    unexpected = [k for k in present if k not in expected]
+    if unexpected:
+        k = unexpected[0]
+        t = info(k)
+        note = unexpected_note(k) if unexpected_note else ""
+        raise CheckpointError(
+            f"{where(k)}: unexpected key '{t.key}' (shape {list(t.shape)}){_more(unexpected)}; not part of "
+            f"{describe}{note}"
+        )
+    for k, shape in expected.items():
+        t = info(k)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{where(k)}: key '{t.key}': expected shape {list(shape)}, found {list(t.shape)} (for {describe})"
+            )
+        if t.dtype not in dtypes:
+            raise CheckpointError(
+                f"{where(k)}: key '{t.key}': expected a float tensor ({', '.join(dtypes)}), found {t.dtype}"
+            )
+
+
+def _more(keys: list[str]) -> str:
+    return f" and {len(keys) - 1} more" if len(keys) > 1 else ""
