@@ -1,10 +1,13 @@
 """One FLUX.1-dev-size DiT step (random weights) on the GPU: our bf16 vs NVFP4 W4A4 vs NVFP4 W4A16, one run.
 
     PYTHONPATH=. python3 benchmarks/flux_step.py [--res 1024] [--txt 512] [--batch 1 4] [--iters 10] [--tiny]
+        [--variants bf16 w4a4 w4a16 w4a4-mosaic w4a16-mosaic] [--mosaic-classes large] [--no-profile]
 
 bf16 weights N(0, 0.02^2) drawn on the device; every linear then quantized with `QuantLinear.from_linear`
 (RTN, no permutation: a folded PermuQuant plan has the same runtime structure; a static activation
 global scale per layer, so no amax pass), dispatched by `kernels.dispatch` ("auto"). cuDNN attention.
+The "-mosaic" variants run the same weights with the tuning table's GEMM choice replaced by the Mosaic
+GPU kernel for the M classes in --mosaic-classes (the step's M: 4096/4608 "large", 512 "medium", 1 "gemv").
 Per variant and batch: compile time, the median of `--iters` back-to-back steps, parameter bytes, and
 (batch 1) a jax.profiler trace of 3 steps whose GPU kernels are attributed to GEMMs (cuBLAS, our matmul
 and decode kernels), attention (cuDNN), activation quantization (our kernel) and the rest. Device
@@ -31,12 +34,20 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flux_forward import inputs, random_model, rel  # noqa: E402
 
-from permuquant_jax.kernels import dispatch  # noqa: E402
+from permuquant_jax.kernels import dispatch, tuning  # noqa: E402
 from permuquant_jax.models.flux import FluxConfig  # noqa: E402
 from permuquant_jax.quant.linear import QuantLinear  # noqa: E402
 from permuquant_jax.quant.paths import find_linears, set_node  # noqa: E402
 
 CATEGORIES = ("gemm", "weight_decode", "act_quant", "attention", "rest")
+# --variants: key -> (table name, QuantLinear format, GEMM by the Mosaic kernel for --mosaic-classes)
+VARIANTS = {
+    "bf16": ("bf16", None, False),
+    "w4a4": ("nvfp4 W4A4", "nvfp4", False),
+    "w4a16": ("nvfp4 W4A16", "nvfp4-w4a16", False),
+    "w4a4-mosaic": ("nvfp4 W4A4 mosaic", "nvfp4", True),
+    "w4a16-mosaic": ("nvfp4 W4A16 mosaic", "nvfp4-w4a16", True),
+}
 
 
 def category(name: str) -> str:
@@ -47,7 +58,7 @@ def category(name: str) -> str:
         return "weight_decode"
     if any(s in n for s in ("fmha", "sdpa", "flash", "attention")):  # before "gemm": cuDNN's names hold "sm90"
         return "attention"
-    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "nvfp4_matmul", "gemv", "cublas")):
+    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "nvfp4_matmul", "gemv", "cublas", "mgpu")):
         return "gemm"
     return "rest"
 
@@ -129,6 +140,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="a small config (CPU smoke test of this script)")
+    ap.add_argument("--variants", nargs="+", default=["bf16", "w4a4", "w4a16"], choices=list(VARIANTS))
+    ap.add_argument("--mosaic-classes", nargs="+", default=["large"], choices=[c for c, _ in tuning.M_CLASSES])
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     dispatch.filter_triton_deprecation()
     dev = jax.devices()[0]
@@ -149,23 +163,37 @@ def main() -> None:
     base = random_model(cfg)
     fargs = inputs(cfg, args.res, args.txt)
     ref = {}
-    variants = [("bf16", None), ("nvfp4 W4A4", "nvfp4"), ("nvfp4 W4A16", "nvfp4-w4a16")]
+    log["mosaic_classes"] = args.mosaic_classes
     t_start = time.time()
-    for vname, fmt in variants:
-        model = base if fmt is None else nnx.clone(base)
-        if fmt is not None:
+    dev_class = dispatch.device_class() or tuning.FALLBACK_CLASS
+    saved_table = dict(tuning.DISPATCH_TABLE.get(dev_class, tuning.DISPATCH_TABLE[tuning.FALLBACK_CLASS]))
+    quantized: dict = {}
+    for key in args.variants:
+        vname, fmt, mosaic = VARIANTS[key]
+        if fmt is None:
+            model = base
+        elif fmt in quantized:  # the same weights, another GEMM choice
+            model = quantized[fmt]
+        else:
+            model = nnx.clone(base)
             t0 = time.perf_counter()
             nlin = quantize_all(model, fmt)
             print(f"{vname}: quantized {nlin} linears in {time.perf_counter() - t0:.1f} s", flush=True)
+            quantized = {fmt: model}  # keep one quantized model at a time
+        table = dict(saved_table)
+        if mosaic:
+            table.update({c: "mosaic" for c in args.mosaic_classes})
+        tuning.DISPATCH_TABLE[dev_class] = table
         pb = param_bytes(model)
         for b in args.batch:
-            prof_dir = "/tmp/flux_step_prof" if b == 1 else None
+            prof_dir = "/tmp/flux_step_prof" if b == 1 and not args.no_profile else None
             a = batched(fargs, b)
             y, tc, tm, prof = time_step(model, a, args.iters, prof_dir)
             if fmt is None:
                 ref[b] = y
             row = {
                 "variant": vname,
+                "gemm_table": table,
                 "batch": b,
                 "compile_s": tc,
                 "step_ms": tm * 1e3,
@@ -184,8 +212,7 @@ def main() -> None:
                 os.makedirs(out_dir, exist_ok=True)
                 with open(os.path.join(out_dir, "flux_step.json"), "w") as f:
                     json.dump(log, f, indent=1, default=str)
-        if fmt is not None:
-            del model
+        tuning.DISPATCH_TABLE[dev_class] = saved_table
         print(f"[{time.time() - t_start:.0f} s]", flush=True)
     bf = {r["batch"]: r["step_ms"] for r in log["rows"] if r["variant"] == "bf16"}
     lines = [

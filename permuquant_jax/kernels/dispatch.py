@@ -10,7 +10,8 @@
 - "pallas_interpret": the Pallas kernels in interpret mode (CPU tests).
 
 `backend="auto"` chooses by the default device; the environment variable
-`PERMUQUANT_KERNEL_BACKEND` (one of the names above) overrides "auto".
+`PERMUQUANT_KERNEL_BACKEND` (one of the names above) overrides "auto", and `PERMUQUANT_GEMM_BACKEND`
+(one of `tuning.GEMM_BACKENDS`) overrides the table's GEMM choice.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from permuquant_jax.kernels.nvfp4_matmul import PrepackedNVFP4, nvfp4_matmul, pr
 
 BACKENDS = ("auto", "pallas", "pallas_interpret", "scaled_matmul", "reference")
 ENV_BACKEND = "PERMUQUANT_KERNEL_BACKEND"
+# overrides the tuning table's GEMM choice on the "pallas" backend (one of tuning.GEMM_BACKENDS)
+ENV_GEMM = "PERMUQUANT_GEMM_BACKEND"
 
 # JAX 0.11 warns at every lowering of a Triton-backend pallas_call. Tested range: jax 0.10.2 (CPU,
 # interpret mode) and 0.11.2 (H100). Filtered by its exact text and category, nothing else.
@@ -147,10 +150,12 @@ def nvfp4_linear(
     if not interpret:
         filter_triton_deprecation()
     wp = prepack_weight(w)
-    gemm = "triton" if interpret else tuning.gemm_backend(device_class(), m)
+    gemm = "triton" if interpret else gemm_choice(m)
     if gemm == "triton":
         cfg = tuning.matmul_config(m, n, k)
         mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
+    elif gemm == "mosaic":
+        mm = functools.partial(mosaic_dot, out_dtype=out_dtype)
     else:
         decoder = "pallas" if gemm == "decode_cublas" else "bits"
         mm = functools.partial(dequant_dot, out_dtype=out_dtype, decoder=decoder)
@@ -170,6 +175,37 @@ def nvfp4_linear(
         )
         y = mm(xv, wp, gs, bias)
     return y.reshape(*lead, n)
+
+
+def gemm_choice(m: int) -> str:
+    """The GEMM backend for `m` rows on this device: `PERMUQUANT_GEMM_BACKEND`, else the tuning table."""
+    env = os.environ.get(ENV_GEMM)
+    if env:
+        if env not in tuning.GEMM_BACKENDS:
+            raise ValueError(f"{ENV_GEMM}={env!r}: expected one of {tuning.GEMM_BACKENDS}")
+        return env
+    return tuning.gemm_backend(device_class(), m)
+
+
+def mosaic_dot(
+    x: jax.Array,
+    w: PrepackedNVFP4,
+    x_scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+) -> jax.Array:
+    """Same function as `dequant_dot`, by the Mosaic GPU kernel (`nvfp4_matmul_mgpu`); the weights are
+    converted to its layout per call. Outputs other than bf16/fp16 and non-canonical layouts take
+    `dequant_dot` (the kernel's epilogue writes 16-bit tiles)."""
+    from permuquant_jax.kernels import nvfp4_matmul_mgpu as mg
+
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or w.layout != "canonical":
+        return dequant_dot(x, w, x_scale, bias, out_dtype=out_dtype)
+    wm = mg.to_mosaic(w, tuning.MOSAIC_NIBBLE_ORDER)
+    cfg = tuning.mosaic_config(x.shape[0])
+    return mg.nvfp4_matmul_mosaic(x, wm, x_scale, bias, config=cfg, out_dtype=out_dtype)
 
 
 DECODERS = ("pallas", "bits", "lut")

@@ -13,7 +13,9 @@ register operand A and the activation tile is operand B in shared memory):
 - warpgroups 0 and 1 (consumers): each owns 64 output channels. Per K step: load its codes into
   registers (Mosaic's 4-bit upcast layout, relaid to the wgmma A layout by register shuffles), decode
   them by bit placement (inline PTX: one `prmt`, two shifts and masks per pair), multiply each 16-wide
-  group by its scale in packed fp16, issue the wgmma, and decode the next tile while it runs.
+  group by its scale in packed fp16, issue the wgmma and wait for it; one warpgroup's decode overlaps
+  the other's wgmma (decoding the next tile while the own wgmma runs gave wrong results: see
+  `MosaicConfig.pipeline`).
 - epilogue: `acc * 2^7 * g_x[m] * g_w[n] + bias[n]`, cast, written transposed into shared memory and
   stored with TMA.
 
@@ -59,6 +61,10 @@ class MosaicConfig:
     consumer_registers: int = 232
     producer_registers: int = 40
     decode: str = "ptx"  # "ptx": inline prmt; "arith": the same bits with plain integer ops
+    # "serial": decode, wgmma, wait, per step (the two consumer warpgroups overlap each other);
+    # "ahead": decode the next tile while the wgmma runs (wrong results on the H200, 2026-12-01: the
+    # register A operand of an in-flight wgmma is not protected from reuse; kept for diagnosis)
+    pipeline: str = "serial"
 
     def __post_init__(self):
         if self.block_m not in (64, 128, 192, 256):
@@ -69,6 +75,8 @@ class MosaicConfig:
             raise ValueError(f"stages must be >= 2 (a ring of buffers), found {self.stages}")
         if self.decode not in ("ptx", "arith"):
             raise ValueError(f"decode must be 'ptx' or 'arith', found {self.decode!r}")
+        if self.pipeline not in ("serial", "ahead"):
+            raise ValueError(f"pipeline must be 'serial' or 'ahead', found {self.pipeline!r}")
 
 
 @functools.partial(
@@ -359,6 +367,21 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
             plgpu.set_max_registers(config.consumer_registers, action="increase")
 
             def body(acc_ref):
+                if config.pipeline == "serial":
+
+                    @pl.loop(0, k_iters)
+                    def _step(ki):
+                        si = lax.rem(ki, stages)
+                        plgpu.barrier_wait(w_bar.at[si])
+                        w_cur = weights_tile(w_smem, s_smem, si, wg)
+                        plgpu.barrier_arrive(w_free.at[si])
+                        plgpu.barrier_wait(x_bar.at[si])
+                        plgpu.wgmma(acc_ref, w_cur, plgpu.transpose_ref(x_smem.at[si], (1, 0)))
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(x_free.at[si])
+
+                    return acc_ref[...]
+
                 plgpu.barrier_wait(w_bar.at[0])
                 w0 = weights_tile(w_smem, s_smem, 0, wg)
                 plgpu.barrier_arrive(w_free.at[0])
@@ -428,6 +451,7 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
         grid_names=("mn",),
         num_threads=3,
         thread_name="wg",
+        kernel_name="nvfp4_matmul_mgpu",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
     )
     return f(x, codes, scales, gx, vecs)

@@ -5,7 +5,8 @@ Triton tile configs. `benchmarks/gemm_variants.py` (versions side by side, sweep
 GEMM backends (what `dispatch.nvfp4_linear` runs after the activation quantization):
 - "triton": the in-register Pallas-Triton matmul (`nvfp4_matmul`, config from `MATMUL_TABLE`);
 - "decode_cublas": the Pallas decode kernel to exact 16-bit weights, then cuBLAS (`dispatch.dequant_dot`);
-- "xla_decode_cublas": the same with XLA's bit-placement decode (no Pallas kernel in the GEMM path).
+- "xla_decode_cublas": the same with XLA's bit-placement decode (no Pallas kernel in the GEMM path);
+- "mosaic": the Pallas Mosaic GPU kernel for sm_90 (`nvfp4_matmul_mgpu`, config from `mosaic_config`).
 Unknown devices (no table row) fall back to `FALLBACK_CLASS`, whose choices are safe everywhere the
 Triton backend runs (compute capability 8.0-9.x).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
 
-GEMM_BACKENDS = ("triton", "decode_cublas", "xla_decode_cublas")
+GEMM_BACKENDS = ("triton", "decode_cublas", "xla_decode_cublas", "mosaic")
 
 # M classes: (name, largest M in the class); the first that holds M wins.
 M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 64), ("medium", 1023), ("large", 1 << 62))
@@ -97,6 +98,19 @@ def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[
     if hadamard_block and cfg["block_k"] < hadamard_block:
         cfg["block_k"] = hadamard_block
     return cfg
+
+
+# Mosaic GPU kernel (kernels/nvfp4_matmul_mgpu.py): the int4 nibble order XLA hands it (found by
+# tests/gpu/check_mosaic.py's probe) and the tiles per M.
+MOSAIC_NIBBLE_ORDER = "low_first"
+MOSAIC_SMALL_M = 1024  # up to here 128-token tiles (more CTAs), above 256
+
+
+def mosaic_config(m: int):
+    """The Mosaic kernel's config for a GEMM with `m` rows."""
+    from permuquant_jax.kernels.nvfp4_matmul_mgpu import MosaicConfig
+
+    return MosaicConfig(block_m=128 if m <= MOSAIC_SMALL_M else 256, block_k=64, stages=4)
 
 
 def decode_config(n: int, k: int) -> dict[str, int | str]:
