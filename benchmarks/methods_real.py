@@ -325,9 +325,12 @@ def _quant_error_jit(x_c, x_h, w, perm, smooth, *, fmt_name: str, hadamard: int)
     return jnp.sum(d * d) / jnp.maximum(jnp.sum(ref * ref), 1e-30)
 
 
+MINILM_TAU = [0.0]  # --tau
+
+
 def _choose(x_c, x_a, w, fmt, method):
     """The per-layer choice of `quant.choose_for_layer`: chosen on `x_c`, validated on `x_a` (other sentences)."""
-    return quant.choose_for_layer(x_c, w, format=fmt, method=method, x_accept=x_a)
+    return quant.choose_for_layer(x_c, w, format=fmt, method=method, x_accept=x_a, tau=MINILM_TAU[0])
 
 
 def _won(labels: Sequence[str]) -> str:
@@ -528,7 +531,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "methods_real.md"))
     ap.add_argument("--note", default="", help="a line for the results file (e.g. which quant code ran)")
     ap.add_argument("--json", default=None, help="also write every row (per-block / per-layer errors) as JSON")
+    ap.add_argument("--tau", type=float, default=0.0, help="MiniLM: per-layer acceptance threshold")
     args = ap.parse_args(argv)
+    MINILM_TAU[0] = args.tau
     methods = [m for m in args.methods.split(",") if m]
     methods = ["rtn"] + [m for m in methods if m != "rtn"]  # every ratio is to RTN, so RTN runs first
     formats = [f for f in args.formats.split(",") if f]

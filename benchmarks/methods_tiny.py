@@ -138,8 +138,13 @@ def main() -> None:
         ds = report.config.get("downstream", {})
         label = method + (f" ({report.config['accept']})" if report.config.get("accept") else "")
         hk = [p for p, h in ds.get("hadamard", {}).items() if h["kept"]]
+        sizes: dict[str, int] = {}
+        for lay in report.layers.values():
+            key = str(lay.get("hadamard_block") or "none")
+            sizes[key] = sizes.get(key, 0) + 1
         rows.append((label, err, report.n_accepted, report.n_sites, wall, ds.get("forwards", 0),
                      ds.get("seconds", 0.0), len(hk)))
+        print(f"{label}: Hadamard block per linear {sizes}", flush=True)
         print(f"{label:22s} rel. error {err:.4f}  accepted {report.n_accepted}/{report.n_sites}  ({wall:.1f} s; "
               f"downstream {ds.get('forwards', 0)} passes, {ds.get('seconds', 0):.1f} s; Hadamard kept on "
               f"{len(hk)} linears)", flush=True)

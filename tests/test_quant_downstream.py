@@ -12,7 +12,7 @@ from flax import nnx
 from permuquant_jax.formats.registry import get_format
 from permuquant_jax.quant import quantize_model
 from permuquant_jax.quant.batches import materialize, split_batches, split_samples
-from permuquant_jax.quant.downstream import SiteTrial, decide, find_blocks, propose_swap
+from permuquant_jax.quant.downstream import SiteTrial, block_errors, decide, find_blocks, propose_swap
 from permuquant_jax.quant.fold import GatheredNorm, fold_permutation, fold_smoothing
 from permuquant_jax.quant.paths import find_linears, skipped_modules, warn_unmatched_keep
 from permuquant_jax.quant.sites import AdaLNRef, Ref, Site
@@ -99,6 +99,17 @@ def test_trial_measures_what_the_quantized_model_computes(auto_run):
     halves = [h for pair in zip(*split_samples(batches), strict=True) for h in pair]
     real = _fwd_err(q, model, halves)
     assert abs(real - est) / est < 0.02, (real, est)
+    # the public per-block error: each quantized block on the float model's input to it
+    got = block_errors(model, q, batches[:2])
+    assert set(got) == {"blocks.0", "blocks.1"}
+    num, den = np.zeros(2), np.zeros(2)
+    for x in batches[:2]:
+        for i in range(2):
+            r = np.asarray(_call(model.blocks[i], x), np.float64)
+            d = np.asarray(_call(q.blocks[i], x), np.float64) - r
+            num[i], den[i], x = num[i] + np.sum(d * d), den[i] + np.sum(r * r), jnp.asarray(r, jnp.float32)
+    np.testing.assert_allclose([got["blocks.0"], got["blocks.1"]], num / den, rtol=1e-3)
+    assert got["blocks.1"] > 0
 
 
 def test_auto_picks_the_argmin(auto_run):

@@ -8,6 +8,7 @@ import pytest
 from permuquant_jax.formats import nvfp4
 from permuquant_jax.quant.permute import (
     accept,
+    aligned_hadamard_blocks,
     choose_for_layer,
     deal_order,
     joint_order,
@@ -122,3 +123,11 @@ def test_choose_for_layer_never_raises_error_and_is_deterministic():
     # a threshold above every gain keeps the identity
     perm3, rep3 = choose_for_layer(x, w, tau=max(rep["gain"], 0.0) + 0.01)
     assert perm3 is None and not rep3["accepted"]
+    # validated on other samples: kept only if it beats RTN there; the rotation size is part of the choice
+    xa = rng.standard_normal((256, 128)).astype(np.float32) * np.linspace(0.2, 3.0, 128, dtype=np.float32)
+    p4, rep4 = choose_for_layer(x * xa.std(0), w, method="permuquant-h", x_accept=xa, hadamard_blocks=(16,))
+    assert rep4["candidates"][0]["label"] == "identity" and rep4["hadamard_block"] in (None, 16)
+    assert rep4["heldout_chosen"] <= rep4["heldout_identity"]
+    assert rep4["accepted"] == (rep4["heldout_chosen"] < rep4["heldout_identity"])
+    assert rep4["best"] == min(rep4["candidates"], key=lambda c: c["error"])["label"]
+    assert aligned_hadamard_blocks(96, 16) == (16, 32) and aligned_hadamard_blocks(128, 64, starts=(32,)) == (16, 32)

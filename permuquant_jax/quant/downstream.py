@@ -310,8 +310,74 @@ def timer() -> float:
 
 __all__ = [
     "ACCEPT_LEVELS", "BlockProbe", "Decision", "Evaluator", "ProbeStat", "TrialInput", "TrialLinear", "TrialPart",
-    "TrialSel", "find_blocks", "float_outputs", "group_signature", "measure", "path_str", "set_selection",
+    "TrialSel", "block_errors", "find_blocks", "float_outputs", "group_signature", "measure", "path_str",
+    "set_selection",
 ]
+
+
+# --------------------------------------------------------------------------- public: per-block errors
+
+
+class _PairProbe(nnx.Module):
+    """Stands in for a float block: runs it and the quantized block on the same (float) input, accumulates
+    the squared error of the quantized outputs and the reference energy, returns the FLOAT output."""
+
+    def __init__(self, ref: nnx.Module, quant: nnx.Module, stack: tuple[int, ...]):
+        self.ref_block = ref
+        self.quant_block = quant
+        self.err = ProbeStat(_zeros(stack, np.float32))
+        self.ref = ProbeStat(_zeros(stack, np.float32))
+
+    def __call__(self, *args, **kwargs):
+        ref = self.ref_block(*args, **kwargs)
+        out = self.quant_block(*args, **kwargs)
+        self.err[...] = self.err[...] + _sq_diff(out, ref)
+        self.ref[...] = self.ref[...] + _sq(ref)
+        return ref
+
+
+def block_errors(float_model: nnx.Module, quant_model: nnx.Module, batches: Sequence[Any], *,
+                 blocks: Sequence[str | Path] | None = None, forward: Callable | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Relative squared error of every block of `quant_model` against `float_model`, on float inputs.
+
+    Each block (an element of an `nnx.List`, a stacked module run under a scan, or a path in `blocks`)
+    is run on the input the FLOAT model gives it, quantized and in float; the sum over `batches` of the
+    squared difference of its outputs (every floating array leaf, bias included: residual streams)
+    divided by the sum of the float outputs' squares. Returns {block path: array of the stack shape
+    (`()` for an unstacked block)}. Both models keep their modules (the probes are removed afterwards).
+    forward: `forward(model, batch)` (default: `calibrate.default_forward`).
+    """
+    from permuquant_jax.quant.calibrate import default_forward, restore, run_passes, substitute
+    from permuquant_jax.quant.paths import find_linears
+
+    if blocks is None:
+        found = find_blocks(float_model, list(find_linears(float_model)))
+        block_paths = list(dict.fromkeys(b for b in found.values() if b is not None))
+    else:
+        from permuquant_jax.quant.paths import parse_path
+
+        block_paths = [parse_path(b) for b in blocks]
+    if not block_paths:
+        raise ValueError("no blocks found in the float model; pass blocks=[module paths]")
+
+    def make(p, m):
+        lin = find_linears(m)
+        st = tuple(next(iter(lin.values())).kernel.get_value().shape[:-2]) if lin else ()
+        return _PairProbe(m, get_node(quant_model, p), st)
+
+    orig = substitute(float_model, block_paths, make)
+    try:
+        run_passes(float_model, batches, forward=forward or default_forward, variables=ProbeStat,
+                   desc="block errors", progress=False)
+        out = {}
+        for p in block_paths:
+            pr = get_node(float_model, p)
+            out[path_str(p)] = (np.asarray(pr.err[...], np.float64)
+                                / np.maximum(np.asarray(pr.ref[...], np.float64), 1e-30))
+    finally:
+        restore(float_model, orig)
+    return out
 
 
 # --------------------------------------------------------------------------- the decision loop

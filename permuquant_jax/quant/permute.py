@@ -338,10 +338,11 @@ def choose_for_layer(
     - "permuquant" (default; with `hadamard_block` given and no method: "permuquant-h" at that one block):
       the joint order per alpha, the orders by activation absmax and by weight column absmax, the
       alpha=0.5 order dealt into groups;
-    - "permuquant-h": each of those orders (and each dealt into Hadamard blocks) followed by a block
-      Hadamard of each size in `hadamard_blocks` (default: `aligned_hadamard_blocks`), and without one;
-    - "auto": as "permuquant-h", plus SmoothQuant scales per `smooth_alphas`, alone and followed by the
-      joint order of the smoothed moments.
+    - "permuquant-h": those orders without rotation, and the identity, the alpha=0.5 joint order and that
+      order dealt into the Hadamard blocks, each followed by a block Hadamard of each size in
+      `hadamard_blocks` (default: `aligned_hadamard_blocks` of at least one group);
+    - "auto": as "permuquant-h", plus SmoothQuant scales per `smooth_alphas` (no rotation), alone and
+      followed by the joint order of the smoothed moments.
     Returns `(perm, report)`: `perm` is None when the order stays the identity; the report names the
     chosen candidate, its `hadamard_block` (None: no rotation) and `smooth` scales (None: none), and the
     choosing / held-out errors of every candidate.
@@ -373,20 +374,23 @@ def choose_for_layer(
     elif hadamard_block is not None and method == "permuquant-h" and x_accept is None:
         blocks = (int(hadamard_block),)  # the single-block variant (the identity is then plain Hadamard)
     else:
-        blocks = (None, *aligned_hadamard_blocks(k, fmt.group))
+        blocks = (None, *(b for b in aligned_hadamard_blocks(k, fmt.group) if b >= fmt.group))
     # (label, perm, scale, block): the first is RTN, the reference of the acceptance rule
     cands: list[tuple[str, np.ndarray, np.ndarray | None, int | None]] = [
         ("identity", np.arange(k, dtype=np.int32), None, None)]
     for b in blocks:
         tag = "" if b is None else f" + H{b}"
-        orders = make_candidates(mu_a, mu_w, alphas=alphas, segments=segments, group=fmt.group,
-                                 deal_block=b if b and b > fmt.group else None, act_absmax=a_max,
-                                 weight_absmax=w_max, deal_groups=True)
+        if b is None:  # every order
+            orders = make_candidates(mu_a, mu_w, alphas=alphas, segments=segments, group=fmt.group,
+                                     act_absmax=a_max, weight_absmax=w_max, deal_groups=True, dedup=False)
+        else:  # before a rotation (cost): the identity, the alpha=0.5 order and that order dealt into blocks
+            orders = make_candidates(mu_a, mu_w, alphas=(0.5,), segments=segments, group=fmt.group,
+                                     deal_block=b if b > fmt.group else None, dedup=False)
         for c in orders:
             if c.label == "identity" and b is None:
                 continue
             cands.append((c.label + tag, c.perm, None, b))
-        if method == "auto":
+        if method == "auto" and b is None:
             for sa in smooth_alphas:
                 s = smoothquant_scales(a_max, w_max, float(sa)).astype(np.float64)
                 ident = np.arange(k, dtype=np.int32)
@@ -395,6 +399,11 @@ def choose_for_layer(
                 cands.append((f"smooth(a={sa:g}) + sort(a=0.5){tag}", order, s.astype(np.float32), b))
     rel_c, rel_h = np.zeros(len(cands)), np.zeros(len(cands))
     w_kn = jnp.asarray(w.T)
+    # zero token rows add nothing to either sum (a zero row quantizes to zero and leaves every maximum as
+    # it is): pad both halves to one length, so they share compilations
+    t_pad = -(-max(x.shape[0], 0 if xa is None else xa.shape[0]) // 256) * 256
+    x = jnp.pad(x, ((0, t_pad - x.shape[0]), (0, 0)))
+    xa = None if xa is None else jnp.pad(xa, ((0, t_pad - xa.shape[0]), (0, 0)))
     for b in dict.fromkeys(c[3] for c in cands):
         idx = [i for i, c in enumerate(cands) if c[3] == b]
         perms = jnp.asarray(np.stack([cands[i][1] for i in idx]))
