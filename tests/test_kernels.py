@@ -159,17 +159,69 @@ def test_matmul_matches_reference(rng, m, k, n, layout, cfg):
         assert _bf16_ok(y16, y32, ref32).all()
 
 
-def test_dequant_dot_matches_reference(rng):
+def test_dequant_dot_and_mosaic_layout_match_reference(rng, monkeypatch):
+    """decode + dot, and the Mosaic kernel's operand layout (the kernel itself needs an sm_90 GPU:
+    mocked by a decode of its operands, which checks the conversion end to end)."""
+    from permuquant_jax.kernels import nvfp4_matmul_mgpu as mg
+
     x = _acts(rng, 9, 384)
-    w = _weights(rng, 40, 384)
+    w = jax.jit(nvfp4.quantize)(jnp.asarray(rng.standard_normal((40, 384)) * 0.05, jnp.float32))  # as _weights
     bias = jnp.asarray(rng.standard_normal(40), jnp.float32)
-    xq = aq.quantize_act(x, interpret=True, block_m=16, block_k=128)
-    rows = aq.act_global_scale_rows(x)
-    xv = reference.block_values(xq).astype(jnp.float16)
+    xq, rows, xv = jax.jit(  # the reference quantizer: bit-exact with the kernel (tests above)
+        lambda x: (q := reference.quantize_act_ref(x), reference.row_global_scale(q, 9), reference.block_values(q))
+    )(x)
+    xv = xv.astype(jnp.float16)
+    wp = jax.jit(prepack)(w)
+    wm = jax.jit(mg.to_mosaic)(wp)
+    assert wm.codes.dtype == jnp.int4 and wm.codes.shape == (128, 384) and wm.scales.shape == (6, 128)
+    back_codes, back_scales, view, swapped = jax.jit(
+        lambda wm, c: (
+            mg.int4_to_codes(wm.codes),
+            mg.unpack_scale_words(wm.scales),
+            wm.codes.astype(jnp.int32) & 15,
+            mg.codes_to_int4(c, "high_first").astype(jnp.int32) & 15,
+        )
+    )(wm, wp.codes)
+    np.testing.assert_array_equal(back_codes, wp.codes)
+    np.testing.assert_array_equal(back_scales, wp.scales)
+    codes = np.asarray(jax.jit(nvfp4.unpack_codes)(wp.codes))
+    np.testing.assert_array_equal(view, codes)  # element [n, k] = code k of row n
+    np.testing.assert_array_equal(swapped, codes.reshape(128, -1, 2)[..., ::-1].reshape(128, -1))
+    word = np.asarray(wm.scales)[1, 3]  # groups 4..7 of row 3, group 4 in the low byte
+    assert [(int(word) >> (8 * i)) & 255 for i in range(4)] == list(np.asarray(wp.scales)[3, 4:8])
+    p = mg.plan(77, 384, wm, mg.MosaicConfig(block_m=128))
+    assert (p["mp"], p["np"], p["kp"], p["m_tiles"], p["n_tiles"], p["k_iters"]) == (128, 128, 384, 1, 1, 6)
+    calls = []
+
+    def fake_kernel(x, wm, xs, b, *, config, out_dtype):
+        calls.append(config)
+        back = dataclasses.replace(wp, codes=mg.int4_to_codes(wm.codes), scales=mg.unpack_scale_words(wm.scales))
+        return dispatch.dequant_dot(x, back, xs, b, out_dtype=out_dtype, decoder="bits")
+
+    monkeypatch.setattr(mg, "nvfp4_matmul_mosaic", fake_kernel)
+    real = dispatch.dequant_dot
+    monkeypatch.setattr(dispatch, "dequant_dot", lambda *a, **kw: real(*a, **{**kw, "decoder": "bits"}))
+    both = jax.jit(
+        lambda xin, xs, od: (
+            dispatch.dequant_dot(xin, wp, xs, bias, out_dtype=jnp.float32),
+            dispatch.mosaic_dot(xin, wp, xs, bias, out_dtype=od),
+        ),
+        static_argnums=2,
+    )
+    ref_fn = jax.jit(lambda xref: reference.nvfp4_matmul_ref(xref, w, bias))
     for xin, xs, xref in ((xv, rows, xq), (x, None, x)):
-        y = dispatch.dequant_dot(xin, prepack(w), xs, bias, out_dtype=jnp.float32, decoder="bits")
-        ref = np.asarray(reference.nvfp4_matmul_ref(xref, w, bias))
+        ref = np.asarray(ref_fn(xref))
+        y, y16 = both(xin, xs, jnp.bfloat16)
         assert np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref) <= 1e-5
+        assert y16.dtype == jnp.bfloat16 and _bf16_ok(y16, np.asarray(y), ref).all()
+    assert len(calls) == 2 and calls[0].block_m == 128
+    y, y32 = both(xv, rows, jnp.float32)  # fp32 out: decode + dot, no kernel
+    assert len(calls) == 2 and y32.dtype == jnp.float32
+    np.testing.assert_array_equal(y32, y)
+    with pytest.raises(ValueError, match="block_m must be"):
+        mg.MosaicConfig(block_m=100)
+    with pytest.raises(ValueError, match="canonical-layout"):
+        mg.to_mosaic(prepack(w, layout="chunk128"))
 
 
 def test_matmul_decode_exact_for_all_codes_and_scales():
@@ -311,8 +363,13 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
         calls.append(("act_quant", kw["block_m"]))
         return x.astype(jnp.float16)
 
+    def fake_mosaic(x, w, s, b, *, out_dtype):
+        calls.append(("mosaic", None))
+        return jnp.zeros((x.shape[0], w.n), out_dtype)
+
     monkeypatch.setattr(dispatch, "nvfp4_matmul", fake_matmul)
     monkeypatch.setattr(dispatch, "dequant_dot", fake_dqdot)
+    monkeypatch.setattr(dispatch, "mosaic_dot", fake_mosaic)
     monkeypatch.setattr(dispatch._aq, "act_quant", fake_act_quant)
     monkeypatch.setattr(dispatch, "device_class", lambda: dev_class)
     w = dispatch.prepack_weight(_weights(rng, 32, 64))
@@ -326,6 +383,14 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
             assert [c[0] for c in calls] == ([] if w4a16 else ["act_quant"]) + [want]
             if want == "triton":
                 assert calls[-1][1] == tuning.matmul_config(m, 32, 64)
+    monkeypatch.setenv(dispatch.ENV_GEMM, "mosaic")  # the override beats the table
+    calls.clear()
+    dispatch.nvfp4_linear(jnp.ones((8, 64), jnp.bfloat16), w, w4a16=True, backend="pallas")
+    assert calls == [("mosaic", None)]
+    monkeypatch.setenv(dispatch.ENV_GEMM, "cutlass")
+    with pytest.raises(ValueError, match="PERMUQUANT_GEMM_BACKEND='cutlass'"):
+        dispatch.nvfp4_linear(jnp.ones((8, 64), jnp.bfloat16), w, w4a16=True, backend="pallas")
+    monkeypatch.delenv(dispatch.ENV_GEMM)
     # device kinds -> classes (unknown Hopper/Ampere parts take the fallback; others get no Triton)
     assert tuning.device_class("NVIDIA H200", 9.0) == "h200"
     assert tuning.device_class("NVIDIA H100 80GB HBM3", 9.0) == "h100"
