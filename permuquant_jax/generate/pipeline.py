@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from permuquant_jax.models.flux import FluxConfig
+from permuquant_jax.models.frozen import frozen_jit
 
 DEV_MAX_SEQ_LEN = 512  # BFL's T5 length for FLUX.1-dev (guidance-distilled) ...
 SCHNELL_MAX_SEQ_LEN = 256  # ... and for FLUX.1-schnell
@@ -309,27 +310,27 @@ def schedule_options(scheduler_config: Path | None, config: FluxConfig | None) -
 # --------------------------------------------------------------------------- jitted pieces
 
 
-@nnx.jit
+@frozen_jit  # the encoders, the AE and the DiT are only read: no copy of their weights per call
 def _t5_forward(model: nnx.Module, ids: jax.Array) -> jax.Array:
     return model(ids).astype(jnp.float32)
 
 
-@nnx.jit
+@frozen_jit
 def _clip_pooled(model: nnx.Module, ids: jax.Array) -> jax.Array:
     return model(ids)[1].astype(jnp.float32)
 
 
-@nnx.jit
+@frozen_jit
 def _ae_decode(model: nnx.Module, z: jax.Array) -> jax.Array:
     return jnp.clip(model.decode(z).astype(jnp.float32), -1.0, 1.0)
 
 
-@nnx.jit(static_argnames=("tile",))
+@frozen_jit(static_argnames=("tile",))
 def _ae_decode_tiled(model: nnx.Module, z: jax.Array, tile: int) -> jax.Array:
     return jnp.clip(model.decode_tiled(z, tile=tile).astype(jnp.float32), -1.0, 1.0)
 
 
-@nnx.jit
+@frozen_jit
 def _denoise_cfg_loop(dit, img, img_ids, txt, txt_ids, y, txt_u, y_u, t_curr, dt, scale):
     """Euler steps with classifier-free guidance: the conditional and unconditional velocities in one
     DiT call on the doubled batch, ``v = v_u + scale * (v_c - v_u)``."""

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .frozen import frozen_jit
+
 LATENT_CHANNELS = 16
 PIXELS_PER_TOKEN = 16  # 8x autoencoder downscale, then 2x2 packing
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
@@ -167,7 +169,7 @@ def denoise(
     return _denoise_loop(dit, img.astype(jnp.float32), img_ids, txt, txt_ids, y, t_curr, dt, guidance)
 
 
-@nnx.jit
+@frozen_jit  # reads the DiT only: no second copy of its weights during sampling
 def _denoise_loop(dit, img, img_ids, txt, txt_ids, y, t_curr, dt, guidance):
     b = img.shape[0]
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from permuquant_jax.models.frozen import frozen_jit
 from permuquant_jax.quant.permute import DEFAULT_ALPHAS
 from permuquant_jax.quant.report import QuantReport
 from permuquant_jax.quant.sites import NormRef, Ref, Site
@@ -125,9 +126,10 @@ def load_text_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return txt, y
 
 
-@nnx.jit
+@frozen_jit
 def flux_forward(model: nnx.Module, batch: dict[str, Any]) -> jax.Array:
-    """`model(**batch)` under one module-level `nnx.jit`, so every caller shares its compilations."""
+    """`model(**batch)` under one module-level jit (every caller shares its compilations); the model is only
+    read, so its weights are not copied by the call (`models.frozen`)."""
     return model(**batch)
 
 
