@@ -42,5 +42,6 @@ def frozen_jit(
         graphdef, state = nnx.split(module)
         return pure(graphdef, state, *args, **kwargs)
 
+    wrapper.jitted = pure  # type: ignore[attr-defined]  # the jax.jit of (graphdef, state, *args)
     wrapper.lower = lambda module, *a, **k: pure.lower(*nnx.split(module), *a, **k)  # type: ignore[attr-defined]
     return wrapper
