@@ -81,11 +81,12 @@ def test_embedded_default_end_to_end(converted_tiny):
             assert meta["tensors"][f"{path}.{leaf}"]["shape"] == spec["stack"], (path, leaf)
     # nothing else was left beside DST
     assert [p.name for p in dst.parent.iterdir()] == ["flux-tiny-nvfp4"]
-    # the loaded model runs
+    # the loaded model runs, at the conversion's --resolution 64: its held-out pass compiled this forward
+    # (other grids: tests/test_flux_parity.py; exact equality after save/load: test_save_load_bit_identical)
     model = permuquant_jax.load(dst)
-    b = flux_calibration_batches(model, num_samples=1, num_steps=2, calib_steps=1, height=32, width=48)[0]
-    y = model(**b)
-    assert y.shape == (1, 6, 64) and bool(jnp.isfinite(y.astype(jnp.float32)).all())
+    b = flux_calibration_batches(model, num_samples=1, num_steps=1, height=64, width=64)[0]
+    y = flux_forward(model, b)
+    assert y.shape == (1, 16, 64) and bool(jnp.isfinite(y.astype(jnp.float32)).all())
 
 
 # permuquant runs in the embedded end-to-end test, plain hadamard in the library tests (CI time)
@@ -192,50 +193,19 @@ def test_failed_or_interrupted_save_leaves_no_output(tmp_path, monkeypatch, fail
 
 
 # ----------------------------------------------------------------------------- command-line errors
-# In subprocesses: the exit code, the single 'error:' line and the absence of a traceback are what a
-# user sees.
+# In a real process: the exit code, the single 'error:' line and the absence of a traceback are what a
+# user sees. The other bad inputs (bad SRC, DST, options, --calib files) are the door cases of
+# tests/test_hostile_convert.py, all run in one subprocess.
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
+def test_cli_error_is_one_line_without_traceback(tmp_path):
     good = tmp_path / "good.safetensors"
     save_file(tiny_tensors(1), str(good))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    vae = tmp_path / "vae.safetensors"
-    save_file({"encoder.conv_in.weight": np.zeros((128, 3, 3, 3), np.float32),
-               "decoder.conv_out.bias": np.zeros((3,), np.float32)}, str(vae))
-    a_file = tmp_path / "plainfile"
-    a_file.write_text("x")
-    existing = tmp_path / "exists"
-    existing.mkdir()
-    not_npz = tmp_path / "prompts.npz"
-    not_npz.write_text("not an npz")
-    narrow = tmp_path / "narrow.npz"
-    np.savez(narrow, txt=np.zeros((2, 8, 100), np.float32), y=np.zeros((2, 768), np.float32))
-
-    cases = [
-        ([str(truncated), "--out", str(tmp_path / "d1")], ("truncated.safetensors",), tmp_path / "d1"),
-        ([str(vae), "--out", str(tmp_path / "d2")], ("vae.safetensors",), tmp_path / "d2"),
-        ([str(good), "--out", str(a_file / "dst")], ("plainfile",), a_file / "dst"),
-        ([str(good), "--out", str(existing)], ("--overwrite",), None),
-        ([str(good), "--out", str(tmp_path / "d3"), "--format", "nvfp5"], ("nvfp5", "nvfp4"), tmp_path / "d3"),
-        ([str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "d4")], ("missing.safetensors",),
-         tmp_path / "d4"),
-        ([str(good), "--out", str(tmp_path / "d5"), "--calib", str(tmp_path / "none.npz")], ("none.npz",),
-         tmp_path / "d5"),
-        ([str(good), "--out", str(tmp_path / "d6"), "--calib", str(not_npz)], ("prompts.npz", "not a readable"),
-         tmp_path / "d6"),
-        ([str(good), "--out", str(tmp_path / "d7"), "--calib", str(narrow)], ("narrow.npz", "width 100", "4096"),
-         tmp_path / "d7"),
-    ]
-    for args, needles, dst in cases:
-        proc = _run_cli(args + FAST)
-        _assert_user_error(proc, *needles)
-        if dst is not None:
-            assert not dst.exists(), args
-    assert list(existing.iterdir()) == []
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("d")]
-    assert leftovers == []
+    proc = _run_cli([str(truncated), "--out", str(tmp_path / "d1"), *FAST])
+    _assert_user_error(proc, "truncated.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors", "truncated.safetensors"]
 
 
 def test_help_documents_every_option():

@@ -134,6 +134,11 @@ def _build_inputs(tmp: Path) -> dict[str, str]:
     obj = np.empty((2,), object)
     obj[:] = [1, "a"]
     (inp / "calib-dir.npz").mkdir()
+    good = src.read_bytes()
+    (inp / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    save_file({"encoder.conv_in.weight": z((128, 3, 3, 3), np.float32), "decoder.conv_out.bias": z((3,), np.float32)},
+              str(inp / "vae.safetensors"))
+    (out / "empty").mkdir()
     (inp / "text.npz").write_text("not an npz")
     paths = dict(
         tmp=str(tmp), src=str(src), indir=str(inp / "ckpt"), schnell=str(schnell), pipe=str(pipe),
@@ -151,6 +156,7 @@ def _build_inputs(tmp: Path) -> dict[str, str]:
         npz_narrow=_npz(inp / "narrow.npz", z((2, 8, 100), np.float32), z((2, 768), np.float32)),
         npz_huge=_npz(inp / "huge.npz", z((1, 8, 4096), np.float32), huge_y),
         npz_text=str(inp / "text.npz"), npz_dir=str(inp / "calib-dir.npz"),
+        truncated=str(inp / "truncated.safetensors"), vae=str(inp / "vae.safetensors"), empty=str(out / "empty"),
     )
     return paths
 
@@ -170,6 +176,12 @@ DOOR_CASES = [
      ["{foreign}", "not a permuquant-jax output", "permuquant.json"], None),
     ("exists-without-overwrite", [S, "--out", "{foreign}"], ["already exists", "--overwrite"], None),
     ("dst-parent-is-file", [S, "--out", "{file}/sub/dst"], ["{file} is a file"], "{file}/sub/dst"),
+    ("dst-parent-is-a-file", [S, "--out", "{file}/dst"], ["{file}"], "{file}/dst"),
+    ("exists-empty-without-overwrite", [S, "--out", "{empty}"], ["{empty}", "--overwrite"], None),
+    # SRC
+    ("src-missing", ["{tmp}/in/missing.safetensors", "--out", O], ["missing.safetensors"], O),
+    ("src-truncated", ["{truncated}", "--out", O], ["truncated.safetensors"], O),
+    ("src-not-flux", ["{vae}", "--out", O], ["vae.safetensors"], O),
     ("dst-parent-missing", [S, "--out", "{tmp}/out/nope/dst"], ["does not exist", "create it"],
      "{tmp}/out/nope"),
     ("no-out", [S], ["--out DST is required"], None),
@@ -437,8 +449,12 @@ SIGNAL_ARGS = ["--method", "rtn", "--calib-samples", "1", "--heldout-samples", "
 
 
 def _start(out: Path) -> subprocess.Popen:
+    # without the session's compilation cache: a signal must land in a real compile ("sigterm-compiling")
+    from conftest import uncached_env
+
     return subprocess.Popen([sys.executable, "-m", "permuquant_jax.convert", "--out", str(out), *SIGNAL_ARGS],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=uncached_env(_env()),
+                            cwd=REPO)
 
 
 @pytest.fixture(scope="module")
