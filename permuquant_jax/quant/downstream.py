@@ -540,16 +540,19 @@ def decide(
     progress: bool = False,
     schedule: str = "sequential",
     hadamard_sizes: bool = True,
+    hadamard_start: str = "none",
 ) -> dict[str, Any]:
     """Sequential downstream decisions (see the module docstring).
 
     hadamard: per linear (the block sizes its trial chooses among, 0 = none; the starting index).
     choose_hadamard: choose among them (method auto). hadamard_sizes: a linear with ONE block b > 0
     (PermuQuant-H) chooses among b, the other sizes aligned with the format's groups and its column
-    parts (`permute.aligned_hadamard_blocks`) and none, starting from b; each change is kept only if it
-    lowers the held-out error at `level` by more than `tau`. Returns {"chosen": {site: {layer: c}},
-    "info": {(site, layer): dict}, "hadamard": {path: block or None}, "amax": {path: [*stack]},
-    "hadamard_info": {path: dict}, "forwards": int, "seconds": float, "blocks": {path: block path}}."""
+    parts (`permute.aligned_hadamard_blocks`) and none, starting from no rotation (`hadamard_start`
+    "none": RTN is the reference, as for every other decision) or from b ("block": plain Hadamard is);
+    each change is kept only if it lowers the held-out error at `level` by more than `tau`.
+    Returns {"chosen": {site: {layer: c}}, "info": {(site, layer): dict}, "hadamard": {path: block or None},
+    "amax": {path: [*stack]}, "hadamard_info": {path: dict}, "forwards": int, "seconds": float,
+    "blocks": {path: block path}}."""
     t_start = timer()
     block_of = find_blocks(model, targets, blocks)
     refs_all = float_outputs(model, all_batches, forward)
@@ -573,7 +576,8 @@ def decide(
                 k = get_node(model, p).kernel.get_value().shape[-2]
                 cuts = [c for _, s, n in parts_of.get(p, []) for c in (s, s + n)]
                 sizes = aligned_hadamard_blocks(k, group, starts=cuts)
-                hadamard[p] = ((hb0[0], *(b for b in sizes if b != hb0[0]), 0), 0)
+                opts = (hb0[0], *(b for b in sizes if b != hb0[0]))
+                hadamard[p] = ((0, *opts), 0) if hadamard_start == "none" else ((*opts, 0), 0)
 
     def make_trial(p, lin):
         parts = []
