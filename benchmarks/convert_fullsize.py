@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--reserve-s", type=float, default=60.0,
                     help="seconds kept for the load + step child after the CLI (with --budget-s)")
     ap.add_argument("--calib-n", type=int, default=8, help="text embeddings in the --calib .npz")
+    ap.add_argument("--reuse-checkpoint", action="store_true",
+                    help="keep a checkpoint a previous run of this script left in --work (same config)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writer child
     args, cli_extra = ap.parse_known_args()
     out = Path(args.out)
@@ -227,12 +229,16 @@ def main() -> None:
         t_write = time.perf_counter() - t
         write_calib(calib, args.calib_n, txt_len, cfg.context_in_dim, cfg.vec_in_dim)
         info_file.write_text(json.dumps(dict(size=size, n_params=n_params, write_s=t_write, jax=jax.__version__,
+                                             config=cfg.to_dict(),
                                              device=str(jax.devices()[0].device_kind))))
         return
-    log("writing the checkpoint (child process) ...", out)
     t = time.perf_counter()
-    wr = subprocess.run([sys.executable, __file__, "--write-only", "--out", str(out), "--work", str(work),
-                         "--calib-n", str(args.calib_n)] + (["--small"] if args.small else []), cwd=REPO, env=env)
+    same = args.reuse_checkpoint and info_file.exists() and ckpt.exists() and calib.exists() and \
+        json.loads(info_file.read_text()).get("config") == json.loads(json.dumps(cfg.to_dict()))
+    log("reusing the checkpoint in " + str(work) if same else "writing the checkpoint (child process) ...", out)
+    writer = [sys.executable, __file__, "--write-only", "--out", str(out), "--work", str(work), "--calib-n",
+              str(args.calib_n)] + (["--small"] if args.small else [])
+    wr = subprocess.CompletedProcess([], 0) if same else subprocess.run(writer, cwd=REPO, env=env)
     if wr.returncode:
         raise SystemExit(f"checkpoint writer failed (exit {wr.returncode})")
     winfo = json.loads(info_file.read_text())
@@ -276,8 +282,10 @@ def main() -> None:
             ("exit", f"{rc}" + (f" (interrupted at the deadline in phase {tm.get('current', '?')})" if interrupted
                                 else "")),
             ("CLI wall", f"{t_cli:.1f} s")]
+    from permuquant_jax.convert.cli import PHASE_LABELS
+
     for k, v in tm.get("phases", {}).items():
-        rows.append((f"  {k}", f"{v:.1f} s"))
+        rows.append((f"  {PHASE_LABELS.get(k, k)}", f"{v:.1f} s"))
     rows += [("acceptance forwards", str(tm.get("forwards"))),
              ("calib / held-out batches", f"{tm.get('calib_batches')} / {tm.get('heldout_batches')}"),
              ("peak device (CLI)", f"{gib(tm.get('peak_device_bytes'))} of {gib(tm.get('device_bytes_limit'))}"),
