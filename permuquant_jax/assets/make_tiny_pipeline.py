@@ -1,12 +1,22 @@
-"""Write the embedded tiny text-to-image pipeline deterministically (the files people download, in miniature).
+"""Write the embedded tiny pipeline's text encoders and tokenizer deterministically (the files people
+download, in miniature).
 
-    python -m permuquant_jax.assets.make_tiny_pipeline [OUT_DIR]   (default: tiny_pipeline/ beside this file)
+    python -m permuquant_jax.assets.make_tiny_pipeline [OUT_DIR] [--random-models]
+    (default OUT_DIR: tiny_pipeline/ beside this file)
+
+The shipped DiT and autoencoder (``flux1-tiny.safetensors``, ``ae.safetensors``) are TRAINED, by
+``python -m permuquant_jax.train.tiny`` (its settings are in the DiT file's metadata, the command,
+times and losses in ``benchmarks/results/quality_tiny_train.md``); they read the encoders written
+here, so these must not change. ``--random-models`` also writes the random DiT and autoencoder that the
+embedded pipeline held before it was trained (same architectures), e.g. for tests that need them.
 
 Files, each in the layout of the real download:
-- ``flux1-tiny.safetensors``: a FLUX DiT in BFL's key layout (bf16; the ``FluxConfig.tiny()``
-  architecture with text widths matching the tiny encoders: ``context_in_dim`` 64, ``vec_in_dim`` 32);
-- ``ae.safetensors``: the autoencoder in BFL's ``ae.safetensors`` key layout (bf16 to stay small,
-  ``AutoEncoderConfig.tiny()``: 8x downscale, 16 latent channels);
+- ``flux1-tiny.safetensors`` (trained, or random with --random-models): a FLUX DiT in BFL's key layout
+  (bf16; the ``FluxConfig.tiny()`` architecture with text widths matching the tiny encoders:
+  ``context_in_dim`` 64, ``vec_in_dim`` 32);
+- ``ae.safetensors`` (trained, or random with --random-models): the autoencoder in BFL's
+  ``ae.safetensors`` key layout (bf16 to stay small, ``AutoEncoderConfig.tiny()``: 8x downscale, 16
+  latent channels);
 - ``clip_l.safetensors``: a CLIP text encoder as ComfyUI keeps it (``text_model.`` keys, fp16; width
   32 with 2 heads, stated in the metadata ``permuquant.clip_config``; the real 49408-token vocabulary, so
   it reads the shipped ``clip_tokenizer/``);
@@ -15,7 +25,7 @@ Files, each in the layout of the real download:
 - ``tokenizer_2/tokenizer.json``: a T5-style Unigram tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2,
   Metaspace, ``... </s>``) trained with the ``tokenizers`` library on the built-in prompt set.
 
-Weights are random (seeded numpy): matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm scales
+Written weights are random (seeded numpy): matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm scales
 ~ 1 + N(0, 0.1^2), embeddings ~ N(0, 1). The same seed always gives the same bytes (the Unigram
 scores are rounded to 6 decimals: the trainer's float sums vary in the last bits between runs).
 """
@@ -219,18 +229,20 @@ def builtin_prompts() -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def write_tiny_pipeline(out: str | Path, seed: int = SEED) -> Path:
-    """Write every file of the embedded pipeline into ``out`` and return it."""
+def write_tiny_pipeline(out: str | Path, seed: int = SEED, *, random_models: bool = False) -> Path:
+    """Write the embedded pipeline's encoders and T5 tokenizer into ``out`` (with ``random_models`` also
+    a random DiT and autoencoder; the shipped ones are trained: ``permuquant_jax.train.tiny``); returns it."""
     out = Path(out)
     (out / T5_TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     tok_json = train_t5_tokenizer(builtin_prompts())
     (out / T5_TOKENIZER_DIR / "tokenizer.json").write_text(tok_json + "\n", encoding="utf-8")
     vocab = len(json.loads(tok_json)["model"]["vocab"])
 
-    cfg = tiny_dit_config()
-    meta = {CONFIG_METADATA_KEY: json.dumps({**cfg.to_dict(), "seed": seed}, sort_keys=True)}
-    save_file(tiny_tensors(seed, cfg), str(out / DIT_FILE), metadata=meta)
-    save_file(ae_tensors(seed + 3), str(out / AE_FILE))
+    if random_models:
+        cfg = tiny_dit_config()
+        meta = {CONFIG_METADATA_KEY: json.dumps({**cfg.to_dict(), "seed": seed}, sort_keys=True)}
+        save_file(tiny_tensors(seed, cfg), str(out / DIT_FILE), metadata=meta)
+        save_file(ae_tensors(seed + 3), str(out / AE_FILE))
     # CLIP's head count cannot be read off the shapes (width 32 is not a multiple of 64): say it.
     clip_meta = {CLIP_CONFIG_METADATA_KEY: json.dumps(
         dict(vocab_size=CLIP_VOCAB, hidden=TINY_CLIP["hidden"], heads=TINY_CLIP["heads"], layers=TINY_CLIP["layers"],
@@ -241,8 +253,9 @@ def write_tiny_pipeline(out: str | Path, seed: int = SEED) -> Path:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("tiny_pipeline")
-    d = write_tiny_pipeline(target)
+    args = [a for a in sys.argv[1:] if a != "--random-models"]
+    target = Path(args[0]) if args else Path(__file__).with_name("tiny_pipeline")
+    d = write_tiny_pipeline(target, random_models="--random-models" in sys.argv[1:])
     for p in sorted(d.rglob("*")):
         if p.is_file():
             print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
