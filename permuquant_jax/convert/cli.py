@@ -352,6 +352,9 @@ class PhaseClock:
     def enter(self, phase: str) -> None:
         now = time.perf_counter()
         self.phases[self.current] = round(self.phases.get(self.current, 0.0) + now - self.t_phase, 3)
+        peak = _device_memory().get("peak_device_bytes")
+        if peak is not None:  # the high-water mark when the phase ended (it includes earlier phases)
+            self.extra.setdefault("peak_device_bytes_after", {})[self.current] = peak
         self.current, self.t_phase = phase, now
         self.write()
 
@@ -642,6 +645,7 @@ def run(args: argparse.Namespace) -> int:
         clock.extra.update(forwards=report.config.get("downstream", {}).get("forwards"),
                            accept=accept, schedule=schedule, calib_batches=len(batches),
                            heldout_batches=len(heldout), n_params=n_params)
+        clock.write()
         err = _rel_err(model, heldout, refs) if heldout else None
         if src_sha is None:
             _enter("hashing source")
