@@ -101,7 +101,9 @@ def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[
 
 
 # Mosaic GPU kernel (kernels/nvfp4_matmul_mgpu.py): the int4 nibble order XLA hands it (found by
-# tests/gpu/check_mosaic.py's probe) and the tiles per M.
+# tests/gpu/check_mosaic.py's probe on the H200) and the tiles per M. No table row picks "mosaic": the
+# correct (serial) kernel was checked but not timed (benchmarks/results/gemm_mosaic_h200.md; the
+# earlier, racy pipeline ran 4096 x 3072 x 9216 W4A4 in 445 us vs 531 us decode+cuBLAS, 417 us bf16).
 MOSAIC_NIBBLE_ORDER = "low_first"
 MOSAIC_SMALL_M = 1024  # up to here 128-token tiles (more CTAs), above 256
 
