@@ -63,7 +63,9 @@ class MosaicConfig:
     decode: str = "ptx"  # "ptx": inline prmt; "arith": the same bits with plain integer ops
     # "serial": decode, wgmma, wait, per step (the two consumer warpgroups overlap each other);
     # "ahead": decode the next tile while the wgmma runs (wrong results on the H200, 2026-12-01: the
-    # register A operand of an in-flight wgmma is not protected from reuse; kept for diagnosis)
+    # register A operand of an in-flight wgmma is not protected from reuse; kept for diagnosis);
+    # "fenced": "ahead" with the A registers kept live past the wgmma wait by an optimization
+    # barrier (the fix for "ahead"; lowered on the CPU, not yet run on a GPU)
     pipeline: str = "serial"
 
     def __post_init__(self):
@@ -75,8 +77,8 @@ class MosaicConfig:
             raise ValueError(f"stages must be >= 2 (a ring of buffers), found {self.stages}")
         if self.decode not in ("ptx", "arith"):
             raise ValueError(f"decode must be 'ptx' or 'arith', found {self.decode!r}")
-        if self.pipeline not in ("serial", "ahead"):
-            raise ValueError(f"pipeline must be 'serial' or 'ahead', found {self.pipeline!r}")
+        if self.pipeline not in ("serial", "ahead", "fenced"):
+            raise ValueError(f"pipeline must be 'serial', 'ahead' or 'fenced', found {self.pipeline!r}")
 
 
 @functools.partial(
@@ -400,6 +402,8 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
 
                     w_next = lax.cond(ki + 1 < k_iters, next_tile, lambda: w_cur)
                     plgpu.wgmma_wait(0)
+                    if config.pipeline == "fenced":  # w_cur's registers stay live (unreused) until here
+                        _, w_next = lax.optimization_barrier((w_cur, w_next))
                     plgpu.barrier_arrive(x_free.at[si])
                     return w_next
 

@@ -10,7 +10,8 @@
    the same error of decode + cuBLAS (`dispatch.dequant_dot`, identical numerics); both outputs bf16.
 3. Times at the FLUX shapes (medians of back-to-back calls inside one jit over distinct input copies):
    cuBLAS bf16, decode + cuBLAS W4A4 / W4A16 (GEMM only, as the dispatch runs it today), Mosaic W4A4 /
-   W4A16 (two tile configs), Mosaic including the per-call layout conversion (`to_mosaic`).
+   W4A16 (256- and 128-token tiles, and the "fenced" pipeline that decodes the next tile during the
+   wgmma), Mosaic including the per-call layout conversion (`to_mosaic`).
 Stops starting new work after --budget-s seconds. Prints a table last; writes $OUT/check_mosaic.json.
 `--cpu-smoke` (CPU, tiny shapes): lowers every Mosaic call for the cuda platform instead of running it
 and runs the rest with the reference, to test this script before a GPU run.
@@ -57,6 +58,8 @@ CONFIGS = {
     "bm128": mg.MosaicConfig(block_m=128, block_k=64, stages=4),
     # diagnostic: decode the next tile while the wgmma runs (run 1 of 2026-12-01: NaNs)
     "bm128ahead": mg.MosaicConfig(block_m=128, block_k=64, stages=4, pipeline="ahead"),
+    # the same with the A registers kept live past the wait (not yet run on a GPU)
+    "bm256fenced": mg.MosaicConfig(block_m=256, block_k=64, stages=4, pipeline="fenced"),
 }
 OUT = os.environ.get("OUT")
 LOG: dict = {"meta": {}, "nibble": {}, "checks": [], "times": [], "errors": []}
@@ -304,6 +307,8 @@ def table() -> str:
         "mg_bm256_w4a16",
         "mg_bm128_w4a4",
         "mg_bm128_w4a16",
+        "mg_bm256fenced_w4a4",
+        "mg_bm256fenced_w4a16",
         "mg_bm256_w4a4_with_convert",
     ]
     lines = ["| shape (M x K x N), us (x cuBLAS bf16) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -353,10 +358,11 @@ def main() -> None:
         try:
             progress(f"{kind} {name}")
             if kind == "odd":
-                cfgs = ("bm128", "bm256", "bm128ahead") if name == "M=1000" else ("bm128", "bm256")
+                cfgs = ("bm128", "bm256", "bm128ahead", "bm256fenced") if name == "M=1000" else ("bm128", "bm256")
                 check_shape(name, m, k, n, nibble, smoke, heavy=(name == "M=77"), configs=cfgs)
                 continue
-            c = check_shape(name, m, k, n, nibble, smoke, configs=("bm256", "bm128") if m <= 1024 else ("bm256",))
+            cfgs = ("bm256", "bm256fenced", "bm128") if m <= 1024 else ("bm256", "bm256fenced")
+            c = check_shape(name, m, k, n, nibble, smoke, configs=cfgs)
             time_shape(name, m, k, n, c, smoke, first=(i == 0))
             del c
         except Exception as ex:  # noqa: BLE001
