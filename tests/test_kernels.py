@@ -3,8 +3,9 @@
 Activation quantization bit-exact (codes, scales, fp16 values), with gather, static / dynamic /
 per-row global scales, K not a multiple of the tile, M = 1 and odd M; with a block Hadamard equal up
 to the rotation's float32 summation order. Matmul (W4A16, W4A4) within float32 summation-order
-differences; bf16 output within one bf16 ulp. Prepacked layouts round-trip losslessly. Dispatch
-picks backends, checks inputs, and its scaled_matmul path is wired like the reference.
+differences; bf16 output within one bf16 ulp. Prepacked layouts round-trip losslessly, and so does the
+Mosaic GPU kernel's operand layout (the kernel has no CPU mode: it is mocked). Dispatch picks backends,
+checks inputs, and its scaled_matmul path is wired like the reference.
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def test_dequant_dot_and_mosaic_layout_match_reference(rng, monkeypatch):
     np.testing.assert_array_equal(y32, y)
     with pytest.raises(ValueError, match="block_m must be"):
         mg.MosaicConfig(block_m=100)
+    with pytest.raises(ValueError, match="pipeline must be"):
+        mg.MosaicConfig(pipeline="async")
     with pytest.raises(ValueError, match="canonical-layout"):
         mg.to_mosaic(prepack(w, layout="chunk128"))
 
