@@ -81,8 +81,8 @@ def test_embedded_default_end_to_end(converted_tiny):
             assert meta["tensors"][f"{path}.{leaf}"]["shape"] == spec["stack"], (path, leaf)
     # nothing else was left beside DST
     assert [p.name for p in dst.parent.iterdir()] == ["flux-tiny-nvfp4"]
-    # the loaded model runs, at the conversion's --resolution 64: its held-out pass compiled this forward
-    # (other grids: tests/test_flux_parity.py; exact equality after save/load: test_save_load_bit_identical)
+    # the loaded model runs: one jitted forward (a sampling loop and an eager call cost 2.4x the CPU time);
+    # other grids: tests/test_flux_parity.py; exact equality after save/load: test_save_load_bit_identical
     model = permuquant_jax.load(dst)
     b = flux_calibration_batches(model, num_samples=1, num_steps=1, height=64, width=64)[0]
     y = flux_forward(model, b)
