@@ -34,7 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     cache = os.environ.get(_CACHE_OWNER)
     if cache is None or not Path(cache).is_dir():
-        cache = tempfile.mkdtemp(prefix="permuquant-test-jax-cache-")
+        _remove_stale_caches()
+        cache = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
         os.environ[_CACHE_OWNER] = cache
         config.stash[_cache_key] = cache  # this process removes it
     os.environ.update({k: v or cache for k, v in CACHE_ENV.items()})
@@ -52,6 +53,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _cache_key = pytest.StashKey[str]()
+_CACHE_PREFIX = "permuquant-test-jax-cache-"
+
+
+def _remove_stale_caches() -> None:
+    """Remove the caches of test sessions that were killed (no pytest_unconfigure): their pid is gone."""
+    for d in Path(tempfile.gettempdir()).glob(f"{_CACHE_PREFIX}*-*"):
+        pid = d.name[len(_CACHE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def uncached_env(env: dict[str, str]) -> dict[str, str]:
