@@ -325,12 +325,13 @@ def _quant_error_jit(x_c, x_h, w, perm, smooth, *, fmt_name: str, hadamard: int)
     return jnp.sum(d * d) / jnp.maximum(jnp.sum(ref * ref), 1e-30)
 
 
-MINILM_TAU = [0.0]  # --tau
+MINILM_TAU: list[float | None] = [None]  # --tau (None: the library's default)
 
 
 def _choose(x_c, x_a, w, fmt, method):
     """The per-layer choice of `quant.choose_for_layer`: chosen on `x_c`, validated on `x_a` (other sentences)."""
-    return quant.choose_for_layer(x_c, w, format=fmt, method=method, x_accept=x_a, tau=MINILM_TAU[0])
+    kw = {} if MINILM_TAU[0] is None else {"tau": MINILM_TAU[0]}
+    return quant.choose_for_layer(x_c, w, format=fmt, method=method, x_accept=x_a, **kw)
 
 
 def _won(labels: Sequence[str]) -> str:
@@ -531,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "methods_real.md"))
     ap.add_argument("--note", default="", help="a line for the results file (e.g. which quant code ran)")
     ap.add_argument("--json", default=None, help="also write every row (per-block / per-layer errors) as JSON")
-    ap.add_argument("--tau", type=float, default=0.0, help="MiniLM: per-layer acceptance threshold")
+    ap.add_argument("--tau", type=float, default=None,
+                    help="MiniLM: per-layer acceptance threshold (default: quant.permute.LAYER_TAU)")
     args = ap.parse_args(argv)
     MINILM_TAU[0] = args.tau
     methods = [m for m in args.methods.split(",") if m]

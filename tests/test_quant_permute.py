@@ -114,10 +114,10 @@ def test_choose_for_layer_never_raises_error_and_is_deterministic():
     rng = np.random.default_rng()
     x = rng.standard_normal((256, 128)).astype(np.float32)
     w = rng.standard_normal((32, 128)).astype(np.float32)
-    perm, rep = choose_for_layer(x, w)
+    perm, rep = choose_for_layer(x, w, tau=0.0)
     assert rep["error_chosen"] <= rep["error_identity"]
     assert all(c["error"] >= rep["error_chosen"] for c in rep["candidates"])
-    perm2, rep2 = choose_for_layer(x, w)
+    perm2, rep2 = choose_for_layer(x, w, tau=0.0)
     assert (perm is None and perm2 is None) or np.array_equal(perm, perm2)
     assert rep == rep2
     # a threshold above every gain keeps the identity
@@ -125,7 +125,8 @@ def test_choose_for_layer_never_raises_error_and_is_deterministic():
     assert perm3 is None and not rep3["accepted"]
     # validated on other samples: kept only if it beats RTN there; the rotation size is part of the choice
     xa = rng.standard_normal((256, 128)).astype(np.float32) * np.linspace(0.2, 3.0, 128, dtype=np.float32)
-    p4, rep4 = choose_for_layer(x * xa.std(0), w, method="permuquant-h", x_accept=xa, hadamard_blocks=(16,))
+    p4, rep4 = choose_for_layer(x * xa.std(0), w, method="permuquant-h", x_accept=xa, hadamard_blocks=(16,),
+                                tau=0.0)
     assert rep4["candidates"][0]["label"] == "identity" and rep4["hadamard_block"] in (None, 16)
     assert rep4["heldout_chosen"] <= rep4["heldout_identity"]
     assert rep4["accepted"] == (rep4["heldout_chosen"] < rep4["heldout_identity"])
