@@ -1,0 +1,421 @@
+"""Picture quality of the quantization methods on the trained tiny FLUX pipeline (the embedded default).
+
+    python benchmarks/quality_tiny.py [--quick] [--methods rtn,...] [--formats nvfp4,...] \
+        [--out benchmarks/results/quality_tiny.md] [--grid benchmarks/results/quality_tiny.png]
+
+The embedded pipeline (``permuquant_jax/train/tiny.py``: a ``FluxConfig.tiny()`` DiT and the tiny FLUX
+autoencoder trained on 64x64 captioned scenes of coloured shapes) generates fixed prompts from fixed
+seeds with its bf16 DiT: the reference pictures. Each method x format quantizes a copy of that DiT
+with the library's ``quantize_flux`` (defaults: model-level acceptance; Hadamard block 64; embedders
+and the final projection kept bf16), calibrated on the DiT inputs along sampling trajectories of
+training captions that are not among the evaluated prompts, then generates the same prompts from the
+same noise (classifier-free guidance at the pipeline's default scale, the pipeline's default steps).
+
+Columns, all against the bf16 pictures of the same prompt and seed:
+- PSNR (dB, uint8 pixels, peak 255) and SSIM (``skimage.metrics.structural_similarity``, RGB), mean
+  over the pictures;
+- latent err: relative L2 error of the final (packed) latents, over all pictures;
+- layer err mean / worst: each quantized linear run on the bf16 model's input to it
+  (``quant.downstream.block_errors`` with the linears as blocks; held-out trajectories of other
+  prompts and seeds), relative squared output error; mean over linears (stacked layers counted one by
+  one) and the worst one;
+- colour / shape: the semantic check. A classifier trained on the scene renderer's pictures (the
+  generator's training distribution: ``train.data``; colour from the foreground's mean RGB, shape from
+  the foreground's fill ratio and its 16x16 resampled mask, scikit-learn logistic regressions) reads
+  the pictures of the single-shape prompts ("a red circle"); accuracy against the prompt. The bf16 row
+  is the float model's own score (its errors are the model's, not the quantizer's);
+- agree: fraction of those pictures where the classifier's (colour, shape) equals its reading of the
+  bf16 picture;
+- accepted: permutation sites accepted / sites; time: wall seconds of ``quantize_flux``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+
+from permuquant_jax import quant  # noqa: E402
+from permuquant_jax.generate.pipeline import FluxPipeline, to_uint8  # noqa: E402
+from permuquant_jax.train import data as D  # noqa: E402
+
+FORMATS = ("nvfp4", "nvfp4-w4a16", "int4-g64", "int3-g64-w3a3")
+METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+FORMAT_LABELS = {"nvfp4": "NVFP4 W4A4", "nvfp4-w4a16": "NVFP4 W4A16", "int4-g64": "INT4-g64 W4A4",
+                 "int3-g64-w3a3": "INT3-g64 W3A3"}
+HADAMARD_BLOCK = 64
+SINGLE = [f"a {c} {s}" for c in D.COLOURS for s in D.SHAPES]
+OTHER = ["a red circle above a blue square", "a green triangle to the left of a yellow circle",
+         "a blue square below a red triangle", "a yellow square to the right of a green circle",
+         "two red circles", "three blue triangles", "a big green square", "a small yellow triangle"]
+_SINGLE_RE = re.compile(r"^a (\w+) (\w+)$")
+
+
+# ---------------------------------------------------------------------------------------------- semantic check
+
+
+def foreground(img: np.ndarray, threshold: float = 60.0) -> np.ndarray:
+    """Pixels far (L1 over RGB) from the scenes' background colour."""
+    return np.abs(img.astype(np.float32) - np.asarray(D.BACKGROUND, np.float32)).sum(-1) > threshold
+
+
+def features(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(colour features: mean foreground RGB / 255, shape features: fill ratio of the foreground's
+    bounding box, its aspect ratio and its 16x16 resampled mask) of a uint8 picture."""
+    from PIL import Image
+
+    m = foreground(img)
+    if m.sum() < 4:
+        return np.zeros(3, np.float32), np.zeros(2 + 256, np.float32)
+    ys, xs = np.nonzero(m)
+    crop = m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    fill = crop.mean()
+    aspect = crop.shape[1] / crop.shape[0]
+    small = np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize((16, 16), Image.BILINEAR), np.float32)
+    colour = img[m].astype(np.float32).mean(0) / 255.0
+    return colour, np.concatenate([[fill, aspect], small.ravel() / 255.0]).astype(np.float32)
+
+
+class SceneClassifier:
+    """Colour and shape of a single-shape picture, learned from the scene renderer's pictures."""
+
+    def __init__(self, size: int, num: int = 1500, seed: int = 12345):
+        from sklearn.linear_model import LogisticRegression
+
+        images, captions, _ = D.make_dataset(num, seed=seed, size=size)
+        keep = [i for i, c in enumerate(captions) if _SINGLE_RE.match(c)]
+        labels = [_SINGLE_RE.match(captions[i]).groups() for i in keep]
+        feats = [features(images[i]) for i in keep]
+        cut = int(0.8 * len(keep))
+        xc, xs = np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats])
+        yc, ys = np.array([lab[0] for lab in labels]), np.array([lab[1] for lab in labels])
+        self.colour = LogisticRegression(max_iter=2000).fit(xc[:cut], yc[:cut])
+        self.shape = LogisticRegression(max_iter=2000, C=1.0).fit(xs[:cut], ys[:cut])
+        self.heldout = (float(self.colour.score(xc[cut:], yc[cut:])), float(self.shape.score(xs[cut:], ys[cut:])))
+        self.n_train = cut
+
+    def predict(self, images: np.ndarray) -> list[tuple[str, str]]:
+        feats = [features(im) for im in images]
+        c = self.colour.predict(np.stack([f[0] for f in feats]))
+        s = self.shape.predict(np.stack([f[1] for f in feats]))
+        return list(zip(c.tolist(), s.tolist(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def psnr_ssim(images: np.ndarray, refs: np.ndarray) -> tuple[float, float]:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    p, s = [], []
+    for a, b in zip(images, refs, strict=True):
+        p.append(min(peak_signal_noise_ratio(b, a, data_range=255), 100.0) if not np.array_equal(a, b) else 100.0)
+        s.append(structural_similarity(b, a, channel_axis=-1, data_range=255))
+    return float(np.mean(p)), float(np.mean(s))
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def layer_errors(ref: nnx.Module, q: nnx.Module, layers: Sequence[str], batches) -> dict[str, float]:
+    """Relative squared output error of each quantized linear on the float model's inputs to it (stacked
+    layers one by one: ``name[i]``)."""
+    from permuquant_jax.quant.downstream import block_errors
+
+    errs = block_errors(ref, q, batches, blocks=list(layers))
+    out = {}
+    for name, v in errs.items():
+        v = np.atleast_1d(np.asarray(v, np.float64))
+        for i, e in enumerate(v.ravel()):
+            out[f"{name}[{i}]" if v.size > 1 else name] = float(e)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+
+
+class Bench:
+    """The embedded pipeline, its prompts' embeddings and noise, the bf16 references and calibration data."""
+
+    def __init__(self, quick: bool, seeds: int, log, pipeline: str | None = None, steps: int | None = None,
+                 accept: str | None = None):
+        self.quick, self.accept = quick, accept
+        t0 = self.t0 = time.time()
+        if pipeline is None:
+            self.pipe = FluxPipeline.embedded(dtype=jnp.bfloat16)
+        else:  # a folder in the embedded layout (e.g. the output of python -m permuquant_jax.train.tiny)
+            d = Path(pipeline)
+            self.pipe = FluxPipeline.from_pretrained(d / "flux1-tiny.safetensors", ae=d / "ae.safetensors",
+                                                     clip=d / "clip_l.safetensors", t5=d / "t5xxl_fp16.safetensors",
+                                                     tokenizers=d, dtype=jnp.bfloat16)
+        p = self.pipe
+        self.size, self.steps, self.cfg = p.default_size(), steps or p.default_steps(), p.default_guidance()
+        single = SINGLE[::6] if quick else SINGLE
+        self.prompts = [s for s in single for _ in range(seeds)] + (OTHER[:1] if quick else OTHER)
+        self.seeds = [1000 + i for i in range(len(self.prompts))]
+        self.n_single = len(single) * seeds
+        txt, txt_ids, y = p.encode_prompts(self.prompts)
+        self.text = (txt, txt_ids, y)
+        self.noise = p.noise(self.seeds, self.size, self.size)
+        p.unconditional(len(self.prompts))
+        self.dit = p.dit
+        self.ref_latents, self.ref_images = self.generate(self.dit)
+        # Calibration / held-out text: training captions that are not evaluated (seeded choice).
+        rng = np.random.default_rng(7)
+        pool = [c for c in D.all_captions() if c not in set(self.prompts)]
+        pick = rng.permutation(len(pool))
+        n_cal, n_held = (2, 1) if quick else (16, 8)
+        calib_caps = [pool[i] for i in pick[:n_cal]]
+        held_caps = [pool[i] for i in pick[n_cal : n_cal + n_held]]
+        ct, _, cy = p.encode_prompts(calib_caps)
+        ht, _, hy = p.encode_prompts(held_caps)
+        common = dict(num_steps=self.steps, height=self.size, width=self.size, txt_len=p.max_seq_len)
+        k = 2 if quick else 6
+        self.calib = quant.flux_calibration_batches(self.dit, text=(np.asarray(ct), np.asarray(cy)),
+                                                    num_samples=n_cal, calib_steps=k, seed=1, batch_size=n_cal,
+                                                    **common)
+        self.held = quant.flux_calibration_batches(self.dit, text=(np.asarray(ht), np.asarray(hy)),
+                                                   num_samples=n_held, calib_steps=k, seed=2, batch_size=n_held,
+                                                   **common)
+        self.calib_captions, self.held_captions = calib_caps, held_caps
+        self.classifier = SceneClassifier(self.size, num=600 if quick else 1500)
+        self.ref_pred = self.classifier.predict(self.ref_images[: self.n_single])
+        log(f"bf16 references: {len(self.prompts)} pictures {self.size}x{self.size}, {self.steps} steps, cfg "
+            f"{self.cfg:g}; {len(self.calib)} calibration / {len(self.held)} held-out batches; classifier "
+            f"held-out accuracy colour {self.classifier.heldout[0]:.3f} shape {self.classifier.heldout[1]:.3f} "
+            f"({time.time() - t0:.0f} s)")
+
+    def setup(self) -> dict:
+        """What the table's header says about this run (JSON-able)."""
+        return dict(pictures=len(self.prompts), n_single=self.n_single, size=self.size, steps=self.steps,
+                    cfg=self.cfg, accept=self.accept, seeds=f"{self.seeds[0]}..{self.seeds[-1]}",
+                    calib=len(self.calib), calib_captions=len(self.calib_captions), held=len(self.held),
+                    held_captions=len(self.held_captions), clf_train=self.classifier.n_train,
+                    clf_heldout=list(self.classifier.heldout), wall_s=time.time() - self.t0)
+
+    def generate(self, dit: nnx.Module) -> tuple[np.ndarray, np.ndarray]:
+        p = self.pipe
+        gen = FluxPipeline(dit=dit, t5=p.t5, clip=p.clip, ae=p.ae, t5_tokenizer=p.t5_tokenizer,
+                           clip_tokenizer=p.clip_tokenizer, dit_config=p.dit_config, schedule=p.schedule,
+                           trained=p.trained)
+        gen._uncond = p.unconditional()  # the same empty-prompt embeddings (no second encoder run)
+        txt, txt_ids, y = self.text
+        lat = gen.sample(txt, txt_ids, y, self.noise, steps=self.steps, guidance=self.cfg)
+        images = to_uint8(gen.decode(lat, self.size, self.size))
+        return np.asarray(lat, np.float32), images
+
+    def semantic(self, images: np.ndarray) -> tuple[float, float, float]:
+        pred = self.classifier.predict(images[: self.n_single])
+        truth = [_SINGLE_RE.match(p).groups() for p in self.prompts[: self.n_single]]
+        colour = float(np.mean([a[0] == t[0] for a, t in zip(pred, truth, strict=True)]))
+        shape = float(np.mean([a[1] == t[1] for a, t in zip(pred, truth, strict=True)]))
+        agree = float(np.mean([a == r for a, r in zip(pred, self.ref_pred, strict=True)]))
+        return colour, shape, agree
+
+    def reference_row(self) -> dict:
+        colour, shape, agree = self.semantic(self.ref_images)
+        return dict(format="bf16", method="bf16", psnr=float("inf"), ssim=1.0, latent_err=0.0, layer_mean=0.0,
+                    layer_worst=0.0, worst_layer="", colour=colour, shape=shape, agree=agree, accepted="",
+                    time=0.0)
+
+    def row(self, fmt: str, method: str) -> tuple[dict, np.ndarray]:
+        q = nnx.clone(self.dit)
+        t0 = time.time()
+        q, rep = quant.quantize_flux(q, self.calib, method=method, format=fmt, hadamard_block=HADAMARD_BLOCK,
+                                     progress=False, accept=self.accept)
+        wall = time.time() - t0
+        lat, images = self.generate(q)
+        ps, ss = psnr_ssim(images, self.ref_images)
+        lerr = layer_errors(self.dit, q, list(rep.layers), self.held)
+        worst = max(lerr, key=lerr.get)
+        colour, shape, agree = self.semantic(images)
+        return dict(format=fmt, method=method, psnr=ps, ssim=ss, latent_err=rel_l2(lat, self.ref_latents),
+                    layer_mean=float(np.mean(list(lerr.values()))), layer_worst=lerr[worst], worst_layer=worst,
+                    colour=colour, shape=shape, agree=agree, accepted=f"{rep.n_accepted}/{rep.n_sites}",
+                    time=wall, layers=lerr), images
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def write_grid(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) -> None:
+    """Labelled picture grid: one row per (label, uint8 images [N, H, W, 3])."""
+    from PIL import Image, ImageDraw
+
+    n, h, w = rows[0][1].shape[:3]
+    label_w, pad = 150, 2
+    grid = Image.new("RGB", (label_w + n * (w * scale + pad), len(rows) * (h * scale + pad)), "white")
+    d = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y0 = r * (h * scale + pad)
+        d.text((4, y0 + h * scale // 2 - 6), label, fill="black")
+        for c, img in enumerate(images):
+            grid.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST),
+                       (label_w + c * (w * scale + pad), y0))
+    grid.save(path)
+
+
+def _f(v: float, nd: int = 4) -> str:
+    return "inf" if v == float("inf") else f"{v:.{nd}f}"
+
+
+def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None, note: str = "") -> str:
+    lines = [
+        "# Picture quality of the quantization methods on the trained tiny FLUX pipeline", "",
+        f"Command: `{cmd}`  ",
+        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+        + (f", {wall / 60:.1f} min wall" if wall else "") + f". Machine: {platform.machine()} {platform.system()}, "
+        f"JAX {jax.__version__} on {jax.default_backend()}.  ",
+        f"Pictures: {b['pictures']} ({b['n_single']} of single-shape prompts, the rest relations / counts / sizes), "
+        f"{b['size']}x{b['size']}, {b['steps']} Euler steps, classifier-free guidance {b['cfg']:g}, acceptance "
+        f"{b['accept'] or 'library default'}, seeds {b['seeds']}. Calibration: {b['calib']} batches "
+        f"({b['calib_captions']} training captions not evaluated, one trajectory each); layer errors on "
+        f"{b['held']} held-out batches of {b['held_captions']} other captions. Semantic classifier: "
+        f"{b['clf_train']} rendered scenes, held-out accuracy colour {b['clf_heldout'][0]:.3f}, shape "
+        f"{b['clf_heldout'][1]:.3f}.  ",
+        "Columns: see the docstring of `benchmarks/quality_tiny.py`." + (f" Picture grid: `{grid}`." if grid else ""),
+        *([f"  \n{note}"] if note else []),
+        "",
+        "| format | method | PSNR (dB) | SSIM | latent err | layer err mean | worst (layer) | colour | shape | "
+        "agree | accepted | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {FORMAT_LABELS.get(r['format'], r['format'])} | {r['method']} | {_f(r['psnr'], 2)} "
+            f"| {_f(r['ssim'], 3)} "
+            f"| {_f(r['latent_err'])} | {_f(r['layer_mean'])} | {_f(r['layer_worst'])}"
+            f"{' (' + r['worst_layer'] + ')' if r['worst_layer'] else ''} | {r['colour']:.2f} | {r['shape']:.2f} "
+            f"| {r['agree']:.2f} | {r['accepted']} | {r['time']:.1f} |")
+    lines += ["", "PermuQuant / PermuQuant-H vs RTN (PSNR, latent err, layer err mean; better = higher / lower / "
+              "lower):", ""]
+    by = {(r["format"], r["method"]): r for r in rows}
+    for fmt in dict.fromkeys(r["format"] for r in rows if r["format"] != "bf16"):
+        rtn = by.get((fmt, "rtn"))
+        if rtn is None:
+            continue
+        for m in ("permuquant", "permuquant-h"):
+            r = by.get((fmt, m))
+            if r is None:
+                continue
+            wins = [r["psnr"] > rtn["psnr"], r["latent_err"] < rtn["latent_err"], r["layer_mean"] < rtn["layer_mean"]]
+            verdict = "beats RTN on all three" if all(wins) else (
+                "worse than RTN on all three" if not any(wins) else "mixed: better on " + ", ".join(
+                    n for n, w in zip(("PSNR", "latent err", "layer err"), wins, strict=True) if w))
+            lines.append(f"- {FORMAT_LABELS.get(fmt, fmt)} {m}: PSNR {r['psnr']:.2f} vs {rtn['psnr']:.2f}, latent "
+                         f"{r['latent_err']:.4f} vs {rtn['latent_err']:.4f}, layer {r['layer_mean']:.4f} vs "
+                         f"{rtn['layer_mean']:.4f}: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced setting (CI): fewer prompts, formats, methods")
+    p.add_argument("--methods", default=None, help="comma-separated (default: all five; --quick: rtn,permuquant)")
+    p.add_argument("--formats", default=None, help="comma-separated (default: all four; --quick: nvfp4)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per single-shape prompt (default 2; quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's; quick 2)")
+    p.add_argument("--accept", default=None, choices=("layer", "block", "model"),
+                   help="quantize_flux's acceptance level (default: the library's; quick: layer)")
+    p.add_argument("--out", default=None, help="markdown results file")
+    p.add_argument("--json", default=None, help="all numbers as JSON (per-layer errors included)")
+    p.add_argument("--grid", default=None, help="picture grid PNG (bf16 and every method at the grid formats)")
+    p.add_argument("--save-images", default=None, metavar="FILE.npz",
+                   help="the grid's pictures of this run (for --merge)")
+    p.add_argument("--merge", default=None, metavar="A.json,B.json",
+                   help="only merge the rows (and, beside each JSON, its --save-images .npz) of runs split by format "
+                   "into one table and grid")
+    p.add_argument("--note", default="", help="a line added to the markdown")
+    p.add_argument("--pipeline", default=None, metavar="DIR",
+                   help="a folder in the embedded pipeline's layout instead of the embedded pipeline")
+    p.add_argument("--grid-formats", default="nvfp4,int3-g64-w3a3", help="formats shown in the grid")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",") if args.methods else (["rtn", "permuquant"] if args.quick else list(METHODS))
+    formats = args.formats.split(",") if args.formats else (["nvfp4"] if args.quick else list(FORMATS))
+    for m in methods:
+        if m not in quant.METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; choose from {list(quant.METHODS)}")
+    t_all = time.time()
+
+    def log(s: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)
+
+    cmd = "python benchmarks/quality_tiny.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
+                                                                                 else argv))
+    if args.merge:
+        return merge(args.merge.split(","), args, cmd.strip())
+    bench = Bench(args.quick, args.seeds or (1 if args.quick else 2), log, args.pipeline,
+                  steps=args.steps or (2 if args.quick else None),
+                  accept=args.accept or ("layer" if args.quick else None))
+    rows = [bench.reference_row()]
+    grid_cols = list(range(0, bench.n_single, max(1, bench.n_single // 6)))[:6] + \
+        list(range(bench.n_single, len(bench.prompts)))[:4]
+    grid_rows = [("bf16", bench.ref_images[grid_cols])]
+    grid_formats = set(args.grid_formats.split(","))
+    for fmt in formats:
+        for m in methods:
+            r, images = bench.row(fmt, m)
+            rows.append(r)
+            log(f"{fmt:14s} {m:13s} PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}  latent {r['latent_err']:.4f}  layer "
+                f"{r['layer_mean']:.4f} / {r['layer_worst']:.4f} ({r['worst_layer']})  colour {r['colour']:.2f} shape "
+                f"{r['shape']:.2f} agree {r['agree']:.2f}  {r['accepted']}  {r['time']:.0f} s")
+            if fmt in grid_formats:
+                grid_rows.append((f"{FORMAT_LABELS.get(fmt, fmt)}\n{m}", images[grid_cols]))
+            if args.json:  # after every row: a stopped run keeps what it measured
+                Path(args.json).write_text(json.dumps(dict(setup=bench.setup(), prompts=bench.prompts,
+                                                           seeds=bench.seeds, rows=rows), indent=1))
+            if args.save_images:
+                np.savez_compressed(args.save_images, labels=np.array([g[0] for g in grid_rows]),
+                                    images=np.stack([g[1] for g in grid_rows]))
+    if args.grid:
+        write_grid(grid_rows, Path(args.grid))
+    text = markdown(bench.setup(), rows, cmd.strip(), time.time() - t_all, args.grid, args.note)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(setup=bench.setup(), prompts=bench.prompts, seeds=bench.seeds,
+                                                   rows=rows), indent=1))
+    print(text)
+    return 0
+
+
+def merge(paths: Sequence[str], args: argparse.Namespace, cmd: str) -> int:
+    """One table and grid from runs split by format (their JSON and --save-images files)."""
+    rows, grid_rows, setup, wall = [], [], None, 0.0
+    for k, path in enumerate(paths):
+        d = json.loads(Path(path).read_text())
+        setup = setup or d["setup"]
+        rows += d["rows"] if k == 0 else [r for r in d["rows"] if r["method"] != "bf16"]
+        wall = max(wall, d["setup"].get("wall_s", 0.0))
+        npz = Path(path).with_suffix(".npz")
+        if npz.is_file():
+            z = np.load(npz)
+            start = 0 if k == 0 else 1
+            grid_rows += [(str(lab), img) for lab, img in zip(z["labels"][start:], z["images"][start:], strict=True)]
+    if args.grid and grid_rows:
+        write_grid(grid_rows, Path(args.grid))
+    text = markdown(setup, rows, cmd, 0.0, args.grid, args.note)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
