@@ -675,6 +675,8 @@ def run(args: argparse.Namespace) -> int:
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         _enter("saving", f"writing {args.out} ...")
+        if mesh is not None:  # saved from one device, so that it loads on any number of devices
+            place_model(model, data_mesh(1))
         with deferred_signals():  # orbax writes with threads: let it finish, then clean up if interrupted
             save_quantized(model, tmp, metadata=metadata, report=report)
     wall = time.perf_counter() - t0
