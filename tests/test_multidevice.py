@@ -35,7 +35,8 @@ CHILD = textwrap.dedent(r"""
         assert n == 1 or len(b[0]["img"].sharding.device_set) == n
         stats[n] = calibrate(m, b, targets, progress=False)
         if n != 2:  # the same statistics: the data-parallel layer-error pass must make the same choices
-            m, rep = quantize_flux(m, b, stats=stats[1], accept="layer", keep_bf16=keep, progress=False)
+            m, rep = quantize_flux(m, b, stats=stats[1], accept="layer", keep_bf16=keep, alphas=(0.5,),
+                                   progress=False)
             q = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m))}
             out[n] = (rep.permutations, q)
     (perm1, q1), (perm8, q8) = out[1], out[8]
