@@ -168,6 +168,8 @@ def make_candidates(
 
     if include_identity:
         add("identity", np.arange(n, dtype=np.int32))
+    if deal_block and any(sg % deal_block for sg in _segment_lengths(n, segments, group, "make_candidates")):
+        deal_block = None  # a segment (e.g. a 32-wide head) is narrower than the block: no dealt orders
     for a in alphas:
         order = order_from_moments(act_sq_mean, weight_sq_mean, float(a), segments, group)
         add(f"sort(a={a:g})", order)
