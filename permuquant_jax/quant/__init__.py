@@ -7,6 +7,7 @@ Entry points: `quantize_model` (any Flax NNX model), `quantize_flux` (the FLUX p
 from permuquant_jax.quant.api import quantize_model
 from permuquant_jax.quant.baselines import METHODS, smoothquant_scales
 from permuquant_jax.quant.calibrate import CalibrationStats, LayerStats, calibrate
+from permuquant_jax.quant.downstream import block_errors
 from permuquant_jax.quant.flux_plan import (
     FLUX_KEEP,
     flux_calibration_batches,
@@ -24,7 +25,7 @@ from permuquant_jax.quant.sites import NormRef, Ref, Site, gather_sites
 
 __all__ = [
     "FLUX_KEEP", "METHODS", "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport", "Ref",
-    "apply_structure", "plan_summary",
+    "apply_structure", "block_errors", "plan_summary",
     "Site", "SiteReport", "accept", "calibrate", "choose_for_layer", "deal_order", "find_linears",
     "flux_calibration_batches", "flux_schedule", "flux_sites", "fold_permutation", "fold_smoothing",
     "gather_sites", "joint_order", "make_candidates", "plan_sites", "quantize_flux", "quantize_model",
