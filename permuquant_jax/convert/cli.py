@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split calibration and acceptance batches over the first N devices (data parallel, "
-                   "jax.sharding; trajectories are sampled N at a time); default: 1")
+                   "jax.sharding; trajectories are sampled N at a time, so fp32 rounding differs from one device and "
+                   "near-tied permutation choices can differ); default: 1")
     p.add_argument("--fsdp", action="store_true",
                    help="with --devices N > 1: shard the float DiT's stacked weights over the devices along their "
                    "output axis (for a model that fits no single device) instead of a copy on each")
