@@ -15,10 +15,10 @@ Columns, all against the bf16 pictures of the same prompt and seed:
 - PSNR (dB, uint8 pixels, peak 255) and SSIM (``skimage.metrics.structural_similarity``, RGB), mean
   over the pictures;
 - latent err: relative L2 error of the final (packed) latents, over all pictures;
-- layer err mean / worst: each quantized linear run on the bf16 model's input to it
-  (``quant.downstream.block_errors`` with the linears as blocks; held-out trajectories of other
-  prompts and seeds), relative squared output error; mean over linears (stacked layers counted one by
-  one) and the worst one;
+- block err mean / worst: each transformer block (the final layer stays bf16) run on the bf16 model's
+  input to it (``quant.downstream.block_errors``; held-out trajectories of other prompts and seeds), relative
+  squared error of its outputs (residual streams); mean over blocks (stacked ones counted one by one)
+  and the worst one. (Single linears are not comparable across methods: see ``layer_errors``.)
 - colour / shape: the semantic check. A classifier trained on the scene renderer's pictures (the
   generator's training distribution: ``train.data``; colour from the foreground's mean RGB, shape from
   the foreground's fill ratio and its 16x16 resampled mask, scikit-learn logistic regressions) reads
@@ -133,12 +133,15 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def layer_errors(ref: nnx.Module, q: nnx.Module, layers: Sequence[str], batches) -> dict[str, float]:
-    """Relative squared output error of each quantized linear on the float model's inputs to it (stacked
-    layers one by one: ``name[i]``)."""
+def layer_errors(ref: nnx.Module, q: nnx.Module, batches) -> dict[str, float]:
+    """Relative squared output error of each transformer block of ``q`` run on the float model's input to it
+    (``quant.downstream.block_errors``; stacked blocks one by one: ``name[i]``).
+    Blocks, not single linears: a folded permutation reorders a linear's outputs (rows/heads sites) or
+    inputs (norm sites), and SmoothQuant rescales its inputs, so only block outputs (residual streams) are
+    comparable across methods."""
     from permuquant_jax.quant.downstream import block_errors
 
-    errs = block_errors(ref, q, batches, blocks=list(layers))
+    errs = block_errors(ref, q, batches)
     out = {}
     for name, v in errs.items():
         v = np.atleast_1d(np.asarray(v, np.float64))
@@ -242,7 +245,7 @@ class Bench:
         wall = time.time() - t0
         lat, images = self.generate(q)
         ps, ss = psnr_ssim(images, self.ref_images)
-        lerr = layer_errors(self.dit, q, list(rep.layers), self.held)
+        lerr = layer_errors(self.dit, q, self.held)
         worst = max(lerr, key=lerr.get)
         colour, shape, agree = self.semantic(images)
         return dict(format=fmt, method=method, psnr=ps, ssim=ss, latent_err=rel_l2(lat, self.ref_latents),
@@ -285,14 +288,14 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
         f"Pictures: {b['pictures']} ({b['n_single']} of single-shape prompts, the rest relations / counts / sizes), "
         f"{b['size']}x{b['size']}, {b['steps']} Euler steps, classifier-free guidance {b['cfg']:g}, acceptance "
         f"{b['accept'] or 'library default'}, seeds {b['seeds']}. Calibration: {b['calib']} batches "
-        f"({b['calib_captions']} training captions not evaluated, one trajectory each); layer errors on "
+        f"({b['calib_captions']} training captions not evaluated, one trajectory each); block errors on "
         f"{b['held']} held-out batches of {b['held_captions']} other captions. Semantic classifier: "
         f"{b['clf_train']} rendered scenes, held-out accuracy colour {b['clf_heldout'][0]:.3f}, shape "
         f"{b['clf_heldout'][1]:.3f}.  ",
         "Columns: see the docstring of `benchmarks/quality_tiny.py`." + (f" Picture grid: `{grid}`." if grid else ""),
         *([f"  \n{note}"] if note else []),
         "",
-        "| format | method | PSNR (dB) | SSIM | latent err | layer err mean | worst (layer) | colour | shape | "
+        "| format | method | PSNR (dB) | SSIM | latent err | block err mean | worst (block) | colour | shape | "
         "agree | accepted | time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -303,7 +306,7 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
             f"| {_f(r['latent_err'])} | {_f(r['layer_mean'])} | {_f(r['layer_worst'])}"
             f"{' (' + r['worst_layer'] + ')' if r['worst_layer'] else ''} | {r['colour']:.2f} | {r['shape']:.2f} "
             f"| {r['agree']:.2f} | {r['accepted']} | {r['time']:.1f} |")
-    lines += ["", "PermuQuant / PermuQuant-H vs RTN (PSNR, latent err, layer err mean; better = higher / lower / "
+    lines += ["", "PermuQuant / PermuQuant-H vs RTN (PSNR, latent err, block err mean; better = higher / lower / "
               "lower):", ""]
     by = {(r["format"], r["method"]): r for r in rows}
     for fmt in dict.fromkeys(r["format"] for r in rows if r["format"] != "bf16"):
@@ -314,12 +317,15 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
             r = by.get((fmt, m))
             if r is None:
                 continue
-            wins = [r["psnr"] > rtn["psnr"], r["latent_err"] < rtn["latent_err"], r["layer_mean"] < rtn["layer_mean"]]
-            verdict = "beats RTN on all three" if all(wins) else (
-                "worse than RTN on all three" if not any(wins) else "mixed: better on " + ", ".join(
-                    n for n, w in zip(("PSNR", "latent err", "layer err"), wins, strict=True) if w))
+            pairs = [("PSNR", r["psnr"], rtn["psnr"], 1), ("latent err", r["latent_err"], rtn["latent_err"], -1),
+                     ("block err", r["layer_mean"], rtn["layer_mean"], -1)]
+            pairs = [(n, sign * (a - b) > 0) for n, a, b, sign in pairs if np.isfinite(a) and np.isfinite(b)]
+            wins = [w for _, w in pairs]
+            verdict = f"beats RTN on all {len(wins)}" if all(wins) else (
+                f"worse than RTN on all {len(wins)}" if not any(wins) else "mixed: better on " + ", ".join(
+                    n for n, w in pairs if w))
             lines.append(f"- {FORMAT_LABELS.get(fmt, fmt)} {m}: PSNR {r['psnr']:.2f} vs {rtn['psnr']:.2f}, latent "
-                         f"{r['latent_err']:.4f} vs {rtn['latent_err']:.4f}, layer {r['layer_mean']:.4f} vs "
+                         f"{r['latent_err']:.4f} vs {rtn['latent_err']:.4f}, block {r['layer_mean']:.4f} vs "
                          f"{rtn['layer_mean']:.4f}: {verdict}")
     return "\n".join(lines) + "\n"
 
@@ -372,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in methods:
             r, images = bench.row(fmt, m)
             rows.append(r)
-            log(f"{fmt:14s} {m:13s} PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}  latent {r['latent_err']:.4f}  layer "
+            log(f"{fmt:14s} {m:13s} PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.3f}  latent {r['latent_err']:.4f}  block "
                 f"{r['layer_mean']:.4f} / {r['layer_worst']:.4f} ({r['worst_layer']})  colour {r['colour']:.2f} shape "
                 f"{r['shape']:.2f} agree {r['agree']:.2f}  {r['accepted']}  {r['time']:.0f} s")
             if fmt in grid_formats:
