@@ -34,12 +34,12 @@ CHILD = textwrap.dedent(r"""
         b = shard_batches(batches, mesh)
         assert n == 1 or len(b[0]["img"].sharding.device_set) == n
         stats[n] = calibrate(m, b, targets, progress=False)
-        if n != 2:  # the same statistics: the data-parallel layer-error pass must make the same choices
+        if n != 8:  # the same statistics: the data-parallel layer-error pass must make the same choices
             m, rep = quantize_flux(m, b, stats=stats[1], accept="layer", keep_bf16=keep, alphas=(0.5,),
                                    progress=False)
             q = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m))}
             out[n] = (rep.permutations, q)
-    (perm1, q1), (perm8, q8) = out[1], out[8]
+    (perm1, q1), (perm8, q8) = out[1], out[2]  # 1 vs 2 devices (8: statistics and FSDP only; CI time)
     res = {"stats_max_rel": 0.0, "count_equal": True, "perms_equal": perm8 == perm1, "n_perms": len(perm1),
            "keys_equal": q1.keys() == q8.keys(), "n_arrays": len(q1), "stats_layers": len(stats[1].layers)}
     res["arrays_differing"] = sorted(str(k) for k in q1 if k in q8 and not np.array_equal(q1[k], q8[k]))
