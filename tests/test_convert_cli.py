@@ -214,3 +214,22 @@ def test_help_documents_every_option():
     for opt in ("--out", "--format", "--method", "--alpha", "--tau", "--calib", "--calib-samples",
                 "--timesteps", "--keep-bf16", "--dry-run", "--overwrite", "default"):
         assert opt in proc.stdout, opt
+
+
+def test_trained_tiny_dit_sets_calibration_defaults():
+    """The embedded pipeline's DiT was trained at 64 px with 24 T5 tokens and 20 steps: convert calibrates
+    there unless told otherwise; a real checkpoint (no training record) keeps the FLUX defaults."""
+    import argparse
+
+    from permuquant_jax.convert.cli import _trained_defaults
+    from permuquant_jax.generate.pipeline import embedded_transformer_path
+
+    args = argparse.Namespace(max_seq_len=None, resolution=None, steps=None)
+    _trained_defaults(args, embedded_transformer_path())
+    assert (args.max_seq_len, args.resolution, args.steps) == (24, 64, 20)
+    args = argparse.Namespace(max_seq_len=16, resolution=None, steps=3)
+    _trained_defaults(args, embedded_transformer_path())
+    assert (args.max_seq_len, args.resolution, args.steps) == (16, 64, 3)
+    args = argparse.Namespace(max_seq_len=None, resolution=None, steps=None)
+    _trained_defaults(args, Path(permuquant_jax.__file__).parent / "assets" / "flux_tiny.safetensors")
+    assert (args.max_seq_len, args.resolution, args.steps) == (None, None, None)

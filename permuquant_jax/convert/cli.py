@@ -229,6 +229,17 @@ def _file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _trained_defaults(args: argparse.Namespace, src: Path) -> None:
+    """A DiT trained by ``permuquant_jax.train.tiny`` (the embedded pipeline's) records its image size, T5
+    length and sampling steps: calibrate where it was trained unless the user said otherwise."""
+    from permuquant_jax.generate.pipeline import trained_defaults
+
+    trained = trained_defaults(src)
+    for arg, key in (("max_seq_len", "max_seq_len"), ("resolution", "image_size"), ("steps", "sample_steps")):
+        if getattr(args, arg) is None and key in trained:
+            setattr(args, arg, int(trained[key]))
+
+
 def stats_identity(args: argparse.Namespace, config: Any, calib: str, src_sha: str) -> dict[str, Any]:
     """What calibration statistics depend on: the checkpoint (its sha256), the model config and dtype,
     and every setting of the calibration trajectories (text conditioning by content hash)."""
@@ -546,6 +557,7 @@ def run(args: argparse.Namespace) -> int:
         src_desc = f"{src} (embedded tiny model)"
     if not src.exists():
         raise UsageError(f"SRC {src}: no such file or directory")
+    _trained_defaults(args, src)
     sources = source_paths(args, src)
     if not args.dry_run:
         v.check_not_source(args.out, sources)
