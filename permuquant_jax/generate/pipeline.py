@@ -95,7 +95,7 @@ def trained_defaults(path: str | Path | None) -> dict[str, Any]:
     checkpoints, diffusers folders) or ``None``."""
     if path is None or not Path(path).is_file():
         return {}
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from permuquant_jax.convert.checkpoint import CONFIG_METADATA_KEY
 
@@ -103,7 +103,7 @@ def trained_defaults(path: str | Path | None) -> dict[str, Any]:
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
         trained = json.loads(meta.get(CONFIG_METADATA_KEY, "{}")).get("trained", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, SafetensorError):  # not ours to judge: the loader's checks say why
         return {}
     return {k: trained[k] for k in TRAINED_KEYS if isinstance(trained, dict) and trained.get(k) is not None}
 
