@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -38,6 +37,9 @@ from permuquant_jax.formats import nvfp4
 from permuquant_jax.kernels import dispatch, reference
 from permuquant_jax.kernels import nvfp4_matmul_mgpu as mg
 from permuquant_jax.kernels.nvfp4_matmul import prepack
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from gemm_variants import bench, copies  # noqa: E402  (the benchmarks' one timing harness)
 
 FLUX = [
     ("img qkv", 4096, 3072, 9216),
@@ -92,21 +94,6 @@ def save() -> None:
         os.makedirs(OUT, exist_ok=True)
         with open(os.path.join(OUT, "check_mosaic.json"), "w") as f:
             json.dump(LOG, f, indent=1, default=str)
-
-
-def bench(fn, arg_sets, reps: int = 5) -> float:
-    f = jax.jit(lambda sets: [fn(*a) for a in sets])
-    jax.block_until_ready(f(arg_sets))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(arg_sets))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) / len(arg_sets)
-
-
-def copies(a, n: int):
-    return [jax.tree.map(lambda t: jnp.array(t, copy=True), a) for _ in range(n)]
 
 
 def activations(key, m, k, heavy=False):
@@ -289,7 +276,7 @@ def _time_cases(name, m, k, n, t, cases, smoke, inner):
             continue
         try:
             progress(f"time {name} {label}")
-            t[label] = bench(fn, copies(args, inner)) * 1e6
+            t[label] = bench(fn, copies(args, inner), reps=5) * 1e6
         except Exception as ex:  # noqa: BLE001
             err(f"time {name} {label}", ex)
             t[label] = f"error {type(ex).__name__}"
