@@ -48,6 +48,8 @@ N_TILE = 128  # output channels per CTA (64 per consumer warpgroup)
 WG_N = 64
 K_WORD = 64  # input channels per uint32 scale word
 NIBBLE_ORDERS = ("low_first", "high_first")
+PIPELINES = ("serial", "ahead", "fenced", "pipelined")
+DEFAULT_SMS = 132  # H100 / H200 SXM; used when the device does not say (lowering on a CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +62,22 @@ class MosaicConfig:
     stages: int = 4
     consumer_registers: int = 232
     producer_registers: int = 40
-    decode: str = "ptx"  # "ptx": inline prmt; "arith": the same bits with plain integer ops
+    # "ptx": inline prmt; "arith": the same bits with plain integer ops; "none": a diagnostic that skips
+    # the decode arithmetic and the scales (wrong numbers; times the kernel's skeleton)
+    decode: str = "ptx"
     # "serial": decode, wgmma, wait, per step (the two consumer warpgroups overlap each other);
     # "ahead": decode the next tile while the wgmma runs (wrong results on the H200, 2026-12-01: the
     # register A operand of an in-flight wgmma is not protected from reuse; kept for diagnosis);
     # "fenced": "ahead" with the A registers kept live past the wgmma wait by an optimization
     # barrier (the fix for "ahead"; lowered on the CPU, not yet run on a GPU)
     pipeline: str = "serial"
+    # "pipelined": one wgmma always in flight per warpgroup: decode tile k+1 into a second set of A
+    # registers while wgmma k runs, issue wgmma k+1, then `wgmma_wait(1)` (k done) before set k is
+    # released (an optimization barrier keeps it live, so nothing is written into it before that)
+    # persistent: a grid of `grid_ctas` CTAs (default: the device's SM count) loops over the output
+    # tiles; the producer fills the next tile's buffers while the consumers run the epilogue
+    persistent: bool = False
+    grid_ctas: int | None = None
 
     def __post_init__(self):
         if self.block_m not in (64, 128, 192, 256):
@@ -75,10 +86,18 @@ class MosaicConfig:
             raise ValueError(f"block_k must be 64 or 128, found {self.block_k}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2 (a ring of buffers), found {self.stages}")
-        if self.decode not in ("ptx", "arith"):
-            raise ValueError(f"decode must be 'ptx' or 'arith', found {self.decode!r}")
-        if self.pipeline not in ("serial", "ahead", "fenced"):
-            raise ValueError(f"pipeline must be 'serial', 'ahead' or 'fenced', found {self.pipeline!r}")
+        if self.decode not in ("ptx", "arith", "none"):
+            raise ValueError(f"decode must be 'ptx', 'arith' or 'none' (diagnostic), found {self.decode!r}")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, found {self.pipeline!r}")
+        if self.grid_ctas is not None and self.grid_ctas < 1:
+            raise ValueError(f"grid_ctas must be >= 1 (or None: the SM count), found {self.grid_ctas}")
+
+    @property
+    def tag(self) -> str:
+        """A short name of the config (the kernel's name, so compiler logs can be told apart)."""
+        d = "" if self.decode == "ptx" else f"_{self.decode}"
+        return f"{self.pipeline}_{'p' if self.persistent else 'g'}_bm{self.block_m}_bk{self.block_k}_s{self.stages}{d}"
 
 
 @functools.partial(
@@ -162,15 +181,23 @@ def to_mosaic(w: PrepackedNVFP4, nibble_order: str = "low_first") -> MosaicWeigh
     )
 
 
-def plan(m: int, k: int, w: MosaicWeights, config: MosaicConfig) -> dict[str, int]:
-    """Padded sizes and grid of one call (pure; tested on the CPU)."""
+def plan(m: int, k: int, w: MosaicWeights, config: MosaicConfig, sms: int | None = None) -> dict[str, int]:
+    """Padded sizes and grid of one call (pure; tested on the CPU). `sms`: the device's SM count
+    (persistent configs launch `config.grid_ctas or sms` CTAs, at most one per tile)."""
     np_, kp = w.codes.shape
     if k != w.k:
         raise ValueError(f"x has K = {k} channels but the weights expect K = {w.k}")
     mp = _round_up(max(m, 1), config.block_m)
     bk = config.block_k if kp % config.block_k == 0 else K_WORD
     m_tiles, n_tiles, k_iters = mp // config.block_m, np_ // N_TILE, kp // bk
-    return {"mp": mp, "np": np_, "kp": kp, "bk": bk, "m_tiles": m_tiles, "n_tiles": n_tiles, "k_iters": k_iters}
+    tiles = m_tiles * n_tiles
+    grid = tiles
+    if config.persistent:
+        grid = min(tiles, config.grid_ctas or sms or DEFAULT_SMS)
+    return {
+        "mp": mp, "np": np_, "kp": kp, "bk": bk, "m_tiles": m_tiles, "n_tiles": n_tiles, "k_iters": k_iters,
+        "tiles": tiles, "grid": grid, "tiles_per_cta": -(-tiles // grid),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,6 +263,10 @@ def _decode_fn(shape: tuple[int, int], impl: str = "ptx"):
                 regs[idx] = mgpu_utils.bitcast(_place_arith(arith, i32, x, byte), f16x2)
                 continue
             sel = (byte << 4) | ((4 + byte) << 12)
+            if impl == "none":  # diagnostic: the nibbles as fp16 bits, no decode arithmetic
+                bits = llvm.inline_asm(i32, [x, x4], f"prmt.b32 $0, $1, $2, {sel:#x};", "=r,r,r")
+                regs[idx] = mgpu_utils.bitcast(bits, f16x2)
+                continue
             bits = llvm.inline_asm(
                 i32,
                 [x, x4],
@@ -254,6 +285,8 @@ def _decode_fn(shape: tuple[int, int], impl: str = "ptx"):
             )
             regs[idx] = mgpu_utils.bitcast(bits, f16x2)
         vals = mgpu.FragmentedArray(_registers=regs, _layout=codes.layout, _is_signed=None)
+        if impl == "none":
+            return vals
         out = vals.copy()
         for j, s16 in enumerate(scales):
             cols = slice(16 * j, 16 * (j + 1))
@@ -337,125 +370,177 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
         w16 = decode(codes_t, *[_scale_halves(words_t[j // 4], j % 4) for j in range(bk // 16)])
         return w16 if cdt == jnp.float16 else w16.astype(cdt)
 
-    def kernel(
-        x_gmem,
-        w_gmem,
-        s_gmem,
-        gx_gmem,
-        v_gmem,
-        out_gmem,
-        *,
-        x_smem,
-        w_smem,
-        s_smem,
-        gx_smem,
-        v_smem,
-        o_smem,
-        x_bar,
-        w_bar,
-        e_bar,
-        x_free,
-        w_free,
-    ):
-        idx = lax.axis_index("mn")
-        mi = lax.rem(idx, m_tiles)
-        ni = lax.div(idx, m_tiles)
+    grid, tiles, per_cta = p["grid"], p["tiles"], p["tiles_per_cta"]
+    if config.persistent:
+        scratch["e_free"] = plgpu.Barrier(num_arrivals=2)
+
+    def kernel(x_gmem, w_gmem, s_gmem, gx_gmem, v_gmem, out_gmem, **sc):
+        x_smem, w_smem, s_smem, gx_smem, v_smem, o_smem = (
+            sc["x_smem"], sc["w_smem"], sc["s_smem"], sc["gx_smem"], sc["v_smem"], sc["o_smem"]
+        )
+        x_bar, w_bar, e_bar, x_free, w_free = sc["x_bar"], sc["w_bar"], sc["e_bar"], sc["x_free"], sc["w_free"]
+        e_free = sc.get("e_free")
+        cta = lax.axis_index("mn")
         wg = lax.axis_index("wg")
-        ms = pl.ds(mi * bm, bm)
-        nt = pl.ds(ni * N_TILE, N_TILE)
+
+        def coords(t):
+            mi, ni = lax.rem(t, m_tiles), lax.div(t, m_tiles)
+            return mi, ni, pl.ds(mi * bm, bm), pl.ds(ni * N_TILE, N_TILE)
+
+        def over_tiles(fn):
+            """fn(i, t) for this CTA's tiles t (one tile per CTA unless persistent)."""
+            if not config.persistent:
+                fn(0, cta)
+                return
+
+            @pl.loop(0, per_cta)
+            def _tile(i):
+                t = cta + i * grid
+
+                @pl.when(t < tiles)
+                def _():
+                    fn(i, t)
+
+        def mainloop(acc_ref, base):
+            """The K loop of one tile; `base`: its first global step (ring slot = step % stages)."""
+            slot = lambda ki: lax.rem(base + ki, stages)
+
+            def w_tile(ki):
+                si = slot(ki)
+                plgpu.barrier_wait(w_bar.at[si])
+                w = weights_tile(w_smem, s_smem, si, wg)
+                plgpu.barrier_arrive(w_free.at[si])
+                return w
+
+            def mma(ki, w):
+                si = slot(ki)
+                plgpu.barrier_wait(x_bar.at[si])
+                plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem.at[si], (1, 0)))
+
+            if config.pipeline == "serial":
+
+                @pl.loop(0, k_iters)
+                def _step(ki):
+                    mma(ki, w_tile(ki))
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(x_free.at[slot(ki)])
+
+                return
+
+            if config.pipeline == "pipelined":
+                w0 = w_tile(0)
+                mma(0, w0)
+
+                def step(ki, w_prev):
+                    w_cur = w_tile(ki)  # decoded while wgmma ki-1 runs, into registers other than w_prev's
+                    mma(ki, w_cur)
+                    plgpu.wgmma_wait(1)  # wgmma ki-1 (the reader of w_prev) is done
+                    w_prev, w_cur = lax.optimization_barrier((w_prev, w_cur))  # w_prev stays live to here
+                    plgpu.barrier_arrive(x_free.at[slot(ki - 1)])
+                    return w_cur
+
+                w_last = lax.fori_loop(1, k_iters, step, w0)
+                plgpu.wgmma_wait(0)
+                lax.optimization_barrier(w_last)
+                plgpu.barrier_arrive(x_free.at[slot(k_iters - 1)])
+                return
+
+            w0 = w_tile(0)
+
+            def step(ki, w_cur):
+                mma(ki, w_cur)
+                w_next = lax.cond(ki + 1 < k_iters, lambda: w_tile(ki + 1), lambda: w_cur)
+                plgpu.wgmma_wait(0)
+                if config.pipeline == "fenced":  # w_cur's registers stay live (unreused) until here
+                    _, w_next = lax.optimization_barrier((w_cur, w_next))
+                plgpu.barrier_arrive(x_free.at[slot(ki)])
+                return w_next
+
+            lax.fori_loop(0, k_iters, step, w0)
 
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(config.consumer_registers, action="increase")
+            ns = pl.ds(wg * WG_N, WG_N)
 
-            def body(acc_ref):
-                if config.pipeline == "serial":
+            def tile(i, t):
+                _, ni, ms, _ = coords(t)
 
-                    @pl.loop(0, k_iters)
-                    def _step(ki):
-                        si = lax.rem(ki, stages)
-                        plgpu.barrier_wait(w_bar.at[si])
-                        w_cur = weights_tile(w_smem, s_smem, si, wg)
-                        plgpu.barrier_arrive(w_free.at[si])
-                        plgpu.barrier_wait(x_bar.at[si])
-                        plgpu.wgmma(acc_ref, w_cur, plgpu.transpose_ref(x_smem.at[si], (1, 0)))
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(x_free.at[si])
-
+                def body(acc_ref):
+                    mainloop(acc_ref, i * k_iters)
                     return acc_ref[...]
 
-                plgpu.barrier_wait(w_bar.at[0])
-                w0 = weights_tile(w_smem, s_smem, 0, wg)
-                plgpu.barrier_arrive(w_free.at[0])
+                acc = pl.run_scoped(body, plgpu.ACC((WG_N, bm), jnp.float32))
+                plgpu.barrier_wait(e_bar)
+                gw = _load(v_smem.at[0, ns], row)
+                bias_v = _load(v_smem.at[1, ns], row)
+                gxv = _load(gx_smem, col)
+                if e_free is not None:
+                    plgpu.barrier_arrive(e_free)
+                y = acc * jnp.float32(128.0)
+                y = y * lax.broadcast_in_dim(gxv, (WG_N, bm), (1,))
+                y = y * lax.broadcast_in_dim(gw, (WG_N, bm), (0,))
+                y = y + lax.broadcast_in_dim(bias_v, (WG_N, bm), (0,))
+                y = plgpu.layout_cast(y.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                if config.persistent:  # the previous tile's store has finished reading o_smem
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.transpose_ref(o_smem.at[wg], (1, 0))[...] = y
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[ms, pl.ds(ni * N_TILE + wg * WG_N, WG_N)])
+                if not config.persistent:
+                    plgpu.wait_smem_to_gmem(0)
 
-                def step(ki, w_cur):
-                    si = lax.rem(ki, stages)
-                    plgpu.barrier_wait(x_bar.at[si])
-                    plgpu.wgmma(acc_ref, w_cur, plgpu.transpose_ref(x_smem.at[si], (1, 0)))
-
-                    def next_tile():
-                        sn = lax.rem(ki + 1, stages)
-                        plgpu.barrier_wait(w_bar.at[sn])
-                        w_next = weights_tile(w_smem, s_smem, sn, wg)
-                        plgpu.barrier_arrive(w_free.at[sn])
-                        return w_next
-
-                    w_next = lax.cond(ki + 1 < k_iters, next_tile, lambda: w_cur)
-                    plgpu.wgmma_wait(0)
-                    if config.pipeline == "fenced":  # w_cur's registers stay live (unreused) until here
-                        _, w_next = lax.optimization_barrier((w_cur, w_next))
-                    plgpu.barrier_arrive(x_free.at[si])
-                    return w_next
-
-                lax.fori_loop(0, k_iters, step, w0)
-                return acc_ref[...]
-
-            acc = pl.run_scoped(body, plgpu.ACC((WG_N, bm), jnp.float32))
-            plgpu.barrier_wait(e_bar)
-            ns = pl.ds(wg * WG_N, WG_N)
-            gw = _load(v_smem.at[0, ns], row)
-            bias_v = _load(v_smem.at[1, ns], row)
-            gxv = _load(gx_smem, col)
-            y = acc * jnp.float32(128.0)
-            y = y * lax.broadcast_in_dim(gxv, (WG_N, bm), (1,))
-            y = y * lax.broadcast_in_dim(gw, (WG_N, bm), (0,))
-            y = y + lax.broadcast_in_dim(bias_v, (WG_N, bm), (0,))
-            y = plgpu.layout_cast(y.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.transpose_ref(o_smem.at[wg], (1, 0))[...] = y
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[ms, pl.ds(ni * N_TILE + wg * WG_N, WG_N)])
-            plgpu.wait_smem_to_gmem(0)
+            over_tiles(tile)
+            if config.persistent:
+                plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(config.producer_registers, action="decrease")
-            plgpu.copy_gmem_to_smem(gx_gmem.at[ms], gx_smem, e_bar)
-            plgpu.copy_gmem_to_smem(v_gmem.at[:, nt], v_smem, e_bar)
 
-            @pl.loop(0, k_iters)
-            def _fill(ki):
-                si = lax.rem(ki, stages)
+            def tile(i, t):
+                _, _, ms, nt = coords(t)
+                if not config.persistent:
+                    plgpu.copy_gmem_to_smem(gx_gmem.at[ms], gx_smem, e_bar)
+                    plgpu.copy_gmem_to_smem(v_gmem.at[:, nt], v_smem, e_bar)
 
-                @pl.when(ki >= stages)
-                def _wait_free():
-                    plgpu.barrier_wait(w_free.at[si])
-                    plgpu.barrier_wait(x_free.at[si])
-                    _fence_async_shared()
+                @pl.loop(0, k_iters)
+                def _fill(ki):
+                    g = i * k_iters + ki
+                    si = lax.rem(g, stages)
 
-                ks = pl.ds(ki * bk, bk)
-                plgpu.copy_gmem_to_smem(w_gmem.at[nt, ks], w_smem.at[si], w_bar.at[si])
-                plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(ki * words, words), nt], s_smem.at[si], w_bar.at[si])
-                plgpu.copy_gmem_to_smem(x_gmem.at[ms, ks], x_smem.at[si], x_bar.at[si])
+                    @pl.when(g >= stages)
+                    def _wait_free():
+                        plgpu.barrier_wait(w_free.at[si])
+                        plgpu.barrier_wait(x_free.at[si])
+                        _fence_async_shared()
+
+                    ks = pl.ds(ki * bk, bk)
+                    plgpu.copy_gmem_to_smem(w_gmem.at[nt, ks], w_smem.at[si], w_bar.at[si])
+                    plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(ki * words, words), nt], s_smem.at[si], w_bar.at[si])
+                    plgpu.copy_gmem_to_smem(x_gmem.at[ms, ks], x_smem.at[si], x_bar.at[si])
+
+                if config.persistent:  # after this tile's K loads: the consumers read the last values by now
+
+                    @pl.when(i > 0)
+                    def _wait_epilogue():
+                        plgpu.barrier_wait(e_free)
+                        _fence_async_shared()
+
+                    plgpu.copy_gmem_to_smem(gx_gmem.at[ms], gx_smem, e_bar)
+                    plgpu.copy_gmem_to_smem(v_gmem.at[:, nt], v_smem, e_bar)
+
+            over_tiles(tile)
 
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((p["mp"], p["np"]), out_dtype),
         scratch_types=scratch,
-        grid=(m_tiles * p["n_tiles"],),
+        grid=(grid,),
         grid_names=("mn",),
         num_threads=3,
         thread_name="wg",
-        kernel_name="nvfp4_matmul_mgpu",
+        kernel_name=f"nvfp4_mgpu_{config.tag}",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
     )
     return f(x, codes, scales, gx, vecs)
@@ -480,7 +565,8 @@ def nvfp4_matmul_mosaic(
     if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"out_dtype must be bfloat16 or float16 for the Mosaic kernel, found {out_dtype}")
     m, k = x.shape
-    p = plan(m, k, w, config)
+    dev = jax.devices()[0]
+    p = plan(m, k, w, config, getattr(dev, "core_count", None) if dev.platform == "gpu" else None)
     if x.dtype not in (jnp.float16, jnp.bfloat16):
         x = x.astype(jnp.bfloat16)
     xp = jnp.pad(x, ((0, p["mp"] - m), (0, p["kp"] - k)))
