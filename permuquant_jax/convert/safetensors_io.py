@@ -350,6 +350,27 @@ class SafetensorsFile:
                 f"expected one of {', '.join([*FLOAT_DTYPES, *OTHER_DTYPES])}"
             )
         out = np.empty(info.shape, np_dtype)
+        self._read_bytes(key, info, out)
+        if check_finite and info.is_float:
+            _raise_nonfinite(out, self.path, key, f"stored as {info.dtype}")
+        if dtype is not None and np.dtype(dtype) != np_dtype:
+            with np.errstate(over="ignore"):  # overflow becomes Inf, reported below if checked
+                out = out.astype(dtype)
+            if check_finite and info.is_float:
+                _raise_nonfinite(out, self.path, key, f"after the cast from {info.dtype} to {np.dtype(dtype)}")
+        return out
+
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Read tensor ``key`` straight into ``out`` (C-contiguous, the stored dtype and element count):
+        no intermediate array; the caller checks finiteness."""
+        info = self.info(key)
+        if info.numpy_dtype is None or out.dtype != info.numpy_dtype or out.size != math.prod(info.shape) \
+                or not out.flags.c_contiguous:
+            raise ValueError(f"read_into {key!r}: needs a C-contiguous {info.numpy_dtype} array of "
+                             f"{math.prod(info.shape)} elements, found {out.dtype} {out.shape}")
+        self._read_bytes(key, info, out)
+
+    def _read_bytes(self, key: str, info: TensorInfo, out: np.ndarray) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))
         got = 0
         try:
@@ -366,14 +387,6 @@ class SafetensorsFile:
             raise CheckpointError(
                 f"{self.path}: truncated file: tensor '{key}' has {got} of {info.nbytes} bytes (re-download the file)"
             )
-        if check_finite and info.is_float:
-            _raise_nonfinite(out, self.path, key, f"stored as {info.dtype}")
-        if dtype is not None and np.dtype(dtype) != np_dtype:
-            with np.errstate(over="ignore"):  # overflow becomes Inf, reported below if checked
-                out = out.astype(dtype)
-            if check_finite and info.is_float:
-                _raise_nonfinite(out, self.path, key, f"after the cast from {info.dtype} to {np.dtype(dtype)}")
-        return out
 
     def iter_tensors(
         self, keys: Iterable[str] | None = None, dtype=None, *, check_finite: bool = False
