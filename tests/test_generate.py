@@ -229,6 +229,12 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, pipeline_dir, capsys, monkeypa
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, err[-2000:])
         assert "Traceback" not in err and expect in lines[0], (name, lines[0])
     assert not _pngs(tmp_path)
+    for bad in (["--bogus"], ["--steps", "x"]):  # argparse's own errors: one line too (as convert's)
+        with pytest.raises(SystemExit) as e:
+            cli.main(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (bad, err)
+        assert bad[-1] in err and "see --help" in err, err
     # the real entry point: same single line, exit code 2, from `python -m`
     argv = [sys.executable, "-m", "permuquant_jax.generate", "--prompt", "a fox", "--out", str(tmp_path / "o"),
             *RUN, *cases["missing subfolder"][0]]

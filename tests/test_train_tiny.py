@@ -91,6 +91,22 @@ def test_shape_masks():
         D.make_scene(0, 0, size=40)
 
 
+def test_calibration_prompts_are_shipped_training_captions_never_evaluated():
+    from permuquant_jax.assets.make_tiny_pipeline import CALIBRATION_FILE
+    from permuquant_jax.generate.pipeline import calibration_prompts_path, embedded_transformer_path, read_prompts
+    from permuquant_jax.train import tiny
+
+    shipped = calibration_prompts_path(embedded_transformer_path())
+    assert shipped is not None and shipped.name == CALIBRATION_FILE == tiny.CALIBRATION_FILE
+    assert shipped.read_text() == D.calibration_prompts_text(), "regenerate it with train.data.calibration_prompts_text"
+    prompts = read_prompts(shipped)
+    assert len(prompts) == len(set(prompts)) == 64 and set(prompts) <= set(D.all_captions())
+    assert not set(prompts) & (set(D.EVAL_SINGLE) | set(D.EVAL_OTHER))
+    kinds = {"relation" if _REL.match(c) else "count" if _COUNT.match(c) else "one" for c in prompts}
+    assert kinds == {"relation", "count", "one"}
+    assert D.calibration_captions(8, seed=1) != D.calibration_captions(8, seed=2)
+
+
 # ------------------------------------------------------------------------------------------ writers
 
 
@@ -103,6 +119,14 @@ def test_dit_written_in_bfl_layout_loads_back(tmp_path):
     model = FluxDiT(cfg, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
     path = save_dit(model, tmp_path / "dit.safetensors", store="fp32", extra={"trained": {"max_seq_len": 8}})
     assert read_flux_config(path) == cfg
+    # a trained DiT calibrates on the prompts beside it, else on the embedded pipeline's; other models on none
+    from permuquant_jax.convert import default_checkpoint_path
+    from permuquant_jax.generate.pipeline import calibration_prompts_path, embedded_pipeline_dir
+
+    assert calibration_prompts_path(path) == embedded_pipeline_dir() / "calibration_prompts.txt"
+    (tmp_path / "calibration_prompts.txt").write_text("a red circle above a blue square\n")
+    assert calibration_prompts_path(path) == tmp_path / "calibration_prompts.txt"
+    assert calibration_prompts_path(default_checkpoint_path()) is None and calibration_prompts_path(None) is None
     back = load_flux(path, dtype=jnp.float32)
     ours, theirs = nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(back, nnx.Param))
     assert [p for p, _ in ours] == [p for p, _ in theirs]

@@ -51,6 +51,7 @@ DIT_FILE = "flux1-tiny.safetensors"
 AE_FILE = "ae.safetensors"
 CLIP_FILE = "clip_l.safetensors"
 T5_FILE = "t5xxl_fp16.safetensors"
+CALIBRATION_FILE = "calibration_prompts.txt"  # training-grammar captions (train.data.calibration_captions)
 T5_TOKENIZER_DIR = "tokenizer_2"
 
 CLIP_VOCAB = 49408  # OpenAI's CLIP BPE vocabulary (assets/clip_tokenizer)

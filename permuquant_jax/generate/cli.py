@@ -42,7 +42,11 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The command line of `python -m permuquant_jax.generate` (a bad flag ends with one `error: ...` line, exit 2,
+    as convert's does)."""
+    from permuquant_jax.convert.cli import _Parser
+
+    p = _Parser(
         prog="python -m permuquant_jax.generate",
         description="Generate images with FLUX.1 in JAX (float or quantized DiT), or export the T5/CLIP "
         "embeddings of prompts for `python -m permuquant_jax.convert --calib`.",

@@ -108,6 +108,19 @@ def trained_defaults(path: str | Path | None) -> dict[str, Any]:
     return {k: trained[k] for k in TRAINED_KEYS if isinstance(trained, dict) and trained.get(k) is not None}
 
 
+def calibration_prompts_path(path: str | Path | None) -> Path | None:
+    """The calibration prompts of a DiT trained by ``python -m permuquant_jax.train.tiny`` (one that has
+    :func:`trained_defaults`): captions of its training grammar, none of them a quality-table prompt
+    (``train.data.calibration_captions``). The ``calibration_prompts.txt`` beside the DiT file, else the
+    embedded pipeline's (the grammar is the same for every such DiT); None for other models."""
+    if not trained_defaults(path):
+        return None
+    from permuquant_jax.assets.make_tiny_pipeline import CALIBRATION_FILE
+
+    beside = Path(path).with_name(CALIBRATION_FILE)
+    return beside if beside.is_file() else embedded_pipeline_dir() / CALIBRATION_FILE
+
+
 # --------------------------------------------------------------------------- where the parts are
 
 

@@ -217,3 +217,35 @@ def all_captions() -> list[str]:
                     if (c, s) != (c2, s2):
                         out.update(f"a {c} {s} {rel} a {c2} {s2}" for rel in RELATIONS)
     return sorted(out)
+
+
+# The quality table's evaluation prompts (``benchmarks/quality_tiny.py``): every plain single-shape caption
+# and eight relations / counts / sizes. Calibration never uses them.
+EVAL_SINGLE = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+EVAL_OTHER = ["a red circle above a blue square", "a green triangle to the left of a yellow circle",
+              "a blue square below a red triangle", "a yellow square to the right of a green circle",
+              "two red circles", "three blue triangles", "a big green square", "a small yellow triangle"]
+CALIBRATION_SEED = 20261201  # a seed the training data (seed 0 and its derivatives) does not use
+
+
+def calibration_captions(num: int = 64, seed: int = CALIBRATION_SEED) -> list[str]:
+    """``num`` distinct training-grammar captions for calibrating a DiT trained on these scenes, in the
+    training distribution's proportions (the scenes ``0, 1, ...`` of ``seed``, first occurrences kept), none
+    of them an evaluation prompt (``EVAL_SINGLE``, ``EVAL_OTHER``)."""
+    if num < 1 or num > len(all_captions()) - len(EVAL_SINGLE) - len(EVAL_OTHER):
+        raise ValueError(f"calibration_captions: num must be in 1..{len(all_captions()) - 20}, got {num}")
+    banned, out, index = set(EVAL_SINGLE) | set(EVAL_OTHER), [], 0
+    while len(out) < num:
+        caption = make_scene(seed, index, 64).caption
+        if caption not in banned and caption not in out:
+            out.append(caption)
+        index += 1
+    return out
+
+
+def calibration_prompts_text(num: int = 64, seed: int = CALIBRATION_SEED) -> str:
+    """The text of the calibration prompts file (``assets.make_tiny_pipeline.CALIBRATION_FILE``): a ``#``
+    header, then :func:`calibration_captions`, one per line."""
+    return (f"# {num} training-grammar captions (permuquant_jax.train.data.calibration_captions({num}, seed={seed})) "
+            "for calibrating a DiT trained by permuquant_jax.train.tiny; none is a prompt of "
+            "benchmarks/quality_tiny.py\n" + "\n".join(calibration_captions(num, seed)) + "\n")

@@ -16,7 +16,8 @@ CPU: pass small --steps / --ae-steps / --num-images / --batch there).
    caption dropout (--drop-text: the empty prompt, for classifier-free guidance) and an exponential
    moving average of the weights (--ema, the weights written), as ``flux1-tiny.safetensors`` (BFL
    layout, bf16; its metadata's ``trained`` entry holds the image size, T5 length, sampling steps and
-   guidance scale that ``generate`` takes as defaults);
+   guidance scale that ``generate`` takes as defaults), and ``calibration_prompts.txt`` (training-grammar
+   captions that are not quality-table prompts, for ``convert``'s calibration);
 5. the encoders and ``tokenizer_2/`` copied from the embedded pipeline, so the folder has the same
    files as ``assets/tiny_pipeline/`` (--no-encoder-copy: only the trained files; the samples then read
    the embedded encoders); ``train_log.json`` (settings, losses, times), ``losses.png``, ``data.png``
@@ -47,6 +48,7 @@ from permuquant_jax.models.flux import FluxConfig
 
 DIT_FILE, AE_FILE, CLIP_FILE, T5_FILE, T5_TOKENIZER_DIR = (
     "flux1-tiny.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "tokenizer_2")
+CALIBRATION_FILE = "calibration_prompts.txt"  # as assets.make_tiny_pipeline.CALIBRATION_FILE (a test checks)
 SAMPLE_PROMPTS = (
     "a red circle", "a blue square", "a green triangle", "a yellow circle",
     "two red squares", "three blue circles", "two green triangles", "three yellow squares",
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from permuquant_jax.convert.ae import load_autoencoder
     from permuquant_jax.generate.pipeline import FluxPipeline, embedded_pipeline_dir
     from permuquant_jax.train.autoencoder import AELossConfig, encode_all, train_autoencoder
-    from permuquant_jax.train.data import all_captions, make_dataset
+    from permuquant_jax.train.data import all_captions, calibration_prompts_text, make_dataset
     from permuquant_jax.train.export import save_autoencoder, save_dit
     from permuquant_jax.train.flow import FlowConfig, FlowData, train_dit
     from permuquant_jax.train.loop import OptimConfig
@@ -227,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.drop_text > 0:
         train_info["cfg_scale"] = args.cfg_scale
     save_dit(dit, out / DIT_FILE, extra={"trained": train_info})
+    (out / CALIBRATION_FILE).write_text(calibration_prompts_text())  # what convert calibrates this DiT on
     log(f"DiT: {times['dit_s']:.0f} s; final loss (mean of last 100) {np.mean(dit_losses[-100:]):.4f}")
 
     t0 = time.perf_counter()
