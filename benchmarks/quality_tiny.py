@@ -33,11 +33,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
+import os
 import platform
 import re
 import shlex
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +55,14 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
 
 from permuquant_jax import quant  # noqa: E402
-from permuquant_jax.generate.pipeline import FluxPipeline, to_uint8  # noqa: E402
+from permuquant_jax.generate.pipeline import (  # noqa: E402
+    FluxPipeline,
+    calibration_prompts_path,
+    embedded_transformer_path,
+    read_prompts,
+    to_uint8,
+)
+from permuquant_jax.models.frozen import frozen_jit  # noqa: E402
 from permuquant_jax.train import data as D  # noqa: E402
 
 FORMATS = ("nvfp4", "nvfp4-w4a16", "int4-g64", "int3-g64-w3a3")
@@ -58,10 +70,8 @@ METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
 FORMAT_LABELS = {"nvfp4": "NVFP4 W4A4", "nvfp4-w4a16": "NVFP4 W4A16", "int4-g64": "INT4-g64 W4A4",
                  "int3-g64-w3a3": "INT3-g64 W3A3"}
 HADAMARD_BLOCK = 64
-SINGLE = [f"a {c} {s}" for c in D.COLOURS for s in D.SHAPES]
-OTHER = ["a red circle above a blue square", "a green triangle to the left of a yellow circle",
-         "a blue square below a red triangle", "a yellow square to the right of a green circle",
-         "two red circles", "three blue triangles", "a big green square", "a small yellow triangle"]
+SINGLE = D.EVAL_SINGLE  # every plain single-shape caption
+OTHER = D.EVAL_OTHER  # relations / counts / sizes
 _SINGLE_RE = re.compile(r"^a (\w+) (\w+)$")
 
 
@@ -128,6 +138,18 @@ def psnr_ssim(images: np.ndarray, refs: np.ndarray) -> tuple[float, float]:
     return float(np.mean(p)), float(np.mean(s))
 
 
+def _jsonable(x):
+    """``x`` with str keys, lists for tuples/arrays and floats for numpy scalars (for the JSON of a row)."""
+    if isinstance(x, dict):
+        return {k if isinstance(k, str) else ".".join(map(str, k)) if isinstance(k, tuple) else str(k): _jsonable(v)
+                for k, v in x.items()}
+    if isinstance(x, list | tuple | np.ndarray):
+        return [_jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -153,6 +175,16 @@ def layer_errors(ref: nnx.Module, q: nnx.Module, batches) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- the bench
 
 
+@frozen_jit
+def _cfg_step(dit, x, img_ids2, txt2, txt_ids2, y2, t, dt, scale):
+    """One Euler step with classifier-free guidance (``generate.pipeline``'s: the conditional and empty-prompt
+    velocities in one DiT call on the doubled batch, ``v = v_u + scale * (v_c - v_u)``)."""
+    b = x.shape[0]
+    pred = dit(jnp.concatenate([x, x]), img_ids2, txt2, txt_ids2, jnp.full((2 * b,), t, jnp.float32), y2,
+               None).astype(jnp.float32)
+    return x + dt * (pred[b:] + scale * (pred[:b] - pred[b:]))
+
+
 class Bench:
     """The embedded pipeline, its prompts' embeddings and noise, the bf16 references and calibration data."""
 
@@ -168,6 +200,10 @@ class Bench:
                                                      clip=d / "clip_l.safetensors", t5=d / "t5xxl_fp16.safetensors",
                                                      tokenizers=d, dtype=jnp.bfloat16)
         p = self.pipe
+        dit_file = embedded_transformer_path() if pipeline is None else Path(pipeline) / "flux1-tiny.safetensors"
+        self.calib_file = calibration_prompts_path(dit_file)
+        if self.calib_file is None:
+            raise SystemExit(f"{dit_file}: not a DiT trained by permuquant_jax.train.tiny (no training record)")
         self.size, self.steps, self.cfg = p.default_size(), steps or p.default_steps(), p.default_guidance()
         single = SINGLE[::6] if quick else SINGLE
         self.prompts = [s for s in single for _ in range(seeds)] + (OTHER[:1] if quick else OTHER)
@@ -179,11 +215,14 @@ class Bench:
         p.unconditional(len(self.prompts))
         self.dit = p.dit
         self.ref_latents, self.ref_images = self.generate(self.dit)
-        # Calibration / held-out text: training captions that are not evaluated (seeded choice).
-        rng = np.random.default_rng(7)
-        pool = [c for c in D.all_captions() if c not in set(self.prompts)]
-        pick = rng.permutation(len(pool))
-        n_cal, n_held = (2, 1) if quick else (16, 8)
+        self.ref_trajectory = self.last_trajectory
+        # Calibration / held-out text: the pipeline's calibration prompts (training-grammar captions, none of
+        # them evaluated here), in a seeded order: the first n_cal calibrate, the next n_held are held out.
+        pool = read_prompts(self.calib_file)
+        if set(pool) & set(self.prompts):
+            raise SystemExit(f"{self.calib_file}: holds evaluated prompts {sorted(set(pool) & set(self.prompts))}")
+        pick = np.random.default_rng(7).permutation(len(pool))
+        n_cal, n_held = (2, 2) if quick else (16, 16)  # the same batch shape: one trajectory compile for both
         calib_caps = [pool[i] for i in pick[:n_cal]]
         held_caps = [pool[i] for i in pick[n_cal : n_cal + n_held]]
         ct, _, cy = p.encode_prompts(calib_caps)
@@ -199,6 +238,7 @@ class Bench:
         self.calib_captions, self.held_captions = calib_caps, held_caps
         self.classifier = SceneClassifier(self.size, num=600 if quick else 1500)
         self.ref_pred = self.classifier.predict(self.ref_images[: self.n_single])
+        self.init_s = time.time() - t0
         log(f"bf16 references: {len(self.prompts)} pictures {self.size}x{self.size}, {self.steps} steps, cfg "
             f"{self.cfg:g}; {len(self.calib)} calibration / {len(self.held)} held-out batches; classifier "
             f"held-out accuracy colour {self.classifier.heldout[0]:.3f} shape {self.classifier.heldout[1]:.3f} "
@@ -210,18 +250,34 @@ class Bench:
                     cfg=self.cfg, accept=self.accept, seeds=f"{self.seeds[0]}..{self.seeds[-1]}",
                     calib=len(self.calib), calib_captions=len(self.calib_captions), held=len(self.held),
                     held_captions=len(self.held_captions), clf_train=self.classifier.n_train,
-                    clf_heldout=list(self.classifier.heldout), wall_s=time.time() - self.t0)
+                    clf_heldout=list(self.classifier.heldout), wall_s=time.time() - self.t0,
+                    calib_file=self.calib_file.name, init_s=self.init_s, device=jax.devices()[0].device_kind,
+                    backend=jax.default_backend(), jax=jax.__version__,
+                    ref_sha256=hashlib.sha256(np.ascontiguousarray(self.ref_latents).tobytes()).hexdigest()[:16])
 
     def generate(self, dit: nnx.Module) -> tuple[np.ndarray, np.ndarray]:
+        """(final packed latents, uint8 pictures) of every prompt; ``self.last_trajectory``: the latents
+        after each step ``[steps, B, seq, 64]``. The pipeline's Euler loop with classifier-free guidance
+        (``FluxPipeline.sample``'s maths, its schedule), one jitted step per call (one compile per DiT)."""
+        from permuquant_jax.models.sampling import get_schedule, pack_latents, prepare_img_ids
+
         p = self.pipe
-        gen = FluxPipeline(dit=dit, t5=p.t5, clip=p.clip, ae=p.ae, t5_tokenizer=p.t5_tokenizer,
-                           clip_tokenizer=p.clip_tokenizer, dit_config=p.dit_config, schedule=p.schedule,
-                           trained=p.trained)
-        gen._uncond = p.unconditional()  # the same empty-prompt embeddings (no second encoder run)
-        txt, txt_ids, y = self.text
-        lat = gen.sample(txt, txt_ids, y, self.noise, steps=self.steps, guidance=self.cfg)
-        images = to_uint8(gen.decode(lat, self.size, self.size))
-        return np.asarray(lat, np.float32), images
+        txt, txt_ids, y = (jnp.asarray(a) for a in self.text)
+        b = self.noise.shape[0]
+        x = pack_latents(jnp.asarray(self.noise, jnp.float32))
+        img_ids = prepare_img_ids(b, self.noise.shape[1], self.noise.shape[2])
+        sched = np.asarray(get_schedule(self.steps, x.shape[1], **p.schedule), np.float64)
+        txt_u, y_u = p.unconditional()
+        txt2 = jnp.concatenate([txt, jnp.broadcast_to(jnp.asarray(txt_u), txt.shape)])
+        y2 = jnp.concatenate([y, jnp.broadcast_to(jnp.asarray(y_u), y.shape)])
+        ids2, txt_ids2 = jnp.concatenate([img_ids, img_ids]), jnp.concatenate([txt_ids, txt_ids])
+        traj = []
+        for t, dt in zip(sched[:-1], np.diff(sched), strict=True):
+            x = _cfg_step(dit, x, ids2, txt2, txt_ids2, y2, jnp.float32(t), jnp.float32(dt), jnp.float32(self.cfg))
+            traj.append(np.asarray(x, np.float32))
+        self.last_trajectory = np.stack(traj)
+        images = to_uint8(p.decode(x, self.size, self.size))
+        return traj[-1], images
 
     def semantic(self, images: np.ndarray) -> tuple[float, float, float]:
         pred = self.classifier.predict(images[: self.n_single])
@@ -234,6 +290,7 @@ class Bench:
     def reference_row(self) -> dict:
         colour, shape, agree = self.semantic(self.ref_images)
         return dict(format="bf16", method="bf16", psnr=float("inf"), ssim=1.0, latent_err=0.0, layer_mean=0.0,
+                    step_err=[0.0] * self.steps,
                     layer_worst=0.0, worst_layer="", colour=colour, shape=shape, agree=agree, accepted="",
                     time=0.0)
 
@@ -244,14 +301,26 @@ class Bench:
                                      progress=False, accept=self.accept)
         wall = time.time() - t0
         lat, images = self.generate(q)
+        t_gen = time.time() - t0 - wall
+        step_err = [rel_l2(a, b) for a, b in zip(self.last_trajectory, self.ref_trajectory, strict=True)]
+        ds = rep.config.get("downstream", {})
+        sites = [dict(site=sr.name, chosen=sr.chosen, accepted=bool(sr.accepted), gain=float(sr.gain))
+                 for sr in rep.sites]
         ps, ss = psnr_ssim(images, self.ref_images)
+        t1 = time.time()
         lerr = layer_errors(self.dit, q, self.held)
+        t_blk = time.time() - t1
         worst = max(lerr, key=lerr.get)
         colour, shape, agree = self.semantic(images)
         return dict(format=fmt, method=method, psnr=ps, ssim=ss, latent_err=rel_l2(lat, self.ref_latents),
                     layer_mean=float(np.mean(list(lerr.values()))), layer_worst=lerr[worst], worst_layer=worst,
                     colour=colour, shape=shape, agree=agree, accepted=f"{rep.n_accepted}/{rep.n_sites}",
-                    time=wall, layers=lerr), images
+                    time=wall, layers=lerr, step_err=step_err, sites=sites,
+                    hadamard=_jsonable(ds.get("hadamard")),
+                    model_error_fake_quant=_jsonable(ds.get("model_error_fake_quant")),
+                    block_errors_fake_quant=_jsonable(ds.get("block_errors_fake_quant")),
+                    times=dict(init_s=self.init_s, quantize_s=wall, generate_s=t_gen, block_errors_s=t_blk,
+                               downstream_s=ds.get("seconds"), downstream_forwards=ds.get("forwards"))), images
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -284,7 +353,8 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
         f"Command: `{cmd}`  ",
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
         + (f", {wall / 60:.1f} min wall" if wall else "") + f". Machine: {platform.machine()} {platform.system()}, "
-        f"JAX {jax.__version__} on {jax.default_backend()}.  ",
+        + (f"JAX {b['jax']} on {b['backend']} ({b['device']}).  " if "backend" in b else
+           f"JAX {jax.__version__} on {jax.default_backend()}.  "),
         f"Pictures: {b['pictures']} ({b['n_single']} of single-shape prompts, the rest relations / counts / sizes), "
         f"{b['size']}x{b['size']}, {b['steps']} Euler steps, classifier-free guidance {b['cfg']:g}, acceptance "
         f"{b['accept'] or 'library default'}, seeds {b['seeds']}. Calibration: {b['calib']} batches "
@@ -306,6 +376,27 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
             f"| {_f(r['latent_err'])} | {_f(r['layer_mean'])} | {_f(r['layer_worst'])}"
             f"{' (' + r['worst_layer'] + ')' if r['worst_layer'] else ''} | {r['colour']:.2f} | {r['shape']:.2f} "
             f"| {r['agree']:.2f} | {r['accepted']} | {r['time']:.1f} |")
+    timed = [r for r in rows if r.get("times")]
+    if timed:
+        lines += ["", "Where a row's time goes (wall s; init: the process's pipeline load, bf16 references, "
+                  "calibration trajectories and classifier, once per process; generate includes the sampler's "
+                  "compile):", "",
+                  "| format | method | init | quantize | generate | block errors |", "|---|---|---|---|---|---|"]
+        for r in timed:
+            t = r["times"]
+            lines.append(f"| {FORMAT_LABELS.get(r['format'], r['format'])} | {r['method']} | "
+                         f"{t.get('init_s', float('nan')):.1f} | {t['quantize_s']:.1f} | {t['generate_s']:.1f} | "
+                         f"{t['block_errors_s']:.1f} |")
+    stepped = [r for r in rows if r.get("step_err") and r["method"] != "bf16"]
+    if stepped:
+        n = len(stepped[0]["step_err"])
+        at = sorted({k for k in (1, 2, 3, 5, 8, 12, 16, n) if 1 <= k <= n})
+        lines += ["", "Which steps diverge: relative L2 error of the latents after step k (all pictures) against the "
+                  "bf16 trajectory:", "", "| format | method | " + " | ".join(f"k={k}" for k in at) + " |",
+                  "|---|---|" + "---|" * len(at)]
+        for r in stepped:
+            lines.append(f"| {FORMAT_LABELS.get(r['format'], r['format'])} | {r['method']} | "
+                         + " | ".join(f"{r['step_err'][k - 1]:.4f}" for k in at if k <= len(r["step_err"])) + " |")
     lines += ["", "PermuQuant / PermuQuant-H vs RTN (PSNR, latent err, block err mean; better = higher / lower / "
               "lower):", ""]
     by = {(r["format"], r["method"]): r for r in rows}
@@ -351,6 +442,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pipeline", default=None, metavar="DIR",
                    help="a folder in the embedded pipeline's layout instead of the embedded pipeline")
     p.add_argument("--grid-formats", default="nvfp4,int3-g64-w3a3", help="formats shown in the grid")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run every (format, method) row in its own process, N at a time (one GPU shared: no "
+                   "preallocation, 0.9/N of its memory each), then merge; 0: all rows in this process")
+    p.add_argument("--budget", type=float, default=None, metavar="S",
+                   help="with --workers: stop the rows still running S seconds after the start, merge the rest")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="with --workers: the rows' JSON / npz / logs "
+                   "(default: a new temporary folder)")
+    p.add_argument("--log", default=None, metavar="FILE", help="with --workers: every row's log, one after another")
+    p.add_argument("--worker-xla-flags", default="", metavar="FLAGS",
+                   help="with --workers: XLA_FLAGS added for the rows (e.g. --xla_gpu_autotune_level=0: the tiny "
+                   "model's GEMMs need no autotuning); dropped, with a note, if a probe process refuses them")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods else (["rtn", "permuquant"] if args.quick else list(METHODS))
     formats = args.formats.split(",") if args.formats else (["nvfp4"] if args.quick else list(FORMATS))
@@ -366,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                                  else argv))
     if args.merge:
         return merge(args.merge.split(","), args, cmd.strip())
+    if args.workers:  # this process only starts and merges: it must not take the GPU (its workers do)
+        jax.config.update("jax_platforms", "cpu")
+        return run_rows(formats, methods, args, argv if argv is not None else sys.argv[1:], cmd.strip(), log)
     bench = Bench(args.quick, args.seeds or (1 if args.quick else 2), log, args.pipeline,
                   steps=args.steps or (2 if args.quick else None),
                   accept=args.accept or ("layer" if args.quick else None))
@@ -401,26 +506,158 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def merge(paths: Sequence[str], args: argparse.Namespace, cmd: str) -> int:
-    """One table and grid from runs split by format (their JSON and --save-images files)."""
-    rows, grid_rows, setup, wall = [], [], None, 0.0
-    for k, path in enumerate(paths):
+def _order(fmt: str, method: str) -> tuple[int, int]:
+    return (-1, -1) if fmt == "bf16" else (
+        FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS), METHODS.index(method) if method in METHODS else 99)
+
+
+def merge(paths: Sequence[str], args: argparse.Namespace, cmd: str, wall: float = 0.0, note: str | None = None) -> int:
+    """One table, JSON and grid from runs split by format or row (their JSON and --save-images files):
+    the bf16 row of the first, every other row once, in the table's format x method order."""
+    rows, grid_rows, setups, prompts, seeds = {}, {}, [], None, None
+    for path in paths:
         d = json.loads(Path(path).read_text())
-        setup = setup or d["setup"]
-        rows += d["rows"] if k == 0 else [r for r in d["rows"] if r["method"] != "bf16"]
-        wall = max(wall, d["setup"].get("wall_s", 0.0))
+        setups.append(d["setup"])
+        if prompts is None:
+            prompts, seeds = d.get("prompts"), d.get("seeds")
+        elif d.get("prompts") != prompts or d.get("seeds") != seeds:
+            raise SystemExit(f"--merge: {path} evaluated other prompts or seeds than {paths[0]}")
+        for r in d["rows"]:
+            r.setdefault("times", {})
+            if r["method"] != "bf16":
+                r["times"].setdefault("init_s", d["setup"].get("init_s", float("nan")))
+            rows.setdefault((r["format"], r["method"]), r)
         npz = Path(path).with_suffix(".npz")
         if npz.is_file():
             z = np.load(npz)
-            start = 0 if k == 0 else 1
-            grid_rows += [(str(lab), img) for lab, img in zip(z["labels"][start:], z["images"][start:], strict=True)]
-    if args.grid and grid_rows:
-        write_grid(grid_rows, Path(args.grid))
-    text = markdown(setup, rows, cmd, 0.0, args.grid, args.note)
+            for lab, img in zip(z["labels"], z["images"], strict=True):
+                lab = str(lab)
+                key = ("bf16", "bf16") if lab == "bf16" else next(
+                    ((f, m) for f in FORMATS for m in METHODS if lab == f"{FORMAT_LABELS.get(f, f)}\n{m}"), (lab, ""))
+                grid_rows.setdefault(key, (lab, img))
+    if not setups:
+        raise SystemExit("--merge: no results to merge")
+    rows = [rows[k] for k in sorted(rows, key=lambda k: _order(*k))]
+    grid = [grid_rows[k] for k in sorted(grid_rows, key=lambda k: _order(*k))]
+    setup = dict(setups[0], wall_s=max(s.get("wall_s", 0.0) for s in setups))
+    refs = {s.get("ref_sha256") for s in setups}
+    if len(setups) > 1 and None not in refs:
+        same = (f"The bf16 reference latents were bit-identical in all {len(setups)} processes."
+                if len(refs) == 1 else f"The bf16 reference latents DIFFER between processes ({len(refs)} versions): "
+                "each row is scored against its own process's references.")
+        note = f"{note or args.note}  \n{same}" if (note or args.note) else same
+    if args.grid and grid:
+        write_grid(grid, Path(args.grid))
+    text = markdown(setup, rows, cmd, wall, args.grid, args.note if note is None else note)
     if args.out:
         Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(setup=setup, prompts=prompts, seeds=seeds, rows=rows,
+                                                   processes=setups), indent=1))
+        if grid:  # beside it, as --save-images writes it: the merged files merge again (e.g. with another --note)
+            np.savez_compressed(Path(args.json).with_suffix(".npz"), labels=np.array([g[0] for g in grid]),
+                                images=np.stack([g[1] for g in grid]))
     print(text)
     return 0
+
+
+WORKER_DROP = ("--workers", "--budget", "--work-dir", "--log", "--out", "--json", "--grid", "--save-images", "--note",
+               "--formats", "--methods", "--worker-xla-flags")
+
+
+def worker_args(argv: Sequence[str]) -> list[str]:
+    """A row process's options: ``argv`` less the orchestration and output ones (``WORKER_DROP``, with their
+    values, as ``--opt value`` or ``--opt=value``)."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in WORKER_DROP:
+            skip = "=" not in a
+            continue
+        keep.append(a)
+    return keep
+
+
+def run_rows(formats: Sequence[str], methods: Sequence[str], args: argparse.Namespace, argv: Sequence[str],
+             cmd: str, log) -> int:
+    """Every (format, method) row in its own process of this script (``--workers`` at a time, slowest
+    methods first), stopped at ``--budget``; then :func:`merge` of the rows that finished."""
+    t0 = time.time()
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality_tiny_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rank = {"permuquant-h": 0, "permuquant": 1, "hadamard": 2, "smoothquant": 3, "rtn": 4}
+    tasks = sorted(((f, m) for f in formats for m in methods), key=lambda t: (rank.get(t[1], 0), _order(*t)))
+    n = max(1, min(args.workers, len(tasks)))
+    keep = worker_args(argv)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / n:.3f}",
+               PYTHONUNBUFFERED="1")
+    notes = [args.note] if args.note else []
+    if args.worker_xla_flags:  # an unknown XLA flag aborts every process: try it once first
+        flags = f"{env.get('XLA_FLAGS', '')} {args.worker_xla_flags}".strip()
+        code = "import jax; (jax.numpy.ones(4) @ jax.numpy.ones(4)).block_until_ready()"
+        probe = subprocess.run([sys.executable, "-c", code], env=dict(env, XLA_FLAGS=flags), capture_output=True,
+                               text=True, timeout=120)
+        if probe.returncode == 0:
+            env["XLA_FLAGS"] = flags
+            notes.append(f"Rows ran with XLA_FLAGS={flags}.")
+        else:
+            notes.append(f"XLA_FLAGS {args.worker_xla_flags} refused (exit {probe.returncode}): rows ran without them.")
+        log(notes[-1])
+    pending, running, finished = list(tasks), {}, {}
+    log(f"{len(tasks)} rows in {n} processes at a time; work dir {work}")
+    while pending or running:
+        while pending and len(running) < n:
+            f, m = pending.pop(0)
+            stem = work / f"{f}__{m}"
+            worker = [sys.executable, str(Path(__file__).resolve()), "--formats", f, "--methods", m, "--json",
+                      f"{stem}.json", "--save-images", f"{stem}.npz", *keep]
+            out = open(f"{stem}.log", "w")  # noqa: SIM115 - closed when the process ends
+            running[(f, m)] = (subprocess.Popen(worker, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True), out, time.time())
+        for key, (proc, out, ts) in list(running.items()):
+            if proc.poll() is not None:
+                out.close()
+                finished[key] = (proc.returncode, time.time() - ts)
+                del running[key]
+                log(f"row {key[0]} {key[1]}: exit {proc.returncode} after {time.time() - ts:.0f} s")
+        if args.budget and time.time() - t0 > args.budget and running:
+            for key, (proc, _out, ts) in running.items():
+                log(f"row {key[0]} {key[1]}: stopped at the budget ({time.time() - ts:.0f} s)")
+                os.killpg(proc.pid, signal.SIGTERM)
+            for key, (proc, out, ts) in running.items():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                out.close()
+                finished[key] = ("stopped", time.time() - ts)
+            running = {}
+            pending_left = [f"{f} {m}" for f, m in pending]
+            if pending_left:
+                log("not started (budget): " + ", ".join(pending_left))
+            pending = []
+        time.sleep(0.5)
+    if args.log:
+        with open(args.log, "w") as fh:
+            for f, m in tasks:
+                stem = work / f"{f}__{m}"
+                if Path(f"{stem}.log").is_file():
+                    fh.write(f"===== {f} {m}: {finished.get((f, m), ('not run', 0))[0]} =====\n")
+                    fh.write(Path(f"{stem}.log").read_text(errors="replace"))
+    done = [str(work / f"{f}__{m}.json") for f, m in sorted(tasks, key=lambda t: _order(*t))
+            if (work / f"{f}__{m}.json").is_file() and finished.get((f, m), (None,))[0] == 0]
+    missing = [f"{f} {m} ({finished.get((f, m), ('not run',))[0]})" for f, m in tasks
+               if str(work / f"{f}__{m}.json") not in done]
+    notes.append(f"Rows in {n} parallel processes (one per row)" + ("; not measured: " + ", ".join(missing)
+                                                                     if missing else "."))
+    note = "  \n".join(notes)
+    if not done:
+        log("no row finished")
+        return 1
+    return merge(done, args, cmd, time.time() - t0, note)
 
 
 if __name__ == "__main__":
