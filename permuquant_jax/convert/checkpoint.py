@@ -458,9 +458,9 @@ def load_flux(
     be any of ``STORED_DTYPES`` (BF16, F16, F32, F64, F8_E4M3, F8_E5M2); each is read, cast to
     ``dtype`` and placed in turn.
 
-    ``check_finite`` (default on): every loaded parameter is checked for NaN/Inf as it is placed (on the
-    device, after the cast); the error names the file and the checkpoint's own key,
-    and says whether the stored values are non-finite or the cast to ``dtype`` overflowed.
+    ``check_finite`` (default on): every loaded parameter is checked for NaN/Inf as it is placed (after
+    the cast; layers of large stacked weights on the device); the error names the file and the
+    checkpoint's own key, and says whether the stored values are non-finite or the cast overflowed.
 
     Raises :class:`CheckpointError` (a ``ValueError``) with a one-line message for anything that is
     not a loadable FLUX.1 transformer.
@@ -487,70 +487,75 @@ def load_flux(
         from tqdm import tqdm
 
         items = tqdm(items, total=len(by_target), desc=f"loading {source.path.name}", unit="tensor")
-    # Jobs (one target, or one layer of a large stacked target) are read by helper threads, LOAD_AHEAD
-    # ahead, in the stored orientation (whole rows: plain reads, no host transposes, which ran at
-    # ~0.25 GB/s); the device transposes weights as it places them, while the next jobs are read.
-    jobs: list[tuple[tuple[str, ...], int | None, list[SourceTensor], tuple[int, ...]]] = []
-    plan: list[tuple[tuple[str, ...], tuple[int, ...], bool, bool, int]] = []
+    # Jobs (one small target whole, or one layer of a large stacked target) are read by helper threads,
+    # LOAD_AHEAD ahead of the device. A layer of a large stacked weight is read in the stored orientation
+    # ([out, in]: whole rows, plain reads) and transposed and checked on the device as it is written in
+    # place (numpy's bf16 transposes ran at ~0.25 GB/s and set the load time); small targets are
+    # assembled on the host as before (no device program per shape).
+    jobs: list[tuple[int | None, list[SourceTensor], tuple[int, ...], bool]] = []
+    plan: list[tuple[tuple[str, ...], tuple[int, ...], bool, int]] = []
     for target, entries in by_target.items():
         shape = tuple(_variable(model, target).get_value().shape)
         matrix = entries[0].is_matrix
         assert all(e.is_matrix == matrix for e in entries), target
         stacked = entries[0].pieces[0].layer is not None
-        layerwise = stacked and np.prod(shape) * np_dtype.itemsize >= LAYERWISE_MIN_BYTES
-        stored_shape = (*shape[:-2], shape[-1], shape[-2]) if matrix else shape  # weights as stored: [out, in]
-        if layerwise:
+        if stacked and np.prod(shape) * np_dtype.itemsize >= LAYERWISE_MIN_BYTES:
             by_layer: dict[int, list[SourceTensor]] = {}
             for entry in entries:
                 by_layer.setdefault(entry.pieces[0].layer, []).append(entry)
+            layer_shape = (shape[-1], shape[-2]) if matrix else shape[1:]  # weights as stored: [out, in]
             for layer, layer_entries in sorted(by_layer.items()):
-                jobs.append((target, layer, layer_entries, stored_shape[1:]))
+                jobs.append((layer, layer_entries, layer_shape, stacked))
+            plan.append((target, shape, matrix, len(by_layer)))
         else:
-            jobs.append((target, None, entries, stored_shape))
-        plan.append((target, shape, matrix, layerwise, len(by_layer) if layerwise else 1))
+            jobs.append((None, entries, shape, stacked))
+            plan.append((target, shape, matrix, 0))
 
     from concurrent.futures import ThreadPoolExecutor
 
+    def read(job):
+        layer, entries, shape, stacked = job
+        buf = np.empty(shape, np_dtype)
+        if layer is None:  # a small target, whole, in the model's orientation, checked on the host
+            _fill(source, entries, buf, stacked=stacked)
+            if check_finite:
+                _check_finite(source, entries, buf, stacked=stacked)
+        else:
+            _fill_stored(source, entries, buf)
+        return layer, entries, buf
+
     pool = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="load_flux")
-    pending = [pool.submit(_read_job, source, j, np_dtype) for j in jobs[:LOAD_AHEAD]]
+    pending = [pool.submit(read, j) for j in jobs[:LOAD_AHEAD]]
     next_job = len(pending)
 
     def take():
         nonlocal next_job
         buf = pending.pop(0).result()
         if next_job < len(jobs):
-            pending.append(pool.submit(_read_job, source, jobs[next_job], np_dtype))
+            pending.append(pool.submit(read, jobs[next_job]))
             next_job += 1
         return buf
 
     try:
-        for (target, shape, matrix, layerwise, n_jobs), _ in zip(plan, items, strict=True):
+        for (target, shape, matrix, n_layers), _ in zip(plan, items, strict=True):
             var = _variable(model, target)
-            checks = []
-            if layerwise:
-                value = jnp.zeros(shape, dtype)
-                for _j in range(n_jobs):
-                    layer, layer_entries, buf = take()
-                    part = jnp.asarray(buf)
-                    del buf
-                    if check_finite:
-                        checks.append((layer, layer_entries, _all_finite_dev(part)))
-                    value = (_write_layer_t if matrix else _write_layer)(value, part, layer)
-                    del part
-            else:
-                _, entries, buf = take()
-                value = jnp.asarray(buf)
+            if not n_layers:
+                _, _, buf = take()
+                var.set_value(jnp.asarray(buf))
                 del buf
-                if matrix:
-                    value = _swap_last(value)
+                continue
+            value, checks = jnp.zeros(shape, dtype), []
+            for _j in range(n_layers):
+                layer, layer_entries, buf = take()
+                value, finite = _write_layer(value, jnp.asarray(buf), layer, transpose=matrix)
+                del buf
                 if check_finite:
-                    checks.append((None, entries, _all_finite_dev(value)))
-            for layer, entries, ok in checks:
-                if not bool(ok):  # name the stored tensor responsible (host search, failure only)
-                    host = np.empty(shape if layer is None else shape[1:], np_dtype)
-                    stacked = entries[0].pieces[0].layer is not None and layer is None
-                    _fill(source, entries, host, stacked=stacked)
-                    _check_finite(source, entries, host, stacked=stacked)
+                    checks.append((layer, layer_entries, finite))
+            for _layer, layer_entries, finite in checks:
+                if not bool(finite):  # name the stored tensor responsible (host search, on failure only)
+                    host = np.empty(shape[1:], np_dtype)
+                    _fill(source, layer_entries, host, stacked=False)
+                    _check_finite(source, layer_entries, host, stacked=False)
             var.set_value(value)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -562,43 +567,22 @@ def load_flux(
 
 # Stacked tensors at least this large are assembled layer by layer (see load_flux).
 LAYERWISE_MIN_BYTES = 16 * 2**20
-LOAD_AHEAD = 3  # jobs read ahead of the device (host memory: at most this many layers of one tensor)
+LOAD_AHEAD = 3  # jobs read ahead of the device (host memory: at most this many layers or small targets)
 LOAD_THREADS = 2
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stacked: jax.Array, layer_value: jax.Array, index) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer_value, index, 0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="transpose")
+def _write_layer(stacked: jax.Array, layer_value: jax.Array, index, *, transpose: bool = False):
+    """Write one layer into the stacked array in place (donated); ``transpose``: the layer comes as
+    stored ([out, in]) for a kernel ([depth, in, out]). Also returns whether the layer is finite."""
+    if transpose:
+        layer_value = jnp.swapaxes(layer_value, -1, -2)
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer_value, index, 0), jnp.all(jnp.isfinite(layer_value))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer_t(stacked: jax.Array, layer_stored: jax.Array, index) -> jax.Array:
-    """Write one layer given as stored ([out, in]) into the stacked kernel ([depth, in, out]), in place."""
-    return jax.lax.dynamic_update_index_in_dim(stacked, jnp.swapaxes(layer_stored, -1, -2), index, 0)
-
-
-@jax.jit
-def _swap_last(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
-@jax.jit
-def _all_finite_dev(x: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(x))
-
-
-def _read_job(source: CheckpointSource, job, np_dtype: np.dtype):
-    """Host buffer of one load job in stored orientation (weights [out, in]), cast to ``np_dtype``:
-    returns (layer, entries, buffer)."""
-    _target, layer, entries, shape = job
-    buf = np.empty(shape, np_dtype)
-    _fill_stored(source, entries, buf, stacked=layer is None and entries[0].pieces[0].layer is not None)
-    return layer, entries, buf
-
-
-def _fill_stored(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray, *, stacked: bool) -> None:
-    """Like :func:`_fill`, but ``buf`` keeps the stored orientation (weights [out, in], so every piece is a
-    block of whole rows): a tensor stored in ``buf``'s dtype that fills a contiguous block is read
+def _fill_stored(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray) -> None:
+    """One layer's pieces into ``buf`` in the stored orientation (weights [out, in], so every piece is
+    a block of whole rows): a tensor stored in ``buf``'s dtype that fills a contiguous block is read
     straight into it; anything else is read, then cast by numpy as it is copied in (the same values)."""
     for entry in entries:
         file, key = source.files[entry.key], source.stored_key[entry.key]
@@ -606,9 +590,7 @@ def _fill_stored(source: CheckpointSource, entries: list[SourceTensor], buf: np.
             file.tensors[key].numpy_dtype == buf.dtype
         arr = None
         for piece in entry.pieces:
-            dest = buf[piece.layer] if stacked and piece.layer is not None else buf
-            if piece.dst is not None:
-                dest = dest[piece.dst[0] : piece.dst[1]]
+            dest = buf if piece.dst is None else buf[piece.dst[0] : piece.dst[1]]
             if direct and dest.flags.c_contiguous:
                 file.read_into(key, dest)
                 continue
@@ -623,7 +605,7 @@ def _fill_stored(source: CheckpointSource, entries: list[SourceTensor], buf: np.
 def _fill(source: CheckpointSource, entries: list[SourceTensor], buf: np.ndarray, *, stacked: bool) -> None:
     """Read each source tensor and write its pieces into ``buf`` (cast, transposed for weights).
     With ``stacked=False`` ``buf`` is one layer's slice and the pieces' layer indices are ignored.
-    (The load itself uses :func:`_fill_stored`; this layout is rebuilt only to name a non-finite tensor.)"""
+    (Large stacked weights are read with :func:`_fill_stored` instead.)"""
     for entry in entries:
         arr = source.read(entry.key)
         for piece in entry.pieces:

@@ -360,6 +360,40 @@ class PhaseClock:
         self.phases: dict[str, float] = {}
         self.current = "starting"
         self.extra: dict[str, Any] = {}
+        self._lock = __import__("threading").Lock()
+        self._watch: Any = None
+
+    def watch_memory(self, step_bytes: int = 512 * 2**20, every_s: float = 0.2, limit: int = 300) -> None:
+        """Start a daemon thread that polls device 0's allocator and, each time its high-water mark rose by
+        `step_bytes`, records {t, peak, in_use, phase, the active progress bars} in `peak_steps` (at most
+        `limit`): the timeline says which pass set the peak. No-op without a timings file or memory stats."""
+        if not self.file or self._watch is not None or not _device_memory().get("peak_device_bytes"):
+            return
+        import threading
+
+        steps = self.extra.setdefault("peak_steps", [])
+        stop = threading.Event()
+
+        def poll():
+            last, last_write = 0, time.perf_counter()
+            while not stop.wait(every_s):
+                try:
+                    import jax
+
+                    st = jax.devices()[0].memory_stats() or {}
+                except Exception:  # noqa: BLE001 - the backend went away (interpreter exit)
+                    return
+                peak = st.get("peak_bytes_in_use") or 0
+                if peak >= last + step_bytes and len(steps) < limit:
+                    last = peak
+                    steps.append(dict(t=round(time.perf_counter() - self.t0, 2), peak=peak,
+                                      in_use=st.get("bytes_in_use"), phase=self.current, bars=_active_bars()))
+                    if time.perf_counter() - last_write > 10:
+                        last_write = time.perf_counter()
+                        self.write()
+
+        self._watch = stop
+        threading.Thread(target=poll, name="permuquant-memory-watch", daemon=True).start()
 
     def enter(self, phase: str) -> None:
         now = time.perf_counter()
@@ -392,10 +426,21 @@ class PhaseClock:
             return
         import json
 
-        tmp = f"{self.file}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(self.summary(), fh, indent=1)
-        os.replace(tmp, self.file)
+        with self._lock:
+            tmp = f"{self.file}.tmp{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(self.summary(), fh, indent=1)
+            os.replace(tmp, self.file)
+
+
+def _active_bars() -> list[str]:
+    """'desc n/total' of every open tqdm bar (what a pass is doing right now)."""
+    try:
+        from tqdm.std import tqdm as _tqdm
+
+        return [f"{b.desc} {b.n}/{b.total}" for b in list(getattr(_tqdm, "_instances", ()))]
+    except Exception:  # noqa: BLE001 - the set changed while read: skip this sample's bars
+        return []
 
 
 def _peak_rss() -> int:
@@ -584,6 +629,7 @@ def run(args: argparse.Namespace) -> int:
             if args.stats:
                 reused = load_stats_for(args.stats, stats_id)
         _enter("loading", f"loading {src} ...")
+        clock.watch_memory()
         model = load_flux(src, dtype=dtype, progress=progress)
         n_params, toy = m["n_params"], m["toy"]
         mesh, n_dev = None, args.devices or 1

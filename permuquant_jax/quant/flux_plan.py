@@ -177,10 +177,11 @@ def flux_calibration_batches(
     sched = flux_schedule(steps, hl * wl, shift=dev)
     pick = np.arange(steps) if not calib_steps else np.unique(np.linspace(0, steps - 1, calib_steps).round())
     pick = set(int(i) for i in pick)
+    last = max(pick)  # a trajectory stops at its last recorded step (later steps would be thrown away)
 
     batches = []
     n_traj = -(-num_samples // batch_size)
-    bar = tqdm(total=n_traj * steps, desc="calibration trajectories", disable=not progress, leave=False)
+    bar = tqdm(total=n_traj * (last + 1), desc="calibration trajectories", disable=not progress, leave=False)
     for b0 in range(0, num_samples, batch_size):
         txt = jnp.asarray(txt_all[b0 : b0 + batch_size])
         y = jnp.asarray(y_all[b0 : b0 + batch_size])
@@ -189,12 +190,12 @@ def flux_calibration_batches(
         img_ids = jnp.asarray(img_position_ids(bs, hl, wl))
         txt_ids = jnp.zeros((bs, txt.shape[1], 3), jnp.float32)
         g = jnp.full((bs,), guidance, jnp.float32) if dev else None
-        for i in range(steps):
+        for i in range(last + 1):
             t = jnp.full((bs,), sched[i], jnp.float32)
             batch = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g)
             if i in pick:
                 batches.append(batch)
-            if i < steps - 1:
+            if i < last:
                 v = flux_forward(model, batch)
                 img = (img + (sched[i + 1] - sched[i]) * v.astype(jnp.float32)).astype(jnp.float32)
             bar.update(1)
