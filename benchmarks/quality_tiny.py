@@ -464,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(s: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)
 
-    cmd = "python benchmarks/quality_tiny.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                 else argv))
+    shown = _without(sys.argv[1:] if argv is None else argv, ("--note",))  # the note is printed on its own
+    cmd = "python benchmarks/quality_tiny.py " + " ".join(shlex.quote(a) for a in shown)
     if args.merge:
         return merge(args.merge.split(","), args, cmd.strip())
     if args.workers:  # this process only starts and merges: it must not take the GPU (its workers do)
@@ -565,19 +565,23 @@ WORKER_DROP = ("--workers", "--budget", "--work-dir", "--log", "--out", "--json"
                "--formats", "--methods", "--worker-xla-flags")
 
 
-def worker_args(argv: Sequence[str]) -> list[str]:
-    """A row process's options: ``argv`` less the orchestration and output ones (``WORKER_DROP``, with their
-    values, as ``--opt value`` or ``--opt=value``)."""
+def _without(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``argv`` less the options ``names`` with their values (``--opt value`` or ``--opt=value``)."""
     keep, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a.split("=", 1)[0] in WORKER_DROP:
+        if a.split("=", 1)[0] in names:
             skip = "=" not in a
             continue
         keep.append(a)
     return keep
+
+
+def worker_args(argv: Sequence[str]) -> list[str]:
+    """A row process's options: ``argv`` less the orchestration and output ones (``WORKER_DROP``)."""
+    return _without(argv, WORKER_DROP)
 
 
 def run_rows(formats: Sequence[str], methods: Sequence[str], args: argparse.Namespace, argv: Sequence[str],
