@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -233,3 +234,40 @@ def test_trained_tiny_dit_sets_calibration_defaults():
     args = argparse.Namespace(max_seq_len=None, resolution=None, steps=None)
     _trained_defaults(args, Path(permuquant_jax.__file__).parent / "assets" / "flux_tiny.safetensors")
     assert (args.max_seq_len, args.resolution, args.steps) == (None, None, None)
+
+
+def test_timings_memory_timeline(tmp_path, monkeypatch):
+    """--timings' device high-water timeline: a rise of the allocator's peak is recorded with the phase and
+    the open progress bars; smaller rises are not (a fake device: the CPU reports no memory statistics)."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    from permuquant_jax.convert import cli
+
+    peaks = iter([1, 2, 3, 5] + [5] * 10_000)  # GiB, one value per poll of the watcher
+    seen = threading.Event()
+
+    class Dev:
+        device_kind = "fake"
+
+        def memory_stats(self):
+            if threading.current_thread().name != "permuquant-memory-watch":
+                return {"peak_bytes_in_use": 2**30, "bytes_in_use": 2**30, "bytes_limit": 8 * 2**30}
+            p = next(peaks)
+            if p == 5:
+                seen.set()
+            return {"peak_bytes_in_use": p * 2**30, "bytes_in_use": 2**30, "bytes_limit": 8 * 2**30}
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
+    clock = cli.PhaseClock(str(tmp_path / "t.json"))
+    clock.enter("quantizing")
+    with tqdm(total=4, desc="block-level decisions") as bar:
+        bar.update(1)
+        clock.watch_memory(step_bytes=2 * 2**30, every_s=0.01)
+        assert seen.wait(10)
+        time.sleep(0.05)
+    clock.enter("saving")
+    steps = json.loads((tmp_path / "t.json").read_text())["peak_steps"]
+    assert [s["peak"] // 2**30 for s in steps] == [2, 5]  # rises of >= 2 GiB over the last record (from 0); 3 is not
+    assert all(s["phase"] == "quantizing" and s["bars"] == ["block-level decisions 1/4"] for s in steps)
