@@ -1,13 +1,17 @@
 """One FLUX.1-dev-size DiT step (random weights) on the GPU: our bf16 vs NVFP4 W4A4 vs NVFP4 W4A16, one run.
 
     PYTHONPATH=. python3 benchmarks/flux_step.py [--res 1024] [--txt 512] [--batch 1 4] [--iters 10] [--tiny]
-        [--variants bf16 w4a4 w4a16 w4a4-mosaic w4a16-mosaic] [--mosaic-classes large] [--no-profile]
+        [--variants bf16 w4a4 w4a16 w4a4-mosaic w4a16-mosaic w4a4-dd w4a16-dd] [--mosaic-classes large]
+        [--mosaic-config $OUT/mosaic_choice.json] [--no-profile]
 
 bf16 weights N(0, 0.02^2) drawn on the device; every linear then quantized with `QuantLinear.from_linear`
 (RTN, no permutation: a folded PermuQuant plan has the same runtime structure; a static activation
 global scale per layer, so no amax pass), dispatched by `kernels.dispatch` ("auto"). cuDNN attention.
-The "-mosaic" variants run the same weights with the tuning table's GEMM choice replaced by the Mosaic
-GPU kernel for the M classes in --mosaic-classes (the step's M: 4096/4608 "large", 512 "medium", 1 "gemv").
+The "-mosaic" / "-dd" variants run the same weights with the tuning table's GEMM choice replaced by the
+Mosaic GPU kernel / decode + cuBLAS for the M classes in --mosaic-classes (the step's M: 4096/4608
+"large", 512 "medium", 1 "gemv"). --mosaic-config: a JSON file whose "fields" are the MosaicConfig of the
+large class for this run (tests/gpu/check_mosaic.py writes one from its measurements).
+Quantization time (`QuantLinear.from_linear` of every linear) is printed and recorded.
 Per variant and batch: compile time, the median of `--iters` back-to-back steps, parameter bytes, and
 (batch 1) a jax.profiler trace of 3 steps whose GPU kernels are attributed to GEMMs (cuBLAS, our matmul
 and decode kernels), attention (cuDNN), activation quantization (our kernel) and the rest. Device
@@ -40,13 +44,15 @@ from permuquant_jax.quant.linear import QuantLinear  # noqa: E402
 from permuquant_jax.quant.paths import find_linears, set_node  # noqa: E402
 
 CATEGORIES = ("gemm", "weight_decode", "act_quant", "attention", "rest")
-# --variants: key -> (table name, QuantLinear format, GEMM by the Mosaic kernel for --mosaic-classes)
+# --variants: key -> (table name, QuantLinear format, GEMM backend for --mosaic-classes or None: the table's)
 VARIANTS = {
-    "bf16": ("bf16", None, False),
-    "w4a4": ("nvfp4 W4A4", "nvfp4", False),
-    "w4a16": ("nvfp4 W4A16", "nvfp4-w4a16", False),
-    "w4a4-mosaic": ("nvfp4 W4A4 mosaic", "nvfp4", True),
-    "w4a16-mosaic": ("nvfp4 W4A16 mosaic", "nvfp4-w4a16", True),
+    "bf16": ("bf16", None, None),
+    "w4a4": ("nvfp4 W4A4", "nvfp4", None),
+    "w4a16": ("nvfp4 W4A16", "nvfp4-w4a16", None),
+    "w4a4-mosaic": ("nvfp4 W4A4 mosaic", "nvfp4", "mosaic"),
+    "w4a16-mosaic": ("nvfp4 W4A16 mosaic", "nvfp4-w4a16", "mosaic"),
+    "w4a4-dd": ("nvfp4 W4A4 decode+cuBLAS", "nvfp4", "decode_cublas"),
+    "w4a16-dd": ("nvfp4 W4A16 decode+cuBLAS", "nvfp4-w4a16", "decode_cublas"),
 }
 
 
@@ -142,6 +148,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a small config (CPU smoke test of this script)")
     ap.add_argument("--variants", nargs="+", default=["bf16", "w4a4", "w4a16"], choices=list(VARIANTS))
     ap.add_argument("--mosaic-classes", nargs="+", default=["large"], choices=[c for c, _ in tuning.M_CLASSES])
+    ap.add_argument("--mosaic-config", help="JSON file with the large class's MosaicConfig fields")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     dispatch.filter_triton_deprecation()
@@ -164,12 +171,20 @@ def main() -> None:
     fargs = inputs(cfg, args.res, args.txt)
     ref = {}
     log["mosaic_classes"] = args.mosaic_classes
+    if args.mosaic_config:
+        try:
+            with open(args.mosaic_config) as f:
+                tuning.MOSAIC_LARGE = dict(json.load(f)["fields"])
+        except (OSError, KeyError, ValueError) as e:
+            print(f"--mosaic-config {args.mosaic_config}: {e}; keeping the table's {tuning.MOSAIC_LARGE}", flush=True)
+    log["mosaic_large"] = dict(tuning.MOSAIC_LARGE)
+    log["quantize_s"] = {}
     t_start = time.time()
     dev_class = dispatch.device_class() or tuning.FALLBACK_CLASS
     saved_table = dict(tuning.DISPATCH_TABLE.get(dev_class, tuning.DISPATCH_TABLE[tuning.FALLBACK_CLASS]))
     quantized: dict = {}
     for key in args.variants:
-        vname, fmt, mosaic = VARIANTS[key]
+        vname, fmt, override = VARIANTS[key]
         if fmt is None:
             model = base
         elif fmt in quantized:  # the same weights, another GEMM choice
@@ -178,11 +193,13 @@ def main() -> None:
             model = nnx.clone(base)
             t0 = time.perf_counter()
             nlin = quantize_all(model, fmt)
-            print(f"{vname}: quantized {nlin} linears in {time.perf_counter() - t0:.1f} s", flush=True)
+            jax.block_until_ready(nnx.state(model))
+            log["quantize_s"][key] = time.perf_counter() - t0  # the first one includes the compiles
+            print(f"{vname}: quantized {nlin} linears in {log['quantize_s'][key]:.1f} s", flush=True)
             quantized = {fmt: model}  # keep one quantized model at a time
         table = dict(saved_table)
-        if mosaic:
-            table.update({c: "mosaic" for c in args.mosaic_classes})
+        if override:
+            table.update({c: override for c in args.mosaic_classes})
         tuning.DISPATCH_TABLE[dev_class] = table
         pb = param_bytes(model)
         for b in args.batch:

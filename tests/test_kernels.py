@@ -223,6 +223,31 @@ def test_dequant_dot_and_mosaic_layout_match_reference(rng, monkeypatch):
         mg.MosaicConfig(block_m=100)
     with pytest.raises(ValueError, match="pipeline must be"):
         mg.MosaicConfig(pipeline="async")
+    with pytest.raises(ValueError, match="grid_ctas must be"):
+        mg.MosaicConfig(grid_ctas=0)
+    # persistent grid: at most one CTA per tile, the device's SM count (or grid_ctas) otherwise
+    big = mg.MosaicWeights(jax.ShapeDtypeStruct((9216, 3072), jnp.int4), None, None, n=9216, k=3072)
+    p = mg.plan(4096, 3072, big, mg.MosaicConfig(persistent=True), sms=132)
+    assert (p["tiles"], p["grid"], p["tiles_per_cta"], p["k_iters"]) == (16 * 72, 132, 9, 48)
+    p = mg.plan(4096, 3072, big, mg.MosaicConfig(persistent=True, grid_ctas=100, block_k=128, stages=2))
+    assert (p["grid"], p["tiles_per_cta"], p["k_iters"]) == (100, 12, 24)
+    assert mg.plan(77, 384, wm, mg.MosaicConfig(persistent=True))["grid"] == 1
+    assert mg.plan(4096, 3072, big, mg.MosaicConfig())["grid"] == 16 * 72
+    tag = mg.MosaicConfig(pipeline="pipelined", persistent=True, bf16_decode=True).tag
+    assert tag == "pipelined_p_bm256_bk64_s4_b16"
+    from permuquant_jax.kernels import tuning
+
+    assert tuning.mosaic_config(4096) == mg.MosaicConfig(**tuning.MOSAIC_LARGE)
+    assert tuning.mosaic_config(512).block_m == 128
+    # the kernel's scale operand from a scale word: fp16 s * 2^7 / bf16 s * 2^119 of every E4M3 byte
+    # that quantization produces (normal, finite), exactly
+    sb = np.arange(8, 127, dtype=np.uint8)
+    words = jnp.asarray(np.pad(sb, (0, 1)).view("<u4"))
+    s_ref = sb.view(jnp.float8_e4m3fn).astype(np.float64)
+    for dt, exp in ((jnp.float16, 7), (jnp.bfloat16, 119)):
+        got = np.stack([np.asarray(mg._scale_halves(words, j, dt)) for j in range(4)], axis=-1).reshape(-1)
+        assert got.dtype == dt
+        np.testing.assert_array_equal(got[: sb.size].astype(np.float64), s_ref * 2.0**exp)
     with pytest.raises(ValueError, match="canonical-layout"):
         mg.to_mosaic(prepack(w, layout="chunk128"))
 
@@ -400,3 +425,28 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     assert tuning.device_class("NVIDIA A100-SXM4-80GB", 8.0) == tuning.FALLBACK_CLASS
     assert tuning.device_class("NVIDIA B200", 10.0) is None
     assert tuning.device_class("cpu", None) is None
+
+
+def test_quant_linear_chunked_quantization_is_per_layer_nvfp4(monkeypatch):
+    """QuantLinear.from_linear quantizes in fixed-size chunks of blocks (one compiled quantizer for every
+    large layer): bit-identical with `nvfp4.quantize` of each layer's rows; NaN weights are named."""
+    from flax import nnx
+
+    from permuquant_jax.quant import linear as ql
+
+    monkeypatch.setattr(ql, "_MAX_CHUNK", 64)  # 2 x 48 x 64 / 16 = 384 blocks: 6 chunks
+    k = np.random.default_rng(3).standard_normal((2, 64, 48)) * np.array([0.02, 3.0])[:, None, None]
+    lin = nnx.Linear(64, 48, rngs=nnx.Rngs(0))
+    lin.kernel.set_value(jnp.asarray(k, jnp.bfloat16))
+    lin.bias.set_value(jnp.ones((2, 48), jnp.float32))
+    q = ql.QuantLinear.from_linear(lin, format="nvfp4", act_global_scale=0.05)
+    ref = [jax.jit(nvfp4.quantize)(jnp.asarray(k[i].T, jnp.bfloat16).astype(jnp.float32)) for i in range(2)]
+    np.testing.assert_array_equal(np.asarray(q.w_codes[...]), np.stack([np.asarray(r.codes) for r in ref]))
+    np.testing.assert_array_equal(
+        np.asarray(q.w_scales[...]).view(np.uint8), np.stack([np.asarray(r.scales).view(np.uint8) for r in ref])
+    )
+    np.testing.assert_array_equal(np.asarray(q.w_global[...]), np.array([float(r.global_scale) for r in ref]))
+    assert q.bias[...].shape == (2, 48) and q.act_scale.get_value().shape == (2,)
+    lin.kernel.set_value(lin.kernel[...].at[1, 5, 7].set(jnp.inf))
+    with pytest.raises(ValueError, match=r"weight 'fc' .* 0 NaN and 1 Inf"):
+        ql.QuantLinear.from_linear(lin, format="nvfp4", name="fc")

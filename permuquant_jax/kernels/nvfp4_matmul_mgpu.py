@@ -73,11 +73,15 @@ class MosaicConfig:
     pipeline: str = "serial"
     # "pipelined": one wgmma always in flight per warpgroup: decode tile k+1 into a second set of A
     # registers while wgmma k runs, issue wgmma k+1, then `wgmma_wait(1)` (k done) before set k is
-    # released (an optimization barrier keeps it live, so nothing is written into it before that)
+    # released (a side-effecting use keeps it live until then; the loop is unrolled by two so no set is
+    # copied while a wgmma reads it)
     # persistent: a grid of `grid_ctas` CTAs (default: the device's SM count) loops over the output
     # tiles; the producer fills the next tile's buffers while the consumers run the epilogue
     persistent: bool = False
     grid_ctas: int | None = None
+    # W4A16 with bf16 x: decode straight to bf16 (bit placement + a bf16 scale multiply) instead of fp16
+    # then a conversion
+    bf16_decode: bool = False
 
     def __post_init__(self):
         if self.block_m not in (64, 128, 192, 256):
@@ -96,7 +100,7 @@ class MosaicConfig:
     @property
     def tag(self) -> str:
         """A short name of the config (the kernel's name, so compiler logs can be told apart)."""
-        d = "" if self.decode == "ptx" else f"_{self.decode}"
+        d = ("" if self.decode == "ptx" else f"_{self.decode}") + ("_b16" if self.bf16_decode else "")
         return f"{self.pipeline}_{'p' if self.persistent else 'g'}_bm{self.block_m}_bk{self.block_k}_s{self.stages}{d}"
 
 
@@ -220,13 +224,17 @@ def _load(ref, layout):
     return plgpu.load(ref, layout=layout)
 
 
-def _decode_fn(shape: tuple[int, int], impl: str = "ptx"):
+def _decode_fn(shape: tuple[int, int], impl: str = "ptx", dtype=jnp.float16):
     """inline_mgpu function: (int4 codes `[64, bk]` in the wgmma A layout, fp16 `s * 2^7` per 16-group as
     `bk/16` row vectors) -> fp16 `e2m1(c) * s * 2^-7` in the wgmma A layout.
 
     Codes by bit placement (fp16 bits `((c & 7) << 9) | ((c & 8) << 12)` = `e2m1(c) * 2^-14`, inline PTX:
     one `prmt` gathers a byte's two nibbles into the two fp16 halves of a register), then one packed fp16
     multiply by the group's scale (register slices of 16 columns, no data movement).
+
+    dtype bf16 (the "ptx" decode only): bf16 bits `((c & 7) << 6) | ((c & 8) << 12)` = `e2m1(c) * 2^-126`
+    (code 1 is a bf16 subnormal) times bf16 `s * 2^119`: the same product `e2m1(c) * s * 2^-7`, exact and
+    normal in bf16, with no fp16 -> bf16 conversion.
     """
     plgpu = _mgpu()
     from jax._src.lib.mlir import ir
@@ -239,12 +247,14 @@ def _decode_fn(shape: tuple[int, int], impl: str = "ptx"):
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA, *([row] * groups)),
-        return_type=plgpu.ShapeDtypeStruct(shape, jnp.float16, layout=plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct(shape, dtype, layout=plgpu.Layout.WGMMA),
     )
     def decode(_, codes, *scales):
         i8 = ir.IntegerType.get_signless(8)
         i32 = ir.IntegerType.get_signless(32)
-        f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+        bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+        f16x2 = ir.VectorType.get((2,), ir.BF16Type.get() if bf16 else ir.F16Type.get())
+        place = ("shr.b32 dq_a, dq_p, 2;", "0x01C001C0") if bf16 else ("shl.b32 dq_a, dq_p, 1;", "0x0E000E00")
         shifted: dict[int, tuple] = {}
         regs = np.empty(codes.registers.shape, dtype=object)
         for idx, reg in np.ndenumerate(codes.registers):
@@ -274,9 +284,9 @@ def _decode_fn(shape: tuple[int, int], impl: str = "ptx"):
                 {{
                 .reg .b32 dq_p, dq_a, dq_b;
                 prmt.b32 dq_p, $1, $2, {sel:#x};
-                shl.b32 dq_a, dq_p, 1;
+                {place[0]}
                 shl.b32 dq_b, dq_p, 4;
-                and.b32 dq_a, dq_a, 0x0E000E00;
+                and.b32 dq_a, dq_a, {place[1]};
                 and.b32 dq_b, dq_b, 0x80008000;
                 or.b32 $0, dq_a, dq_b;
                 }}
@@ -306,6 +316,23 @@ def _place_arith(arith, i32, x, byte: int):
     return arith.ori(lo, hi)
 
 
+def _keep_live(arr) -> None:
+    """A side-effecting use of every register of `arr` (a WGMMA-layout array): its registers hold their
+    value until here (an in-flight wgmma's register operand must not be overwritten before its wait)."""
+    plgpu = _mgpu()
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,))
+    def keep(_, a):
+        i32 = ir.IntegerType.get_signless(32)
+        regs = [mgpu_utils.bitcast(r, i32) for r in a.registers.flat]
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), regs, "", ",".join(["r"] * len(regs)), has_side_effects=True)
+
+    keep(arr)
+
+
 def _fence_async_shared():
     """Orders this thread's generic-proxy shared-memory accesses before later TMA (async proxy) writes."""
     plgpu = _mgpu()
@@ -318,9 +345,12 @@ def _fence_async_shared():
     fence()
 
 
-def _scale_halves(word, j: int):
-    """fp16 `s * 2^7` of scale group j (0..3) from the uint32 scale words (row layout)."""
+def _scale_halves(word, j: int, dtype=jnp.float16):
+    """fp16 `s * 2^7` (bf16: `s * 2^119`) of scale group j (0..3) from the uint32 scale words (row layout)."""
     b = lax.shift_right_logical(word, jnp.uint32(8 * j)) & jnp.uint32(0x7F)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):  # exponent field E + 239: 2^(E-7) (1 + M/8) * 2^119
+        bits = (lax.shift_left(b, jnp.uint32(4)) + jnp.uint32(239 << 7)).astype(jnp.uint16)
+        return lax.bitcast_convert_type(bits, jnp.bfloat16)
     bits = lax.shift_left(b, jnp.uint32(7)).astype(jnp.uint16)
     return lax.bitcast_convert_type(bits, jnp.float16) * jnp.float16(32768.0)
 
@@ -336,7 +366,8 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
     wgmma = plgpu.Layout.WGMMA
     row = plgpu.Layout.WGMMA.reduce(1)
     col = plgpu.Layout.WGMMA.reduce(0)
-    decode = _decode_fn((WG_N, bk), config.decode)
+    ddt = jnp.bfloat16 if (config.bf16_decode and cdt == jnp.bfloat16 and config.decode == "ptx") else jnp.float16
+    decode = _decode_fn((WG_N, bk), config.decode, ddt)
 
     def swizzled(shape, dtype):
         bits = jnp.dtype(dtype).itemsize * 8 if dtype != jnp.int4 else 4
@@ -367,8 +398,8 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
         codes_t = _load(w_smem.at[si, ns], plgpu.Layout.WGMMA_UPCAST_4X)
         words_t = [_load(s_smem.at[si, i, ns], row) for i in range(words)]
         codes_t = plgpu.layout_cast(codes_t, wgmma)
-        w16 = decode(codes_t, *[_scale_halves(words_t[j // 4], j % 4) for j in range(bk // 16)])
-        return w16 if cdt == jnp.float16 else w16.astype(cdt)
+        w16 = decode(codes_t, *[_scale_halves(words_t[j // 4], j % 4, ddt) for j in range(bk // 16)])
+        return w16 if w16.dtype == cdt else w16.astype(cdt)
 
     grid, tiles, per_cta = p["grid"], p["tiles"], p["tiles_per_cta"]
     if config.persistent:
@@ -428,20 +459,34 @@ def _mosaic_call(x, codes, scales, gx, vecs, *, out_dtype, config: MosaicConfig,
                 return
 
             if config.pipeline == "pipelined":
-                w0 = w_tile(0)
-                mma(0, w0)
-
-                def step(ki, w_prev):
-                    w_cur = w_tile(ki)  # decoded while wgmma ki-1 runs, into registers other than w_prev's
-                    mma(ki, w_cur)
-                    plgpu.wgmma_wait(1)  # wgmma ki-1 (the reader of w_prev) is done
-                    w_prev, w_cur = lax.optimization_barrier((w_prev, w_cur))  # w_prev stays live to here
+                # Two register sets, unrolled by two so that each set keeps one SSA value per step: the
+                # value a wgmma reads stays in its registers (a later use, `_keep_live`, after the
+                # wgmma_wait that retires it) and is never copied while in flight (a loop-carried copy
+                # let the next decode reuse the registers of the running wgmma: NaNs on the H200).
+                def one(ki, w_new, w_old):
+                    mma(ki, w_new)
+                    plgpu.wgmma_wait(1)  # wgmma ki-1, the reader of w_old, is done
+                    _keep_live(w_old)
                     plgpu.barrier_arrive(x_free.at[slot(ki - 1)])
-                    return w_cur
 
-                w_last = lax.fori_loop(1, k_iters, step, w0)
+                wa = w_tile(0)
+                mma(0, wa)
+
+                def two_steps(j, wa):
+                    k1 = 1 + 2 * j
+                    wb = w_tile(k1)  # decoded while wgmma k1-1 runs
+                    one(k1, wb, wa)
+                    wa2 = w_tile(k1 + 1)
+                    one(k1 + 1, wa2, wb)
+                    return wa2
+
+                wa = lax.fori_loop(0, (k_iters - 1) // 2, two_steps, wa)
+                if (k_iters - 1) % 2:
+                    wb = w_tile(k_iters - 1)
+                    one(k_iters - 1, wb, wa)
+                    wa = wb
                 plgpu.wgmma_wait(0)
-                lax.optimization_barrier(w_last)
+                _keep_live(wa)
                 plgpu.barrier_arrive(x_free.at[slot(k_iters - 1)])
                 return
 

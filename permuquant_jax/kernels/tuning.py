@@ -23,12 +23,13 @@ M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 64), ("medium"
 # device class -> M class -> GEMM backend. H200: benchmarks/results/gemm_variants_h200.md (2026-12-01,
 # two runs): M = 1: triton 49-58 us vs decode+cuBLAS 105-126 us; M = 128: triton 86 vs decode+cuBLAS
 # 69-71 us; M = 256-512: triton 94-178 vs 86-138 us; M >= 4096: triton 1.46-2.2x cuBLAS bf16 vs
-# decode+cuBLAS 0.90-1.20x. "small": `gemm.py --sweep` at M = 64 (results/gemm_h200.md): triton 185 us
-# vs decode+cuBLAS 165 us (W4A4 + W4A16 summed); that sweep printed this whole row. H100: the
-# 2026-11-24 table (decode+cuBLAS from M = 1024 on; the Pallas decode was not measured there, so it
-# keeps XLA's decode).
+# decode+cuBLAS 0.90-1.20x, the persistent Mosaic kernel 1.01-1.05x (W4A4) while decode+cuBLAS took
+# 1.21x in the same run (results/gemm_mosaic_h200.md run 4): "large" is "mosaic". "small":
+# `gemm.py --sweep` at M = 64 (results/gemm_h200.md): triton 185 us vs decode+cuBLAS 165 us (W4A4 +
+# W4A16 summed); that sweep printed this whole row. H100: the 2026-11-24 table (decode+cuBLAS from
+# M = 1024 on; the Pallas decode was not measured there, so it keeps XLA's decode).
 DISPATCH_TABLE: dict[str, dict[str, str]] = {
-    "h200": {"gemv": "triton", "small": "decode_cublas", "medium": "decode_cublas", "large": "decode_cublas"},
+    "h200": {"gemv": "triton", "small": "decode_cublas", "medium": "decode_cublas", "large": "mosaic"},
     "h100": {"gemv": "triton", "small": "triton", "medium": "triton", "large": "xla_decode_cublas"},
     "sm80": {"gemv": "triton", "small": "triton", "medium": "triton", "large": "xla_decode_cublas"},
 }
@@ -101,18 +102,24 @@ def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[
 
 
 # Mosaic GPU kernel (kernels/nvfp4_matmul_mgpu.py): the int4 nibble order XLA hands it (found by
-# tests/gpu/check_mosaic.py's probe on the H200) and the tiles per M. No table row picks "mosaic": the
-# correct (serial) kernel was checked but not timed (benchmarks/results/gemm_mosaic_h200.md; the
-# earlier, racy pipeline ran 4096 x 3072 x 9216 W4A4 in 445 us vs 531 us decode+cuBLAS, 417 us bf16).
+# tests/gpu/check_mosaic.py's probe on the H200) and the tiles per M. H200, 2026-12-01 (results/
+# gemm_mosaic_h200.md, run 4): the persistent serial kernel was correct at every checked shape and took
+# 445 us at 4096 x 3072 x 9216 W4A4 (cuBLAS bf16 425, decode+cuBLAS 514) and 1005 us at 4608 x 3072 x
+# 21504 (999 / 1211); W4A16 493 / 1094 us (decode+cuBLAS 538 / 1268): the "large" class takes it.
 MOSAIC_NIBBLE_ORDER = "low_first"
 MOSAIC_SMALL_M = 1024  # up to here 128-token tiles (more CTAs), above 256
+# the config of the "large" class (benchmarks/flux_step.py --mosaic-config replaces it for one run)
+MOSAIC_LARGE: dict[str, object] = {"block_m": 256, "block_k": 64, "stages": 4, "pipeline": "serial",
+                                   "persistent": True}
 
 
 def mosaic_config(m: int):
     """The Mosaic kernel's config for a GEMM with `m` rows."""
     from permuquant_jax.kernels.nvfp4_matmul_mgpu import MosaicConfig
 
-    return MosaicConfig(block_m=128 if m <= MOSAIC_SMALL_M else 256, block_k=64, stages=4)
+    if m <= MOSAIC_SMALL_M:
+        return MosaicConfig(block_m=128, block_k=64, stages=4, persistent=True)
+    return MosaicConfig(**MOSAIC_LARGE)
 
 
 def decode_config(n: int, k: int) -> dict[str, int | str]:

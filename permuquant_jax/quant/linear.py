@@ -50,37 +50,48 @@ def _vmap_leading(fn, n: int):
 
 
 def _quantize_kernel(kernel: jax.Array, format: str, hadamard_block: int | None):
-    """kernel `[*, K, N]` -> the stored weight of rows `[*, N, K]` (rotated first), one global scale per layer."""
+    """kernel `[*, K, N]` -> (the stored weight of rows `[*, N, K]` (rotated first), one global scale per
+    layer; whether every kernel value is finite, as a device scalar)."""
     if not _is_nvfp4(format):
-        return _fake_quant_kernel(kernel, format, hadamard_block)
+        return _fake_quant_kernel(kernel, format, hadamard_block), _all_finite(kernel)
     from permuquant_jax.formats.nvfp4 import NVFP4Tensor
 
     stack, (k, n) = kernel.shape[:-2], kernel.shape[-2:]
     rows = int(np.prod(stack, dtype=np.int64)) * n * k // 16
-    bucket = max(_MIN_BUCKET, 1 << (rows - 1).bit_length())
-    blocks, amax = _weight_blocks(kernel, hadamard_block, bucket)
-    codes, scales, gs = _quantize_blocks(blocks, amax)
-    codes, scales, gs = _unblock(codes, scales, gs, (*stack, n, k))
-    return NVFP4Tensor(codes=codes, scales=scales, global_scale=gs)
+    chunk = min(_MAX_CHUNK, max(_MIN_BUCKET, 1 << (rows - 1).bit_length()))
+    blocks, amax, finite = _weight_blocks(kernel, hadamard_block, chunk)
+    parts = [_quantize_blocks(blocks[i], amax[i]) for i in range(blocks.shape[0])]
+    codes, scales, gs = _unblock(parts, (*stack, n, k))
+    return NVFP4Tensor(codes=codes, scales=scales, global_scale=gs), finite
 
 
-# NVFP4 weights are quantized as a flat list of 16-value blocks, padded with zero blocks to a power of
-# two (at least this many): one compilation of the quantizer serves every weight of a bucket's size
-# instead of one per weight shape (the quantizer dominates those compile times).
+# NVFP4 weights are quantized as a flat list of 16-value blocks, in chunks of a power of two blocks (at
+# least _MIN_BUCKET, at most _MAX_CHUNK; the last chunk padded with zero blocks): one compilation of
+# the quantizer serves every weight of a chunk size instead of one per weight shape (the quantizer
+# dominates those compile times), and every layer above _MAX_CHUNK blocks shares one.
 _MIN_BUCKET = 1 << 12
+_MAX_CHUNK = 1 << 22
+
+
+@jax.jit
+def _all_finite(kernel: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(kernel))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _weight_blocks(kernel: jax.Array, hadamard_block: int | None, bucket: int):
-    """The blocks `[bucket, 16]` of the rows `[*, N, K]` (rotated) and each block's layer amax `[bucket, 1]`."""
+def _weight_blocks(kernel: jax.Array, hadamard_block: int | None, chunk: int):
+    """The blocks `[chunks, chunk, 16]` of the rows `[*, N, K]` (rotated), each block's layer amax
+    `[chunks, chunk, 1]`, and whether the kernel is finite."""
+    finite = jnp.all(jnp.isfinite(kernel))
     w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)
     if hadamard_block:
         w = block_hadamard(w, hadamard_block)
     per_layer = w.shape[-2] * w.shape[-1] // 16
     w = w.reshape(-1, per_layer, 16)
     amax = jnp.broadcast_to(jnp.max(jnp.abs(w), axis=(1, 2))[:, None], w.shape[:2]).reshape(-1, 1)
-    pad = bucket - amax.shape[0]
-    return jnp.pad(w.reshape(-1, 16), ((0, pad), (0, 0))), jnp.pad(amax, ((0, pad), (0, 0)))
+    pad = -amax.shape[0] % chunk
+    blocks = jnp.pad(w.reshape(-1, 16), ((0, pad), (0, 0))).reshape(-1, chunk, 16)
+    return blocks, jnp.pad(amax, ((0, pad), (0, 0))).reshape(-1, chunk, 1), finite
 
 
 @jax.jit
@@ -92,14 +103,17 @@ def _quantize_blocks(blocks: jax.Array, amax: jax.Array):
     return q.codes, q.scales, q.global_scale
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _unblock(codes: jax.Array, scales: jax.Array, gs: jax.Array, shape: tuple[int, ...]):
+@functools.partial(jax.jit, static_argnums=1)
+def _unblock(parts, shape: tuple[int, ...]):
+    """The quantized chunks `[(codes, scales, gs), ...]` -> codes `[*, N, K/2]`, scales `[*, N, K/16]`,
+    global scales `[*]` (float32)."""
     *stack, n, k = shape
+    codes, scales, gs = (jnp.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
     layers = int(np.prod(stack, dtype=np.int64))
     rows = layers * n * k // 16
     codes = codes[:rows].reshape(*stack, n, k // 2)
     scales = scales[:rows].reshape(*stack, n, k // 16)
-    gs = gs[:rows].reshape(layers, -1)[:, 0].reshape(stack)
+    gs = gs[:rows].reshape(layers, -1)[:, 0].reshape(stack).astype(jnp.float32)
     return codes, scales, gs
 
 
@@ -128,9 +142,15 @@ class QuantLinear(nnx.Module):
         hadamard_block: int | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         backend: str = "auto",
+        _arrays: dict[str, jax.Array] | None = None,
     ):
-        """An empty layer (zero weights) of this shape; `from_linear` fills one from a float linear."""
+        """An empty layer (zero weights) of this shape; `from_linear` fills one from a float linear.
+
+        `_arrays` (internal): the storage arrays by attribute name (`kernel`, `w_codes`, ... `bias`), used
+        instead of zeros (building zeros of a large model on the host costs seconds)."""
         stack = tuple(stack)
+        given = dict(_arrays or {})
+        full = lambda name, shape, dtype, value=0: given.pop(name) if name in given else _host_full(shape, dtype, value)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.format = format
@@ -138,14 +158,16 @@ class QuantLinear(nnx.Module):
         self.backend = backend
         k, n = self.in_features, self.out_features
         if format is None:
-            self.kernel = nnx.Param(_host_full((*stack, k, n), param_dtype))
+            self.kernel = nnx.Param(full("kernel", (*stack, k, n), param_dtype))
         elif _is_nvfp4(format):
-            self.w_codes = QuantParam(_host_full((*stack, n, k // 2), jnp.uint8))
-            self.w_scales = QuantParam(_host_full((*stack, n, k // 16), jnp.float8_e4m3fn))
-            self.w_global = QuantParam(_host_full(stack, jnp.float32, 1))
+            self.w_codes = QuantParam(full("w_codes", (*stack, n, k // 2), jnp.uint8))
+            self.w_scales = QuantParam(full("w_scales", (*stack, n, k // 16), jnp.float8_e4m3fn))
+            self.w_global = QuantParam(full("w_global", stack, jnp.float32, 1))
         else:
-            self.w_values = QuantParam(_host_full((*stack, n, k), param_dtype))
-        self.bias = nnx.Param(_host_full((*stack, n), param_dtype)) if use_bias else None
+            self.w_values = QuantParam(full("w_values", (*stack, n, k), param_dtype))
+        self.bias = nnx.Param(full("bias", (*stack, n), param_dtype)) if use_bias else None
+        if given:
+            raise ValueError(f"QuantLinear: arrays {sorted(given)} do not belong to format {format!r}")
         self.gather = QuantInput(None)
         self.smooth = QuantInput(None)
         self.act_scale = QuantInput(None)
@@ -174,38 +196,39 @@ class QuantLinear(nnx.Module):
         k, n = kernel.shape[-2:]
         bias = getattr(linear, "bias", None)
         bias = None if bias is None else bias.get_value()
-        q = cls(k, n, format=format, stack=stack, use_bias=bias is not None, hadamard_block=hadamard_block,
-                param_dtype=kernel.dtype, backend=backend)
-        if isinstance(linear, QuantLinear):
-            q.gather.set_value(linear.gather.get_value())
-            q.smooth.set_value(linear.smooth.get_value())
-        if bias is not None:
-            q.bias.set_value(bias)
+        arrays: dict[str, jax.Array] = {} if bias is None else {"bias": bias}
+        fmt = None
         if format is None:
             if hadamard_block:
                 raise ValueError("a float QuantLinear (format=None) takes no Hadamard block")
-            q.kernel.set_value(kernel)
-            return q
-        from permuquant_jax.formats.common import check_finite
-        from permuquant_jax.formats.registry import get_format
-
-        fmt = get_format(format)
-        if k % fmt.group:
-            raise ValueError(
-                f"{name}: {k} input channels are not a multiple of the {format} group size {fmt.group}; "
-                "keep this layer in 16 bits (keep patterns) or pad it"
-            )
-        check_finite(kernel, name)
-        if hadamard_block and k % hadamard_block:
-            raise ValueError(f"{name}: Hadamard block {hadamard_block} does not divide K = {k}")
-        out = _quantize_kernel(kernel, fmt.name, hadamard_block)
-        if _is_nvfp4(format):
-            q.w_codes.set_value(out.codes)
-            q.w_scales.set_value(out.scales)
-            q.w_global.set_value(jnp.asarray(out.global_scale, jnp.float32).reshape(stack))
+            arrays["kernel"] = kernel
         else:
-            q.w_values.set_value(out)
-        if act_global_scale is not None and fmt.act_bits is not None:
+            from permuquant_jax.formats.common import check_finite
+            from permuquant_jax.formats.registry import get_format
+
+            fmt = get_format(format)
+            if k % fmt.group:
+                raise ValueError(
+                    f"{name}: {k} input channels are not a multiple of the {format} group size {fmt.group}; "
+                    "keep this layer in 16 bits (keep patterns) or pad it"
+                )
+            if isinstance(kernel, jax.core.Tracer):
+                check_finite(kernel, name)  # raises its TypeError: quantization runs eagerly
+            if hadamard_block and k % hadamard_block:
+                raise ValueError(f"{name}: Hadamard block {hadamard_block} does not divide K = {k}")
+            out, finite = _quantize_kernel(kernel, fmt.name, hadamard_block)
+            if not bool(finite):
+                check_finite(kernel, name)  # names the NaN/Inf and raises
+            if _is_nvfp4(format):
+                arrays.update(w_codes=out.codes, w_scales=out.scales, w_global=out.global_scale)
+            else:
+                arrays["w_values"] = out
+        q = cls(k, n, format=format, stack=stack, use_bias=bias is not None, hadamard_block=hadamard_block,
+                param_dtype=kernel.dtype, backend=backend, _arrays=arrays)
+        if isinstance(linear, QuantLinear):
+            q.gather.set_value(linear.gather.get_value())
+            q.smooth.set_value(linear.smooth.get_value())
+        if fmt is not None and act_global_scale is not None and fmt.act_bits is not None:
             gs = np.broadcast_to(np.asarray(act_global_scale, np.float32), stack)
             q.act_scale.set_value(jax.device_put(np.array(gs)))
         return q

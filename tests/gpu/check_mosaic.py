@@ -22,6 +22,7 @@ platform instead of running it and runs the rest with the reference, to test thi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -43,11 +44,11 @@ from gemm_variants import bench, copies  # noqa: E402  (the benchmarks' one timi
 
 FLUX = [  # in order of importance (the budget may stop the run early)
     ("img qkv", 4096, 3072, 9216),
-    ("txt qkv", 512, 3072, 9216),
     ("single linear1", 4608, 3072, 21504),
-    ("mod GEMV", 1, 3072, 18432),
+    ("txt qkv", 512, 3072, 9216),
     ("img fc2", 4096, 12288, 3072),
     ("single linear2", 4608, 15360, 3072),
+    ("mod GEMV", 1, 3072, 18432),
 ]
 ODD = [
     ("M=7", 7, 3072, 3072),
@@ -62,6 +63,10 @@ VARIANTS = {
     "pipelined_g": MC(block_m=256, pipeline="pipelined"),
     "serial_p": MC(block_m=256, pipeline="serial", persistent=True),
     "pipelined_p": MC(block_m=256, pipeline="pipelined", persistent=True),
+    "pipelined_pb": MC(block_m=256, pipeline="pipelined", persistent=True, bf16_decode=True),
+    "serial_pb": MC(block_m=256, pipeline="serial", persistent=True, bf16_decode=True),
+    "pipelined_pb128": MC(block_m=128, pipeline="pipelined", persistent=True, bf16_decode=True),
+    "serial_p128": MC(block_m=128, pipeline="serial", persistent=True),
     "pipelined_p128": MC(block_m=128, pipeline="pipelined", persistent=True),
     "pipelined_g128": MC(block_m=128, pipeline="pipelined"),
     "serial_g128": MC(block_m=128, pipeline="serial"),
@@ -201,7 +206,8 @@ def check_shape(name, m, k, n, smoke, variants, heavy=False, a16=99):
     for i, vname in enumerate(variants):
         cfg = VARIANTS[vname]
         modes = (("w4a4", c.xv, c.gx, r4, dd4), ("w4a16", c.x, None, r16, dd16))
-        for mode, x, gx, r, dd in modes[: 2 if i < a16 else 1]:
+        modes = modes[1:] if cfg.bf16_decode else modes[: 2 if i < a16 else 1]  # bf16_decode: W4A16 only
+        for mode, x, gx, r, dd in modes:
             if time.time() - T0 > ARGS.budget_s:
                 row[f"{vname}_{mode}"] = "skipped (budget)"
                 continue
@@ -230,7 +236,7 @@ def check_shape(name, m, k, n, smoke, variants, heavy=False, a16=99):
     return c
 
 
-def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=()):
+def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton=True):
     t = {"shape": name, "m": m, "k": k, "n": n}
     wb = reference.block_values(c.wq).astype(jnp.bfloat16)
     tcfg = tuning.matmul_config(m, n, k)
@@ -244,25 +250,26 @@ def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=()):
             (c.xv, c.wp, c.gx, c.bias),
         ),
         "dd_w4a16": (lambda x, w, b: dispatch.dequant_dot(x, w, None, b, out_dtype=jnp.bfloat16), (c.x, c.wp, c.bias)),
-        "triton_w4a4": (
+    }
+    if triton:
+        cases["triton_w4a4"] = (
             lambda x, w, g, b: nvfp4_matmul(x, w, g, b, config=tcfg, out_dtype=jnp.bfloat16),
             (c.xv, c.wp, c.gx, c.bias),
-        ),
-    }
-    for i, vname in enumerate(variants):
+        )
+    for vname in variants:
         if vname in LOG["failed_variants"]:
-            t[f"mg_{vname}_w4a4"] = "failed check"
+            t[f"mg_{vname}"] = "failed check"
             continue
         cfg = VARIANTS[vname]
-        cases[f"mg_{vname}_w4a4"] = (
-            lambda x, w, g, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, g, b, config=cfg),
-            (c.xv, c.wm, c.gx, c.bias),
-        )
-        if i < 2:
-            cases[f"mg_{vname}_w4a16"] = (
-                lambda x, w, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, None, b, config=cfg),
-                (c.x, c.wm, c.bias),
+        if not cfg.bf16_decode:  # bf16_decode changes the W4A16 path only
+            cases[f"mg_{vname}_w4a4"] = (
+                lambda x, w, g, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, g, b, config=cfg),
+                (c.xv, c.wm, c.gx, c.bias),
             )
+        cases[f"mg_{vname}_w4a16"] = (
+            lambda x, w, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, None, b, config=cfg),
+            (c.x, c.wm, c.bias),
+        )
     for vname in diag:
         cases[f"diag_{vname}_w4a4"] = (
             lambda x, w, g, b, cfg=VARIANTS[vname]: mg.nvfp4_matmul_mosaic(x, w, g, b, config=cfg),
@@ -329,16 +336,45 @@ def start_ptxas_log(smoke: bool) -> bool:
         return False
 
 
+def choose() -> dict | None:
+    """The Mosaic config for large M from this run: the pipeline whose W4A4 time summed over the large
+    FLUX shapes timed for every candidate is least (among variants that passed every check), with
+    `bf16_decode` where its W4A16 time was less too. Written to $OUT/mosaic_choice.json."""
+    big = [t for t in LOG["times"] if t["m"] >= 1024]
+    base = [v for v in ARGS.variants if not VARIANTS[v].bf16_decode and v not in LOG["failed_variants"]]
+    rows = [t for t in big if all(isinstance(t.get(f"mg_{v}_w4a4"), float) for v in base)]
+    if not base or not rows:
+        return None
+    total = {v: sum(t[f"mg_{v}_w4a4"] for t in rows) for v in base}
+    best = min(total, key=total.get)
+    cfg = VARIANTS[best]
+    twin = [v for v in ARGS.variants if VARIANTS[v] == dataclasses.replace(cfg, bf16_decode=True)]
+    b16 = False
+    if twin and twin[0] not in LOG["failed_variants"]:
+        pairs = [(t.get(f"mg_{best}_w4a16"), t.get(f"mg_{twin[0]}_w4a16")) for t in rows]
+        pairs = [(x, y) for x, y in pairs if isinstance(x, float) and isinstance(y, float)]
+        b16 = bool(pairs) and sum(y for _, y in pairs) < sum(x for x, _ in pairs)
+    cfg = dataclasses.replace(cfg, bf16_decode=b16)
+    shapes = [t["shape"] for t in rows]
+    out = {"fields": dataclasses.asdict(cfg), "tag": cfg.tag, "w4a4_total_us": total, "shapes": shapes}
+    LOG["choice"] = out
+    if OUT:
+        with open(os.path.join(OUT, "mosaic_choice.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
 def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=180.0)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--ptxas", action="store_true")
-    ap.add_argument("--variants", nargs="+", default=["pipelined_p", "serial_p", "pipelined_g", "serial_g", "fenced_g"],
-                    choices=list(VARIANTS))
-    ap.add_argument("--small-variants", nargs="+", default=["pipelined_p128", "serial_g128"], choices=list(VARIANTS))
-    ap.add_argument("--diag", nargs="*", default=["pipelined_p_nodecode", "serial_g_nodecode", "pipelined_p_bk128"],
+    ap.add_argument("--variants", nargs="+", default=["pipelined_p", "serial_p", "pipelined_pb", "serial_pb"],
+                    choices=list(VARIANTS), help="large-M candidates (checked everywhere, timed at M >= 1024)")
+    ap.add_argument("--small-variants", nargs="+", default=["pipelined_p128", "serial_p128", "pipelined_pb128"],
+                    choices=list(VARIANTS), help="timed at M = 512 and M = 1")
+    ap.add_argument("--diag", nargs="*", default=["pipelined_p_nodecode"],
                     choices=list(VARIANTS), help="timed at the first FLUX shape only (diagnostics, unchecked)")
     ap.add_argument("--skip", nargs="*", default=[], help="shape names to skip")
     ARGS = ap.parse_args()
@@ -350,19 +386,21 @@ def main() -> None:
         "jax": jax.__version__,
         "python": sys.version.split()[0],
         "command": " ".join(sys.argv),
-        "variants": {v: VARIANTS[v].tag for v in (*ARGS.variants, *ARGS.small_variants)},
+        "variants": {v: VARIANTS[v].tag for v in (*ARGS.variants, *ARGS.small_variants, *ARGS.diag)},
     }
     say(LOG["meta"])
     threading.Thread(target=watchdog, daemon=True).start()
     if ARGS.ptxas:
         LOG["meta"]["ptxas_log"] = start_ptxas_log(smoke)
     big, small = ARGS.variants, ARGS.small_variants
-    flux = [("tiny", 256, 512, 384), ("tiny M=1", 1, 512, 384)] if smoke else FLUX
+    flux = [("tiny", 1024, 512, 384), ("tiny M=77", 77, 512, 384)] if smoke else FLUX
     odd = [("M=7", 7, 256, 256), ("K=1008 N=200", 77, 1008, 200)] if smoke else ODD
-    work = [("check", ("M=1000", 1000, 3072, 3072), big + small)]
+    # the race check (M=1000, K = 48 steps: both loop parities are covered by K=12352's 193 steps), then
+    # the FLUX shapes by importance, then the odd shapes with the large-M candidates
+    work = [("check", ("M=1000", 1000, 3072, 3072), big)]
     for f in flux:
         work.append(("flux", f, big if f[1] >= 1024 else small))
-    work += [("check", o, big[:2] + small[:1]) for o in odd]
+    work += [("check", o, big) for o in odd]
     first = True
     for kind, (name, m, k, n), vs in work:
         if name in ARGS.skip:
@@ -372,14 +410,15 @@ def main() -> None:
             continue
         try:
             progress(f"{kind} {name}")
-            c = check_shape(name, m, k, n, smoke, vs, heavy="heavy" in name, a16=99 if kind == "check" else 2)
+            c = check_shape(name, m, k, n, smoke, vs, heavy="heavy" in name, a16=99 if kind == "check" else 4)
             if kind == "flux":
                 ok = [v for v in vs if v not in LOG["failed_variants"]]
-                time_shape(name, m, k, n, c, smoke, ok if m >= 1024 else ok[:2], diag=ARGS.diag if first else ())
+                time_shape(name, m, k, n, c, smoke, ok, diag=ARGS.diag if first else (), triton=first or m < 1024)
                 first = False
             del c
         except Exception as ex:  # noqa: BLE001
             err(f"{kind} {name}", ex)
+    say("choice:", choose())
     LOG["meta"]["wall_s"] = time.time() - T0
     save()
     say(table())
