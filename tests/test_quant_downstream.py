@@ -90,6 +90,13 @@ def test_accepted_only_what_lowers_the_heldout_downstream_error(auto_run):
         if h["kept"]:
             assert h["heldout_after"] < h["heldout_before"], path
     assert rep.config["choose_batches"] == rep.config["accept_batches"] == 4  # even / odd samples of each batch
+    # the guard: the held-out model error never ends above RTN's (the starting state) by more than its tolerance
+    g = rep.config["downstream"]["guard"]
+    assert g["tolerance"] == 0.01 and g["final_model_error"] <= (1 + g["tolerance"]) * g["start_model_error"]
+    undone = {(name, tuple(layer)) for name, layer in g["sites_undone"]}
+    for s in rep.sites:
+        if (s.site, s.layer) in undone or g["all_undone"]:
+            assert not s.accepted and s.chosen == "identity", s.name
 
 
 def test_trial_measures_what_the_quantized_model_computes(auto_run):

@@ -14,6 +14,7 @@ Pipeline (each pass is one jitted step per batch, see `calibrate.run_passes`):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -65,6 +66,24 @@ from permuquant_jax.quant.sites import Ref, Site
 # output is the error that matters, and block-level decisions did not lower it as much.
 DEFAULT_ACCEPT = "model"
 
+
+
+@dataclasses.dataclass(frozen=True)
+class CFGForward:
+    """A `forward` for models sampled with classifier-free guidance: each batch is the doubled batch the
+    sampler feeds the model (conditional samples first, the same samples unconditional second, along the
+    leading axis); the output is the guided velocity `v_u + scale * (v_c - v_u)`, the error that the
+    sampler integrates. Hashable (one compilation per scale)."""
+
+    scale: float
+
+    def __call__(self, model: nnx.Module, batch: Any) -> jax.Array:
+        pred = default_forward(model, batch).astype(jnp.float32)
+        b = pred.shape[0] // 2
+        if pred.shape[0] != 2 * b:
+            raise ValueError(f"CFGForward: the batch holds {pred.shape[0]} samples; expected [cond; uncond] "
+                             "(an even number)")
+        return pred[b:] + self.scale * (pred[:b] - pred[b:])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -168,6 +187,9 @@ def quantize_model(
     top_k: int = 3,
     refine: int = 0,
     schedule: str = "sequential",
+    hadamard_sizes: bool = True,
+    hadamard_start: str = "none",
+    guard: float | None = 0.01,
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize every linear of `model` (in place) with `method`; returns `(model, report)`.
 
@@ -196,6 +218,15 @@ def quantize_model(
     refine: swap moves tried on the best order per site and layer (each kept only if the measured
       downstream error falls; bounded and deterministic); 0: none.
     hadamard_block: block size for hadamard / permuquant-h / auto. smooth_alpha: SmoothQuant strength.
+    hadamard_sizes: PermuQuant-H (downstream acceptance) chooses per linear among `hadamard_block`, the
+      other block sizes aligned with the format's groups and the linear's column parts, and none; False:
+      `hadamard_block` everywhere. hadamard_start: where that choice starts, "none" (RTN is the reference,
+      as for every other decision) or "block" (plain Hadamard is); a change is kept only if it lowers the
+      held-out error by more than `tau`.
+    guard (block / model acceptance): once every decision is made, a block (a layer of a stack) whose
+      held-out error exceeds the starting state's (RTN) by more than this fraction has its decisions undone,
+      and if the model output is still worse than RTN's, every decision is (`downstream._guard`; two
+      held-out passes per round). None: no guard.
     act_scale: "static" (calibrated activation global scale, NVFP4) or "dynamic" (per call).
     Copy the model first (`nnx.clone`) to keep the float one.
     """
@@ -214,6 +245,10 @@ def quantize_model(
         raise ValueError(f"schedule must be 'sequential' or 'parallel', found {schedule!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, found {top_k}")
+    if guard is not None and guard < 0:
+        raise ValueError(f"guard must be >= 0 or None, found {guard}")
+    if hadamard_start not in ("none", "block"):
+        raise ValueError(f"hadamard_start must be 'none' or 'block', found {hadamard_start!r}")
     hb = hadamard_block if uses_hadamard(method) else None
     t_start = time.perf_counter()
 
@@ -332,6 +367,7 @@ def quantize_model(
         "smooth_alpha": smooth_alpha, "act_scale": act_scale, "keep": list(keep),
         "calibration_batches": stats.batches, "accept": accept if chooses else None, "top_k": top_k,
         "schedule": schedule, "refine": refine,
+        "hadamard_sizes": hadamard_sizes, "hadamard_start": hadamard_start, "guard": guard,
         "choose_batches": len(choose_b), "accept_batches": len(held_b) if held_b is not choose_b else 0,
         "notes": notes,
     })
@@ -377,6 +413,7 @@ def quantize_model(
             trials=trials, format=fmt.name, hadamard=hadamard, choose_hadamard=method == "auto",
             level=accept, top_k=top_k, tau=tau, blocks=blocks, forward=forward, choose_batches=choose_b,
             held_batches=held_b, all_batches=batches, refine=refine, progress=progress, schedule=schedule,
+            hadamard_sizes=hadamard_sizes, hadamard_start=hadamard_start, guard=guard,
         )
         chosen = ds["chosen"]
         for (i, idx), (label, perm) in ds["refined"].items():
@@ -388,7 +425,7 @@ def quantize_model(
         report.config["downstream"] = {
             "forwards": ds["forwards"], "seconds": round(ds["seconds"], 3), "blocks": ds["blocks"],
             "hadamard": ds["hadamard_info"], "model_error_fake_quant": ds["model_error"],
-            "block_errors_fake_quant": ds["block_errors"],
+            "block_errors_fake_quant": ds["block_errors"], "guard": ds.get("guard"),
         }
     for i, cands in site_cands.items():
         s = plan[i]

@@ -243,11 +243,14 @@ class Evaluator:
         for _, v in nnx.to_flat_state(nnx.state(self.model, ProbeStat)):
             v.set_value(_zeros(np.shape(v.get_value()), np.float32))
         _, carried, rest = nnx.split(self.model, (TrialSel, ProbeStat), ...)
-        num = den = 0.0
-        for b, r in zip(batches, refs, strict=True):
+        nums, dens = [], []
+        for b, r in zip(batches, refs, strict=True):  # no host sync per batch: the steps queue up
             carried, d, e = self.step(carried, rest, b, r)
-            num, den = num + float(d), den + float(e)
+            nums.append(d)
+            dens.append(e)
             self.forwards += 1
+        num = float(np.sum(np.asarray(jax.device_get(nums), np.float64)))
+        den = float(np.sum(np.asarray(jax.device_get(dens), np.float64)))
         nnx.update(self.model, carried)
         errs = {p: np.asarray(pr.err[...], np.float64) / np.maximum(np.asarray(pr.ref[...], np.float64), 1e-30)
                 for p, pr in self.probes.items()}
@@ -457,6 +460,78 @@ def _decide_stack(ev: Evaluator, t: SiteTrial, i: int, b: Path, top_k: int, tau:
         out["info"][(i, layer)] = info
 
 
+def _guard(ev: Evaluator, guard: float, trials: dict[int, SiteTrial], trial_of: dict, hadamard: dict,
+           block_of: dict, sites_in: dict, held_batches, refs_h, out: dict) -> dict:
+    """No block (layer of a stack) and no model output left worse than the starting state on the held-out
+    batches by more than `guard`: undo, in this order and measuring after each round, the site decisions
+    of the blocks that are, the Hadamard choices of their linears, and finally every decision. Each round
+    is two held-out passes at most (the starting state is measured once). Returns what was undone."""
+    sel = {id(p): np.array(p.sel.get_value()) for t in trials.values() for p in t.parts}
+    hsel = {p: np.array(tr.hsel.get_value()) for p, tr in trial_of.items()}
+
+    def set_state(s_parts, s_h):
+        for t in trials.values():
+            for part in t.parts:
+                part.sel.set_value(jax.device_put(s_parts[id(part)]))
+        for p, tr in trial_of.items():
+            tr.hsel.set_value(jax.device_put(s_h[p]))
+
+    start_parts = {k: np.zeros_like(v) for k, v in sel.items()}
+    start_h = {p: np.full_like(v, hadamard[p][1]) for p, v in hsel.items()}
+    set_state(start_parts, start_h)
+    ref_b, ref_m = ev.run(held_batches, refs_h)
+    set_state(sel, hsel)
+    cur_b, cur_m = ev.run(held_batches, refs_h)
+
+    def worse():
+        return [(b, layer) for b, e in cur_b.items() for layer in np.ndindex(np.shape(e))
+                if e[layer] > (1 + guard) * ref_b[b][layer]]
+
+    rep: dict[str, Any] = {"tolerance": guard, "start_model_error": float(ref_m), "model_error": float(cur_m),
+                           "sites_undone": [], "hadamard_undone": [], "all_undone": False}
+    bad = worse()
+    if bad:  # round 1: the site decisions of the worse blocks (at the worse layers)
+        for b, layer in bad:
+            for i in sites_in.get(b, []):
+                lay = layer if layer in out["chosen"][i] else None
+                if lay is None or out["chosen"][i][lay] == 0:
+                    continue
+                set_selection(trials[i].parts, lay, 0)
+                out["chosen"][i][lay] = 0
+                out["info"][(i, lay)].update(accepted=False, note="undone by the block guard")
+                out["refined"].pop((i, lay), None)
+                rep["sites_undone"].append([trials[i].name, list(lay)])
+        cur_b, cur_m = ev.run(held_batches, refs_h)
+        bad = worse()
+    if bad:  # round 2: the Hadamard choices of the linears of the blocks still worse (every layer)
+        blocks = {b for b, _ in bad}
+        for p, tr in trial_of.items():
+            if block_of[p] in blocks and np.any(np.asarray(tr.hsel.get_value()) != hadamard[p][1]):
+                tr.hsel.set_value(jax.device_put(start_h[p]))
+                info = out["hadamard_info"].get(path_str(p))
+                if info is not None:
+                    info.update(kept=False, note="undone by the block guard")
+                rep["hadamard_undone"].append(path_str(p))
+        cur_b, cur_m = ev.run(held_batches, refs_h)
+    if cur_m > (1 + guard) * ref_m:  # round 3: the model output is worse than the start: undo everything
+        set_state(start_parts, start_h)
+        for i, ch in out["chosen"].items():
+            for lay, c in ch.items():
+                if c:
+                    ch[lay] = 0
+                    out["info"][(i, lay)].update(accepted=False, note="undone by the model guard")
+        out["refined"].clear()
+        for info in out["hadamard_info"].values():
+            if info.get("kept"):
+                info.update(kept=False, note="undone by the model guard")
+        rep["all_undone"] = True
+        cur_b, cur_m = ref_b, ref_m
+    rep["final_model_error"] = float(cur_m)
+    rep["worst_block_ratio"] = max((float(e[lay] / max(ref_b[b][lay], 1e-30)) for b, e in cur_b.items()
+                                    for lay in np.ndindex(np.shape(e))), default=None)
+    return rep
+
+
 def _refine(t: SiteTrial, layer, best: int, errs: dict, steps: int, measure_now, info: dict, flat: int) -> int:
     """Refine the order of candidate `best` by `steps` proposed swaps, each kept only if the measured
     error falls; the refined order goes to the site's free slot. Returns the index to use."""
@@ -541,6 +616,7 @@ def decide(
     schedule: str = "sequential",
     hadamard_sizes: bool = True,
     hadamard_start: str = "none",
+    guard: float | None = 0.01,
 ) -> dict[str, Any]:
     """Sequential downstream decisions (see the module docstring).
 
@@ -550,9 +626,14 @@ def decide(
     parts (`permute.aligned_hadamard_blocks`) and none, starting from no rotation (`hadamard_start`
     "none": RTN is the reference, as for every other decision) or from b ("block": plain Hadamard is);
     each change is kept only if it lowers the held-out error at `level` by more than `tau`.
+    guard: after every decision, the held-out error of each block (each layer of a stack) and of the model
+    output is compared with the starting state's (RTN, or plain Hadamard with `hadamard_start` "block");
+    a block more than `guard` (relative) worse gets its site decisions undone, then, if still worse, its
+    linears' Hadamard choices; a model output still worse than the start undoes everything (`_guard`).
+    None: no guard.
     Returns {"chosen": {site: {layer: c}}, "info": {(site, layer): dict}, "hadamard": {path: block or None},
     "amax": {path: [*stack]}, "hadamard_info": {path: dict}, "forwards": int, "seconds": float,
-    "blocks": {path: block path}}."""
+    "blocks": {path: block path}, "guard": dict (what the guard undid)}."""
     t_start = timer()
     block_of = find_blocks(model, targets, blocks)
     refs_all = float_outputs(model, all_batches, forward)
@@ -745,6 +826,10 @@ def decide(
                 cache[k] = [errs[best], info["heldout_best"]]
             info.update(accepted=bool(kept), forwards=ev.forwards - n0, seconds=timer() - t0)
             out["info"][(i, layer)] = info
+
+        if guard is not None and (out["info"] or out["hadamard_info"]):
+            out["guard"] = _guard(ev, guard, trials, trial_of, hadamard, block_of, sites_in, held_batches, refs_h,
+                                  out)
 
         # ---- the final state over every batch: static activation amax of each transformed input
         errs_all, out["model_error"] = ev.run(all_batches, refs_all)
