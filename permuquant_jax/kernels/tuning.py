@@ -105,7 +105,10 @@ def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[
 # tests/gpu/check_mosaic.py's probe on the H200) and the tiles per M. H200, 2026-12-01 (results/
 # gemm_mosaic_h200.md, run 4): the persistent serial kernel was correct at every checked shape and took
 # 445 us at 4096 x 3072 x 9216 W4A4 (cuBLAS bf16 425, decode+cuBLAS 514) and 1005 us at 4608 x 3072 x
-# 21504 (999 / 1211); W4A16 493 / 1094 us (decode+cuBLAS 538 / 1268): the "large" class takes it.
+# 21504 (999 / 1211); W4A16 493 / 1094 us (decode+cuBLAS 538 / 1268): the "large" class takes it. The
+# "pipelined" pipeline (correct since run 5) took 515 us at 4096 x 3072 x 9216 in run 5 (cuBLAS 429; the
+# serial kernel was not timed in that run): not chosen. The FLUX step with this config: W4A4 148.3 ms vs
+# 150.2 ms with decode+cuBLAS at large M (results/flux_step_h200.md run 5).
 MOSAIC_NIBBLE_ORDER = "low_first"
 MOSAIC_SMALL_M = 1024  # up to here 128-token tiles (more CTAs), above 256
 # the config of the "large" class (benchmarks/flux_step.py --mosaic-config replaces it for one run)
