@@ -106,10 +106,11 @@ class SceneClassifier:
     def __init__(self, size: int, num: int = 1500, seed: int = 12345):
         from sklearn.linear_model import LogisticRegression
 
-        images, captions, _ = D.make_dataset(num, seed=seed, size=size)
-        keep = [i for i, c in enumerate(captions) if _SINGLE_RE.match(c)]
-        labels = [_SINGLE_RE.match(captions[i]).groups() for i in keep]
-        feats = [features(images[i]) for i in keep]
+        # scenes 0..num-1 of the seed; only the single-shape ones are rendered (drawing is the slow part)
+        scenes = [sc for sc in (D.make_scene(seed, i, size) for i in range(num)) if _SINGLE_RE.match(sc.caption)]
+        keep = range(len(scenes))
+        labels = [_SINGLE_RE.match(sc.caption).groups() for sc in scenes]
+        feats = [features(D.render(sc)) for sc in scenes]
         cut = int(0.8 * len(keep))
         xc, xs = np.stack([f[0] for f in feats]), np.stack([f[1] for f in feats])
         yc, ys = np.array([lab[0] for lab in labels]), np.array([lab[1] for lab in labels])
@@ -128,14 +129,16 @@ class SceneClassifier:
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def psnr_ssim(images: np.ndarray, refs: np.ndarray) -> tuple[float, float]:
+def psnr_ssim(images: np.ndarray, refs: np.ndarray, each: bool = False):
+    """Mean PSNR (dB, capped at 100) and SSIM of ``images`` against ``refs``; ``each``: also the per-picture lists."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     p, s = [], []
     for a, b in zip(images, refs, strict=True):
         p.append(min(peak_signal_noise_ratio(b, a, data_range=255), 100.0) if not np.array_equal(a, b) else 100.0)
         s.append(structural_similarity(b, a, channel_axis=-1, data_range=255))
-    return float(np.mean(p)), float(np.mean(s))
+    out = float(np.mean(p)), float(np.mean(s))
+    return (*out, [float(v) for v in p], [float(v) for v in s]) if each else out
 
 
 def _jsonable(x):
@@ -209,12 +212,21 @@ class Bench:
         self.prompts = [s for s in single for _ in range(seeds)] + (OTHER[:1] if quick else OTHER)
         self.seeds = [1000 + i for i in range(len(self.prompts))]
         self.n_single = len(single) * seeds
+        parts, tp = {}, time.time()
+
+        def lap(name: str) -> None:
+            nonlocal tp
+            parts[name] = round(time.time() - tp, 2)
+            tp = time.time()
+
         txt, txt_ids, y = p.encode_prompts(self.prompts)
         self.text = (txt, txt_ids, y)
         self.noise = p.noise(self.seeds, self.size, self.size)
         p.unconditional(len(self.prompts))
         self.dit = p.dit
+        lap("load + encode")
         self.ref_latents, self.ref_images = self.generate(self.dit)
+        lap("bf16 references")
         self.ref_trajectory = self.last_trajectory
         # Calibration / held-out text: the pipeline's calibration prompts (training-grammar captions, none of
         # them evaluated here), in a seeded order: the first n_cal calibrate, the next n_held are held out.
@@ -236,9 +248,11 @@ class Bench:
                                                    num_samples=n_held, calib_steps=k, seed=2, batch_size=n_held,
                                                    **common)
         self.calib_captions, self.held_captions = calib_caps, held_caps
+        lap("calibration + held-out trajectories")
         self.classifier = SceneClassifier(self.size, num=600 if quick else 1500)
         self.ref_pred = self.classifier.predict(self.ref_images[: self.n_single])
-        self.init_s = time.time() - t0
+        lap("classifier")
+        self.init_s, self.init_parts = time.time() - t0, parts
         log(f"bf16 references: {len(self.prompts)} pictures {self.size}x{self.size}, {self.steps} steps, cfg "
             f"{self.cfg:g}; {len(self.calib)} calibration / {len(self.held)} held-out batches; classifier "
             f"held-out accuracy colour {self.classifier.heldout[0]:.3f} shape {self.classifier.heldout[1]:.3f} "
@@ -251,7 +265,8 @@ class Bench:
                     calib=len(self.calib), calib_captions=len(self.calib_captions), held=len(self.held),
                     held_captions=len(self.held_captions), clf_train=self.classifier.n_train,
                     clf_heldout=list(self.classifier.heldout), wall_s=time.time() - self.t0,
-                    calib_file=self.calib_file.name, init_s=self.init_s, device=jax.devices()[0].device_kind,
+                    calib_file=self.calib_file.name, init_s=self.init_s, init_parts=self.init_parts,
+                    device=jax.devices()[0].device_kind,
                     backend=jax.default_backend(), jax=jax.__version__,
                     ref_sha256=hashlib.sha256(np.ascontiguousarray(self.ref_latents).tobytes()).hexdigest()[:16])
 
@@ -306,7 +321,8 @@ class Bench:
         ds = rep.config.get("downstream", {})
         sites = [dict(site=sr.name, chosen=sr.chosen, accepted=bool(sr.accepted), gain=float(sr.gain))
                  for sr in rep.sites]
-        ps, ss = psnr_ssim(images, self.ref_images)
+        ps, ss, ps_each, ss_each = psnr_ssim(images, self.ref_images, each=True)
+        lat_each = [rel_l2(a, b) for a, b in zip(lat, self.ref_latents, strict=True)]
         t1 = time.time()
         lerr = layer_errors(self.dit, q, self.held)
         t_blk = time.time() - t1
@@ -315,7 +331,8 @@ class Bench:
         return dict(format=fmt, method=method, psnr=ps, ssim=ss, latent_err=rel_l2(lat, self.ref_latents),
                     layer_mean=float(np.mean(list(lerr.values()))), layer_worst=lerr[worst], worst_layer=worst,
                     colour=colour, shape=shape, agree=agree, accepted=f"{rep.n_accepted}/{rep.n_sites}",
-                    time=wall, layers=lerr, step_err=step_err, sites=sites,
+                    time=wall, layers=lerr, step_err=step_err, sites=sites, psnr_each=ps_each, ssim_each=ss_each,
+                    latent_err_each=lat_each,
                     hadamard=_jsonable(ds.get("hadamard")),
                     model_error_fake_quant=_jsonable(ds.get("model_error_fake_quant")),
                     block_errors_fake_quant=_jsonable(ds.get("block_errors_fake_quant")),
@@ -362,6 +379,8 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
         f"{b['held']} held-out batches of {b['held_captions']} other captions. Semantic classifier: "
         f"{b['clf_train']} rendered scenes, held-out accuracy colour {b['clf_heldout'][0]:.3f}, shape "
         f"{b['clf_heldout'][1]:.3f}.  ",
+        *(["Init of a process: " + ", ".join(f"{k} {v:.1f} s" for k, v in b["init_parts"].items()) + ".  "]
+          if b.get("init_parts") else []),
         "Columns: see the docstring of `benchmarks/quality_tiny.py`." + (f" Picture grid: `{grid}`." if grid else ""),
         *([f"  \n{note}"] if note else []),
         "",
@@ -415,9 +434,16 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
             verdict = f"beats RTN on all {len(wins)}" if all(wins) else (
                 f"worse than RTN on all {len(wins)}" if not any(wins) else "mixed: better on " + ", ".join(
                     n for n, w in pairs if w))
+            paired = ""
+            if r.get("psnr_each") and rtn.get("psnr_each"):  # per picture: is the PSNR difference more than noise?
+                d = np.asarray(r["psnr_each"]) - np.asarray(rtn["psnr_each"])
+                le = np.asarray(r["latent_err_each"]) - np.asarray(rtn["latent_err_each"])
+                paired = (f" (per picture: PSNR higher on {int((d > 0).sum())} of {d.size}, mean difference "
+                          f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(d.size):.2f} dB (s.e.); latent error lower on "
+                          f"{int((le < 0).sum())} of {le.size})")
             lines.append(f"- {FORMAT_LABELS.get(fmt, fmt)} {m}: PSNR {r['psnr']:.2f} vs {rtn['psnr']:.2f}, latent "
                          f"{r['latent_err']:.4f} vs {rtn['latent_err']:.4f}, block {r['layer_mean']:.4f} vs "
-                         f"{rtn['layer_mean']:.4f}: {verdict}")
+                         f"{rtn['layer_mean']:.4f}: {verdict}{paired}")
     return "\n".join(lines) + "\n"
 
 
@@ -597,6 +623,8 @@ def run_rows(formats: Sequence[str], methods: Sequence[str], args: argparse.Name
     keep = worker_args(argv)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / n:.3f}",
                PYTHONUNBUFFERED="1")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # N processes: no BLAS thread pools
+        env.setdefault(var, "1")
     notes = [args.note] if args.note else []
     if args.worker_xla_flags:  # an unknown XLA flag aborts every process: try it once first
         flags = f"{env.get('XLA_FLAGS', '')} {args.worker_xla_flags}".strip()

@@ -61,7 +61,8 @@ def test_rows_of_parallel_processes_merge_into_one_table(tmp_path, capsys):
     def row(fmt, method, psnr):
         return dict(format=fmt, method=method, psnr=psnr, ssim=0.9, latent_err=0.3, layer_mean=0.01, layer_worst=0.02,
                     worst_layer="single_blocks[0]", colour=1.0, shape=1.0, agree=1.0, accepted="0/35", time=1.0,
-                    step_err=[0.1, 0.3], times=dict(quantize_s=1.0, generate_s=2.0, block_errors_s=3.0))
+                    step_err=[0.1, 0.3], times=dict(quantize_s=1.0, generate_s=2.0, block_errors_s=3.0),
+                    psnr_each=[psnr - 1.0, psnr + 1.0], latent_err_each=[0.2, 0.4])
 
     ref = dict(row("bf16", "bf16", float("inf")), latent_err=0.0, step_err=[0.0, 0.0])
     paths = []
@@ -81,6 +82,7 @@ def test_rows_of_parallel_processes_merge_into_one_table(tmp_path, capsys):
     text = out.read_text()
     assert "DIFFER between processes (2 versions)" in text and "| NVFP4 W4A4 | permuquant | 21.00 |" in text
     assert "k=2" in text and "PSNR 21.00 vs 22.00" in text  # PermuQuant vs the RTN row of its format
+    assert "PSNR higher on 0 of 2, mean difference -1.00 +- 0.00 dB" in text
     from PIL import Image
 
     assert Image.open(grid).size[1] == 4 * (8 * 2 + 2)  # bf16 once + the three rows
