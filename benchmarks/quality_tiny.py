@@ -2,14 +2,22 @@
 
     python benchmarks/quality_tiny.py [--quick] [--methods rtn,...] [--formats nvfp4,...] \
         [--out benchmarks/results/quality_tiny.md] [--grid benchmarks/results/quality_tiny.png]
+    python benchmarks/quality_tiny.py --workers 20 --budget 320 ...   # every row in its own process (one GPU)
 
 The embedded pipeline (``permuquant_jax/train/tiny.py``: a ``FluxConfig.tiny()`` DiT and the tiny FLUX
 autoencoder trained on 64x64 captioned scenes of coloured shapes) generates fixed prompts from fixed
 seeds with its bf16 DiT: the reference pictures. Each method x format quantizes a copy of that DiT
 with the library's ``quantize_flux`` (defaults: model-level acceptance; Hadamard block 64; embedders
-and the final projection kept bf16), calibrated on the DiT inputs along sampling trajectories of
-training captions that are not among the evaluated prompts, then generates the same prompts from the
-same noise (classifier-free guidance at the pipeline's default scale, the pipeline's default steps).
+and the final projection kept bf16), calibrated on the DiT inputs along sampling trajectories of the
+pipeline's calibration prompts (``calibration_prompts.txt``: training-grammar captions, none of them
+evaluated here), then generates the same prompts from the same noise (classifier-free guidance at the
+pipeline's default scale, the pipeline's default steps, one jitted Euler step per call so every step's
+latents are kept). ``rtn-recal`` (not a default row) is RTN calibrated on other captions of that file:
+the pictures' noise floor, what a change that should not matter does to every metric.
+
+``--workers N`` runs each (format, method) row in a process of its own, N at a time, on one device
+(no preallocation, 0.9/N of the GPU's memory each; rows still running at ``--budget`` seconds are
+stopped), and merges their JSON / pictures (``--merge`` does the same for files of earlier runs).
 
 Columns, all against the bf16 pictures of the same prompt and seed:
 - PSNR (dB, uint8 pixels, peak 255) and SSIM (``skimage.metrics.structural_similarity``, RGB), mean
@@ -27,6 +35,10 @@ Columns, all against the bf16 pictures of the same prompt and seed:
 - agree: fraction of those pictures where the classifier's (colour, shape) equals its reading of the
   bf16 picture;
 - accepted: permutation sites accepted / sites; time: wall seconds of ``quantize_flux``.
+Below the table: per-phase wall times of each row; the latents' relative error after steps k of the
+trajectory (which steps diverge); and PermuQuant / PermuQuant-H (and ``rtn-recal``) against RTN, with
+the paired per-picture PSNR difference and its standard error. The JSON adds per-block and per-picture
+errors, the accepted sites, the Hadamard choices and ``quantize_flux``'s own fake-quant errors.
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ from permuquant_jax.train import data as D  # noqa: E402
 
 FORMATS = ("nvfp4", "nvfp4-w4a16", "int4-g64", "int3-g64-w3a3")
 METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+CONTROLS = ("rtn-recal",)  # RTN calibrated on other captions: the pictures' noise floor (not in the default rows)
 FORMAT_LABELS = {"nvfp4": "NVFP4 W4A4", "nvfp4-w4a16": "NVFP4 W4A16", "int4-g64": "INT4-g64 W4A4",
                  "int3-g64-w3a3": "INT3-g64 W3A3"}
 HADAMARD_BLOCK = 64
@@ -248,6 +261,11 @@ class Bench:
                                                    num_samples=n_held, calib_steps=k, seed=2, batch_size=n_held,
                                                    **common)
         self.calib_captions, self.held_captions = calib_caps, held_caps
+        # the noise control "rtn-recal": RTN calibrated on the next n_cal captions (made when first needed)
+        self._alt = lambda: quant.flux_calibration_batches(
+            self.dit, text=tuple(np.asarray(a) for a in p.encode_prompts(
+                [pool[i] for i in pick[n_cal + n_held : 2 * n_cal + n_held]])[::2]),
+            num_samples=n_cal, calib_steps=k, seed=3, batch_size=n_cal, **common)
         lap("calibration + held-out trajectories")
         self.classifier = SceneClassifier(self.size, num=600 if quick else 1500)
         self.ref_pred = self.classifier.predict(self.ref_images[: self.n_single])
@@ -311,8 +329,11 @@ class Bench:
 
     def row(self, fmt: str, method: str) -> tuple[dict, np.ndarray]:
         q = nnx.clone(self.dit)
+        calib, method_q = self.calib, method
+        if method in CONTROLS:  # RTN on other calibration captions: how much the pictures move for nothing
+            calib, method_q = self._alt(), "rtn"
         t0 = time.time()
-        q, rep = quant.quantize_flux(q, self.calib, method=method, format=fmt, hadamard_block=HADAMARD_BLOCK,
+        q, rep = quant.quantize_flux(q, calib, method=method_q, format=fmt, hadamard_block=HADAMARD_BLOCK,
                                      progress=False, accept=self.accept)
         wall = time.time() - t0
         lat, images = self.generate(q)
@@ -423,7 +444,7 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
         rtn = by.get((fmt, "rtn"))
         if rtn is None:
             continue
-        for m in ("permuquant", "permuquant-h"):
+        for m in (*CONTROLS, "permuquant", "permuquant-h"):
             r = by.get((fmt, m))
             if r is None:
                 continue
@@ -441,8 +462,9 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
                 paired = (f" (per picture: PSNR higher on {int((d > 0).sum())} of {d.size}, mean difference "
                           f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(d.size):.2f} dB (s.e.); latent error lower on "
                           f"{int((le < 0).sum())} of {le.size})")
-            lines.append(f"- {FORMAT_LABELS.get(fmt, fmt)} {m}: PSNR {r['psnr']:.2f} vs {rtn['psnr']:.2f}, latent "
-                         f"{r['latent_err']:.4f} vs {rtn['latent_err']:.4f}, block {r['layer_mean']:.4f} vs "
+            what = " (noise floor: RTN, other calibration captions)" if m in CONTROLS else ""
+            lines.append(f"- {FORMAT_LABELS.get(fmt, fmt)} {m}{what}: PSNR {r['psnr']:.2f} vs {rtn['psnr']:.2f}, "
+                         f"latent {r['latent_err']:.4f} vs {rtn['latent_err']:.4f}, block {r['layer_mean']:.4f} vs "
                          f"{rtn['layer_mean']:.4f}: {verdict}{paired}")
     return "\n".join(lines) + "\n"
 
@@ -471,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="run every (format, method) row in its own process, N at a time (one GPU shared: no "
                    "preallocation, 0.9/N of its memory each), then merge; 0: all rows in this process")
+    p.add_argument("--rows", default=None, metavar="F:M[,F:M...]",
+                   help="with --workers: these (format, method) rows instead of --formats x --methods")
     p.add_argument("--budget", type=float, default=None, metavar="S",
                    help="with --workers: stop the rows still running S seconds after the start, merge the rest")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="with --workers: the rows' JSON / npz / logs "
@@ -483,8 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = args.methods.split(",") if args.methods else (["rtn", "permuquant"] if args.quick else list(METHODS))
     formats = args.formats.split(",") if args.formats else (["nvfp4"] if args.quick else list(FORMATS))
     for m in methods:
-        if m not in quant.METHODS:
-            raise SystemExit(f"--methods: unknown method {m!r}; choose from {list(quant.METHODS)}")
+        if m not in quant.METHODS and m not in CONTROLS:
+            raise SystemExit(f"--methods: unknown method {m!r}; choose from {list(quant.METHODS) + list(CONTROLS)}")
     t_all = time.time()
 
     def log(s: str) -> None:
@@ -534,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _order(fmt: str, method: str) -> tuple[int, int]:
     return (-1, -1) if fmt == "bf16" else (
-        FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS), METHODS.index(method) if method in METHODS else 99)
+        FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS),
+        METHODS.index(method) if method in METHODS else 0.5 if method in CONTROLS else 99)
 
 
 def merge(paths: Sequence[str], args: argparse.Namespace, cmd: str, wall: float = 0.0, note: str | None = None) -> int:
@@ -559,7 +584,8 @@ def merge(paths: Sequence[str], args: argparse.Namespace, cmd: str, wall: float 
             for lab, img in zip(z["labels"], z["images"], strict=True):
                 lab = str(lab)
                 key = ("bf16", "bf16") if lab == "bf16" else next(
-                    ((f, m) for f in FORMATS for m in METHODS if lab == f"{FORMAT_LABELS.get(f, f)}\n{m}"), (lab, ""))
+                    ((f, m) for f in FORMATS for m in (*METHODS, *CONTROLS)
+                     if lab == f"{FORMAT_LABELS.get(f, f)}\n{m}"), (lab, ""))
                 grid_rows.setdefault(key, (lab, img))
     if not setups:
         raise SystemExit("--merge: no results to merge")
@@ -587,8 +613,8 @@ def merge(paths: Sequence[str], args: argparse.Namespace, cmd: str, wall: float 
     return 0
 
 
-WORKER_DROP = ("--workers", "--budget", "--work-dir", "--log", "--out", "--json", "--grid", "--save-images", "--note",
-               "--formats", "--methods", "--worker-xla-flags")
+WORKER_DROP = ("--workers", "--budget", "--rows", "--work-dir", "--log", "--out", "--json", "--grid", "--save-images",
+               "--note", "--formats", "--methods", "--worker-xla-flags")
 
 
 def _without(argv: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -617,8 +643,13 @@ def run_rows(formats: Sequence[str], methods: Sequence[str], args: argparse.Name
     t0 = time.time()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality_tiny_"))
     work.mkdir(parents=True, exist_ok=True)
-    rank = {"permuquant-h": 0, "permuquant": 1, "hadamard": 2, "smoothquant": 3, "rtn": 4}
-    tasks = sorted(((f, m) for f in formats for m in methods), key=lambda t: (rank.get(t[1], 0), _order(*t)))
+    rank = {"permuquant-h": 0, "permuquant": 1, "hadamard": 2, "smoothquant": 3, "rtn": 4, "rtn-recal": 5}
+    pairs = [tuple(r.split(":", 1)) for r in args.rows.split(",")] if args.rows else [(f, m) for f in formats
+                                                                                        for m in methods]
+    for pair in pairs:
+        if len(pair) != 2 or pair[1] not in (*quant.METHODS, *CONTROLS):
+            raise SystemExit(f"--rows: {':'.join(pair)!r} is not FORMAT:METHOD with a known method")
+    tasks = sorted(pairs, key=lambda t: (rank.get(t[1], 0), _order(*t)))
     n = max(1, min(args.workers, len(tasks)))
     keep = worker_args(argv)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / n:.3f}",
