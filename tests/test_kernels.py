@@ -407,10 +407,16 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
             calls.clear()
             y = dispatch.nvfp4_linear(jnp.ones((m, 64), jnp.bfloat16), w, w4a16=w4a16, backend="pallas")
             assert y.shape == (m, 32)
-            want = tuning.DISPATCH_TABLE[dev_class or tuning.FALLBACK_CLASS][cls]
+            want = tuning.gemm_backend(dev_class, m, 32)
             assert [c[0] for c in calls] == ([] if w4a16 else ["act_quant"]) + [want]
             if want == "triton":
                 assert calls[-1][1] == tuning.matmul_config(m, 32, 64)
+    # the table's rows, and the Mosaic kernel only for wide outputs (narrow N takes decode+cuBLAS)
+    for m, cls in ((1, "gemv"), (40, "small"), (512, "medium"), (4096, "large")):
+        assert tuning.gemm_backend(dev_class, m) == tuning.DISPATCH_TABLE[dev_class or tuning.FALLBACK_CLASS][cls]
+    assert tuning.gemm_backend("h200", 4096, 9216) == "mosaic"
+    assert tuning.gemm_backend("h200", 4608, tuning.MOSAIC_MIN_N - 1) == "decode_cublas"
+    assert tuning.gemm_backend("h100", 4096, 3072) == "xla_decode_cublas"
     monkeypatch.setenv(dispatch.ENV_GEMM, "mosaic")  # the override beats the table
     calls.clear()
     dispatch.nvfp4_linear(jnp.ones((8, 64), jnp.bfloat16), w, w4a16=True, backend="pallas")

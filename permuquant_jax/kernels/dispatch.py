@@ -150,7 +150,7 @@ def nvfp4_linear(
     if not interpret:
         filter_triton_deprecation()
     wp = prepack_weight(w)
-    gemm = "triton" if interpret else gemm_choice(m)
+    gemm = "triton" if interpret else gemm_choice(m, n)
     if gemm == "triton":
         cfg = tuning.matmul_config(m, n, k)
         mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
@@ -177,14 +177,15 @@ def nvfp4_linear(
     return y.reshape(*lead, n)
 
 
-def gemm_choice(m: int) -> str:
-    """The GEMM backend for `m` rows on this device: `PERMUQUANT_GEMM_BACKEND`, else the tuning table."""
+def gemm_choice(m: int, n: int | None = None) -> str:
+    """The GEMM backend for `m` rows and `n` outputs on this device: `PERMUQUANT_GEMM_BACKEND`, else the
+    tuning table."""
     env = os.environ.get(ENV_GEMM)
     if env:
         if env not in tuning.GEMM_BACKENDS:
             raise ValueError(f"{ENV_GEMM}={env!r}: expected one of {tuning.GEMM_BACKENDS}")
         return env
-    return tuning.gemm_backend(device_class(), m)
+    return tuning.gemm_backend(device_class(), m, n)
 
 
 def mosaic_dot(

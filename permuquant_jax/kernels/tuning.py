@@ -55,10 +55,21 @@ def m_class(m: int) -> str:
     return M_CLASSES[-1][0]
 
 
-def gemm_backend(dev_class: str | None, m: int) -> str:
-    """The GEMM backend for `m` rows on a device class (unknown classes: `FALLBACK_CLASS`)."""
+# The Mosaic kernel only where the output is wide: H200, 2026-12-01 (results/gemm_mosaic_h200.md runs 6-7),
+# persistent serial W4A4 vs decode+cuBLAS: N = 9216 547 vs 556 us, N = 21504 987 vs 1211 us, but N = 3072
+# (fc2, K = 12288) 509 vs 521 us and (linear2, K = 15360) 866 vs 711 us. Narrower outputs take the
+# decode+cuBLAS path.
+MOSAIC_MIN_N = 8192
+
+
+def gemm_backend(dev_class: str | None, m: int, n: int | None = None) -> str:
+    """The GEMM backend for `m` rows (and `n` output features, when known) on a device class (unknown
+    classes: `FALLBACK_CLASS`). "mosaic" rows give way to "decode_cublas" below `MOSAIC_MIN_N` outputs."""
     table = DISPATCH_TABLE.get(dev_class or FALLBACK_CLASS, DISPATCH_TABLE[FALLBACK_CLASS])
-    return table[m_class(m)]
+    backend = table[m_class(m)]
+    if backend == "mosaic" and n is not None and n < MOSAIC_MIN_N:
+        return "decode_cublas"
+    return backend
 
 
 # (max M, config), first match wins (the "triton" backend's tiles), measured with
