@@ -367,7 +367,7 @@ class PhaseClock:
         """Start a daemon thread that polls device 0's allocator and, each time its high-water mark rose by
         `step_bytes`, records {t, peak, in_use, phase, the active progress bars} in `peak_steps` (at most
         `limit`): the timeline says which pass set the peak. No-op without a timings file or memory stats."""
-        if not self.file or self._watch is not None or not _device_memory().get("peak_device_bytes"):
+        if not self.file or self._watch is not None or _device_memory().get("peak_device_bytes") is None:
             return
         import threading
 
@@ -401,6 +401,7 @@ class PhaseClock:
         peak = _device_memory().get("peak_device_bytes")
         if peak is not None:  # the high-water mark when the phase ended (it includes earlier phases)
             self.extra.setdefault("peak_device_bytes_after", {})[self.current] = peak
+        self.extra.setdefault("peak_host_rss_after", {})[self.current] = _peak_rss()
         self.current, self.t_phase = phase, now
         self.write()
 
