@@ -54,10 +54,8 @@ def assert_model_holds(model: FluxDiT, tensors: dict[str, np.ndarray], dtype) ->
     assert seen == set(arrays)
 
 
-@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
-def test_default_checkpoint_is_the_tiny_model(tiny, layerwise, monkeypatch):
-    if layerwise:  # the path large stacked tensors take: assembled per layer into a donated buffer
-        monkeypatch.setattr(checkpoint, "LAYERWISE_MIN_BYTES", 0)
+def test_default_checkpoint_is_the_tiny_model(tiny):
+    # (the layer-by-layer path of large stacked tensors: test_device_transpose_path, both variants)
     path = default_checkpoint_path()
     assert path.is_file() and path.stat().st_size <= 8_000_000
     model = load_flux()
@@ -270,3 +268,34 @@ def test_diffusers_folder_with_missing_shard(tmp_path):
     expect_error(
         tmp_path, "diffusion_pytorch_model-00001-of-00002.safetensors", "does not exist", "'x_embedder.weight'"
     )
+
+
+def test_device_transpose_path(tiny, tmp_path, monkeypatch):
+    """The GPU's path for large stacked weights (layers read as stored [out, in], transposed and checked
+    on the device), run on the CPU: the same arrays as the host path for a BFL file (bf16 read straight
+    in) and a diffusers folder stored in f32 (q/k/v split over rows, cast while copied); a NaN is named by
+    its stored key and index."""
+    from test_hostile_load import CONFIG, _diffusers_folder
+
+    from permuquant_jax.convert.keymap import diffusers_keymap
+
+    monkeypatch.setattr(checkpoint, "LAYERWISE_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "DEVICE_TRANSPOSE", True)
+    assert_model_holds(load_flux(), tiny, jnp.bfloat16)
+    rng = np.random.default_rng(secrets.randbits(32))
+    tensors = {k: (0.05 * rng.standard_normal(e.shape)).astype(np.float32)
+               for k, e in diffusers_keymap(FluxConfig.tiny()).items()}
+    folder = _diffusers_folder(tmp_path, tensors, CONFIG)
+    on_device = _model_arrays(load_flux(folder))
+    monkeypatch.setattr(checkpoint, "DEVICE_TRANSPOSE", False)
+    on_host = _model_arrays(load_flux(folder))
+    assert on_device.keys() == on_host.keys()
+    for k in on_host:
+        np.testing.assert_array_equal(on_device[k], on_host[k], err_msg=k)
+    monkeypatch.setattr(checkpoint, "DEVICE_TRANSPOSE", True)
+    bad = dict(tiny)
+    bad["single_blocks.2.linear1.weight"] = bad["single_blocks.2.linear1.weight"].copy()
+    bad["single_blocks.2.linear1.weight"][5, 7] = np.nan
+    path = tmp_path / "nan.safetensors"
+    save_file(bad, str(path))
+    expect_error(path, str(path), "tensor 'single_blocks.2.linear1.weight'", "1 NaN", "first at index [5, 7]")

@@ -492,6 +492,7 @@ def load_flux(
     # ([out, in]: whole rows, plain reads) and transposed and checked on the device as it is written in
     # place (numpy's bf16 transposes ran at ~0.25 GB/s and set the load time); small targets are
     # assembled on the host as before (no device program per shape).
+    on_device = DEVICE_TRANSPOSE if DEVICE_TRANSPOSE is not None else jax.default_backend() != "cpu"
     jobs: list[tuple[int | None, list[SourceTensor], tuple[int, ...], bool]] = []
     plan: list[tuple[tuple[str, ...], tuple[int, ...], bool, int]] = []
     for target, entries in by_target.items():
@@ -503,10 +504,11 @@ def load_flux(
             by_layer: dict[int, list[SourceTensor]] = {}
             for entry in entries:
                 by_layer.setdefault(entry.pieces[0].layer, []).append(entry)
-            layer_shape = (shape[-1], shape[-2]) if matrix else shape[1:]  # weights as stored: [out, in]
+            stored = matrix and on_device
+            layer_shape = (shape[-1], shape[-2]) if stored else shape[1:]  # weights as stored: [out, in]
             for layer, layer_entries in sorted(by_layer.items()):
-                jobs.append((layer, layer_entries, layer_shape, stacked))
-            plan.append((target, shape, matrix, len(by_layer)))
+                jobs.append((layer, layer_entries, layer_shape, stored))
+            plan.append((target, shape, stored, len(by_layer)))
         else:
             jobs.append((None, entries, shape, stacked))
             plan.append((target, shape, matrix, 0))
@@ -514,14 +516,15 @@ def load_flux(
     from concurrent.futures import ThreadPoolExecutor
 
     def read(job):
-        layer, entries, shape, stacked = job
+        layer, entries, shape, flag = job  # flag: stacked (whole targets) / stored orientation (layers)
         buf = np.empty(shape, np_dtype)
-        if layer is None:  # a small target, whole, in the model's orientation, checked on the host
+        if layer is not None and flag:
+            _fill_stored(source, entries, buf)  # checked on the device
+        else:  # in the model's orientation, checked here
+            stacked = flag and layer is None
             _fill(source, entries, buf, stacked=stacked)
             if check_finite:
                 _check_finite(source, entries, buf, stacked=stacked)
-        else:
-            _fill_stored(source, entries, buf)
         return layer, entries, buf
 
     pool = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="load_flux")
@@ -537,7 +540,7 @@ def load_flux(
         return buf
 
     try:
-        for (target, shape, matrix, n_layers), _ in zip(plan, items, strict=True):
+        for (target, shape, stored, n_layers), _ in zip(plan, items, strict=True):
             var = _variable(model, target)
             if not n_layers:
                 _, _, buf = take()
@@ -547,9 +550,9 @@ def load_flux(
             value, checks = jnp.zeros(shape, dtype), []
             for _j in range(n_layers):
                 layer, layer_entries, buf = take()
-                value, finite = _write_layer(value, jnp.asarray(buf), layer, transpose=matrix)
+                value, finite = _write_layer(value, jnp.asarray(buf), layer, transpose=stored)
                 del buf
-                if check_finite:
+                if check_finite and stored:
                     checks.append((layer, layer_entries, finite))
             for _layer, layer_entries, finite in checks:
                 if not bool(finite):  # name the stored tensor responsible (host search, on failure only)
@@ -569,6 +572,9 @@ def load_flux(
 LAYERWISE_MIN_BYTES = 16 * 2**20
 LOAD_AHEAD = 3  # jobs read ahead of the device (host memory: at most this many layers or small targets)
 LOAD_THREADS = 2
+# Layers of large stacked weights transposed on the device (None: unless the backend is the CPU, where
+# XLA's bf16 transposes are no faster than numpy's and the host assembles every layer).
+DEVICE_TRANSPOSE: bool | None = None
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="transpose")
