@@ -205,8 +205,10 @@ class Bench:
     """The embedded pipeline, its prompts' embeddings and noise, the bf16 references and calibration data."""
 
     def __init__(self, quick: bool, seeds: int, log, pipeline: str | None = None, steps: int | None = None,
-                 accept: str | None = None):
-        self.quick, self.accept = quick, accept
+                 accept: str | None = None, calib: str = "cond"):
+        if calib not in ("cond", "cfg"):
+            raise SystemExit(f"--calib must be cond or cfg, found {calib!r}")
+        self.quick, self.accept, self.calib_mode = quick, accept, calib
         t0 = self.t0 = time.time()
         if pipeline is None:
             self.pipe = FluxPipeline.embedded(dtype=jnp.bfloat16)
@@ -250,22 +252,12 @@ class Bench:
         n_cal, n_held = (2, 2) if quick else (16, 16)  # the same batch shape: one trajectory compile for both
         calib_caps = [pool[i] for i in pick[:n_cal]]
         held_caps = [pool[i] for i in pick[n_cal : n_cal + n_held]]
-        ct, _, cy = p.encode_prompts(calib_caps)
-        ht, _, hy = p.encode_prompts(held_caps)
-        common = dict(num_steps=self.steps, height=self.size, width=self.size, txt_len=p.max_seq_len)
-        k = 2 if quick else 6
-        self.calib = quant.flux_calibration_batches(self.dit, text=(np.asarray(ct), np.asarray(cy)),
-                                                    num_samples=n_cal, calib_steps=k, seed=1, batch_size=n_cal,
-                                                    **common)
-        self.held = quant.flux_calibration_batches(self.dit, text=(np.asarray(ht), np.asarray(hy)),
-                                                   num_samples=n_held, calib_steps=k, seed=2, batch_size=n_held,
-                                                   **common)
+        self.k = 2 if quick else 6  # recorded steps per trajectory, spread over the schedule
+        self.calib = self.trajectories(calib_caps, seed=1)
+        self.held = self.trajectories(held_caps, seed=2)
         self.calib_captions, self.held_captions = calib_caps, held_caps
         # the noise control "rtn-recal": RTN calibrated on the next n_cal captions (made when first needed)
-        self._alt = lambda: quant.flux_calibration_batches(
-            self.dit, text=tuple(np.asarray(a) for a in p.encode_prompts(
-                [pool[i] for i in pick[n_cal + n_held : 2 * n_cal + n_held]])[::2]),
-            num_samples=n_cal, calib_steps=k, seed=3, batch_size=n_cal, **common)
+        self._alt = lambda: self.trajectories([pool[i] for i in pick[n_cal + n_held : 2 * n_cal + n_held]], seed=3)
         lap("calibration + held-out trajectories")
         self.classifier = SceneClassifier(self.size, num=600 if quick else 1500)
         self.ref_pred = self.classifier.predict(self.ref_images[: self.n_single])
@@ -276,10 +268,44 @@ class Bench:
             f"held-out accuracy colour {self.classifier.heldout[0]:.3f} shape {self.classifier.heldout[1]:.3f} "
             f"({time.time() - t0:.0f} s)")
 
+    def trajectories(self, captions: Sequence[str], seed: int) -> list[dict]:
+        """DiT inputs at ``self.k`` steps of the float DiT's sampling trajectories of ``captions`` (one batch a
+        step, all captions in it). ``calib_mode`` "cond": ``quant.flux_calibration_batches`` (conditional
+        trajectories, no guidance: what ``convert`` calibrates on); "cfg": the pictures' own sampler, the
+        doubled batch ``[cond; uncond]`` of classifier-free guidance along the guided trajectory."""
+        p = self.pipe
+        txt, txt_ids, y = p.encode_prompts(list(captions))
+        n = len(captions)
+        if self.calib_mode == "cond":
+            return quant.flux_calibration_batches(
+                self.dit, text=(np.asarray(txt), np.asarray(y)), num_samples=n, calib_steps=self.k, seed=seed,
+                batch_size=n, num_steps=self.steps, height=self.size, width=self.size, txt_len=p.max_seq_len)
+        from permuquant_jax.models.sampling import get_schedule, pack_latents, prepare_img_ids
+
+        x = pack_latents(p.noise([10_000 * seed + i for i in range(n)], self.size, self.size))
+        hl = self.size // 16
+        img_ids = prepare_img_ids(n, 2 * hl, 2 * hl)
+        txt_u, y_u = p.unconditional()
+        txt2 = jnp.concatenate([txt, jnp.broadcast_to(jnp.asarray(txt_u), txt.shape)])
+        y2 = jnp.concatenate([y, jnp.broadcast_to(jnp.asarray(y_u), y.shape)])
+        ids2, txt_ids2 = jnp.concatenate([img_ids, img_ids]), jnp.concatenate([txt_ids, txt_ids])
+        sched = np.asarray(get_schedule(self.steps, x.shape[1], **p.schedule), np.float64)
+        pick = {int(i) for i in np.unique(np.linspace(0, self.steps - 1, self.k).round())}
+        out = []
+        for i in range(max(pick) + 1):
+            if i in pick:
+                out.append(dict(img=jnp.concatenate([x, x]), img_ids=ids2, txt=txt2, txt_ids=txt_ids2,
+                                timesteps=jnp.full((2 * n,), sched[i], jnp.float32), y=y2, guidance=None))
+            if i < max(pick):
+                x = _cfg_step(self.dit, x, ids2, txt2, txt_ids2, y2, jnp.float32(sched[i]),
+                              jnp.float32(sched[i + 1] - sched[i]), jnp.float32(self.cfg))
+        return out
+
     def setup(self) -> dict:
         """What the table's header says about this run (JSON-able)."""
         return dict(pictures=len(self.prompts), n_single=self.n_single, size=self.size, steps=self.steps,
-                    cfg=self.cfg, accept=self.accept, seeds=f"{self.seeds[0]}..{self.seeds[-1]}",
+                    cfg=self.cfg, accept=self.accept, calib_mode=self.calib_mode,
+                    seeds=f"{self.seeds[0]}..{self.seeds[-1]}",
                     calib=len(self.calib), calib_captions=len(self.calib_captions), held=len(self.held),
                     held_captions=len(self.held_captions), clf_train=self.classifier.n_train,
                     clf_heldout=list(self.classifier.heldout), wall_s=time.time() - self.t0,
@@ -333,8 +359,18 @@ class Bench:
         if method in CONTROLS:  # RTN on other calibration captions: how much the pictures move for nothing
             calib, method_q = self._alt(), "rtn"
         t0 = time.time()
-        q, rep = quant.quantize_flux(q, calib, method=method_q, format=fmt, hadamard_block=HADAMARD_BLOCK,
-                                     progress=False, accept=self.accept)
+        if self.calib_mode == "cond":
+            q, rep = quant.quantize_flux(q, calib, method=method_q, format=fmt, hadamard_block=HADAMARD_BLOCK,
+                                         progress=False, accept=self.accept)
+        else:  # quantize_flux's call, with the guided velocity as the model output that acceptance measures
+            from permuquant_jax.quant.paths import find_linears, match_any
+
+            names = [".".join(map(str, pth)) for pth in find_linears(q)]
+            keep = tuple(k for k in quant.FLUX_KEEP if any(match_any(nm, [k]) for nm in names))
+            q, rep = quant.quantize_model(q, calib, method=method_q, format=fmt, sites=quant.flux_sites(q),
+                                          keep=keep, hadamard_block=HADAMARD_BLOCK, progress=False,
+                                          forward=quant.CFGForward(self.cfg),
+                                          **({"accept": self.accept} if self.accept else {}))
         wall = time.time() - t0
         lat, images = self.generate(q)
         t_gen = time.time() - t0 - wall
@@ -395,7 +431,8 @@ def markdown(b: dict, rows: list[dict], cmd: str, wall: float, grid: str | None,
            f"JAX {jax.__version__} on {jax.default_backend()}.  "),
         f"Pictures: {b['pictures']} ({b['n_single']} of single-shape prompts, the rest relations / counts / sizes), "
         f"{b['size']}x{b['size']}, {b['steps']} Euler steps, classifier-free guidance {b['cfg']:g}, acceptance "
-        f"{b['accept'] or 'library default'}, seeds {b['seeds']}. Calibration: {b['calib']} batches "
+        f"{b['accept'] or 'library default'}, seeds {b['seeds']}. Calibration "
+        f"({b.get('calib_mode', 'cond')} trajectories): {b['calib']} batches "
         f"({b['calib_captions']} training captions not evaluated, one trajectory each); block errors on "
         f"{b['held']} held-out batches of {b['held_captions']} other captions. Semantic classifier: "
         f"{b['clf_train']} rendered scenes, held-out accuracy colour {b['clf_heldout'][0]:.3f}, shape "
@@ -478,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's; quick 2)")
     p.add_argument("--accept", default=None, choices=("layer", "block", "model"),
                    help="quantize_flux's acceptance level (default: the library's; quick: layer)")
+    p.add_argument("--calib", default="cond", choices=("cond", "cfg"),
+                   help="calibration trajectories: conditional without guidance (as convert), or the pictures' CFG "
+                   "sampler (doubled [cond; uncond] batches; acceptance then measures the guided velocity)")
     p.add_argument("--out", default=None, help="markdown results file")
     p.add_argument("--json", default=None, help="all numbers as JSON (per-layer errors included)")
     p.add_argument("--grid", default=None, help="picture grid PNG (bf16 and every method at the grid formats)")
@@ -523,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_rows(formats, methods, args, argv if argv is not None else sys.argv[1:], cmd.strip(), log)
     bench = Bench(args.quick, args.seeds or (1 if args.quick else 2), log, args.pipeline,
                   steps=args.steps or (2 if args.quick else None),
-                  accept=args.accept or ("layer" if args.quick else None))
+                  accept=args.accept or ("layer" if args.quick else None), calib=args.calib)
     rows = [bench.reference_row()]
     grid_cols = list(range(0, bench.n_single, max(1, bench.n_single // 6)))[:6] + \
         list(range(bench.n_single, len(bench.prompts)))[:4]
