@@ -83,10 +83,10 @@ def write_checkpoint(path: Path, cfg, seed: int = 0) -> tuple[int, int]:
             else:
                 a = 0.02 * 3**0.5 if len(shape) == 2 else 0.002 * 3**0.5
                 arr = draw(jax.random.fold_in(key, i), shape, a)
-            if pending is not None:  # write the previous tensor while this one is drawn
-                fh.write(np.asarray(pending).view(np.uint16).tobytes())
+            if pending is not None:  # write the previous tensor while this one is drawn (no extra host copy)
+                fh.write(memoryview(np.asarray(pending).view(np.uint16)).cast("B"))
             pending = arr
-        fh.write(np.asarray(pending).view(np.uint16).tobytes())
+        fh.write(memoryview(np.asarray(pending).view(np.uint16)).cast("B"))
     size = path.stat().st_size
     if size != 8 + len(hb) + off:
         raise RuntimeError(f"{path}: wrote {size} bytes, expected {8 + len(hb) + off}")
@@ -176,6 +176,33 @@ print("LOADRESULT " + json.dumps(dict(import_s=t_import, load_s=t_load, first_st
 """
 
 
+def xla_memory_summary(dump: Path, top_modules: int = 30, top_buffers: int = 6) -> str:
+    """Per compiled program (XLA's `*memory-usage-report.txt` files under `dump`): total bytes of its
+    allocations (parameters, outputs and temporaries) and its largest buffers with their shapes; the
+    largest programs first."""
+    import re
+
+    mods = []
+    for f in dump.glob("*memory-usage-report.txt"):
+        text = f.read_text(errors="replace")
+        m = re.search(r"Total bytes: (\d+)", text)
+        if not m:
+            continue
+        bufs = []
+        for ln in text.splitlines():
+            parts = [x.strip() for x in ln.split(";")]
+            if len(parts) == 5 and parts[0].endswith("(100%)"):
+                bufs.append((parts[1], parts[4][:160]))
+        name = f.name.split(".")[1] if f.name.count(".") > 1 else f.name
+        mods.append((int(m.group(1)), f.name.split(".")[0] + "." + name, bufs[:top_buffers]))
+    mods.sort(key=lambda x: -x[0])
+    out = [f"{len(mods)} programs; the {min(top_modules, len(mods))} largest (total allocation incl. parameters):"]
+    for total, name, bufs in mods[:top_modules]:
+        out.append(f"{total / 2**30:8.2f} GiB  {name}")
+        out += [f"           {size:>10}  {shapes}" for size, shapes in bufs]
+    return "\n".join(out) + "\n"
+
+
 def gib(n) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -193,6 +220,9 @@ def main() -> None:
     ap.add_argument("--calib-n", type=int, default=8, help="text embeddings in the --calib .npz")
     ap.add_argument("--reuse-checkpoint", action="store_true",
                     help="keep a checkpoint a previous run of this script left in --work (same config)")
+    ap.add_argument("--xla-memory", action="store_true",
+                    help="dump XLA's per-program memory reports for the CLI child and write the largest programs "
+                    "and their largest buffers to $OUT/xla_memory.txt (which program sets the device peak)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writer child
     args, cli_extra = ap.parse_known_args()
     out = Path(args.out)
@@ -254,7 +284,18 @@ def main() -> None:
         cmd += ["--resolution", "64"] if "--resolution" not in cli_extra else []
     deadline = None if args.budget_s is None else T0 + args.budget_s - args.reserve_s
     log("running: " + " ".join(cmd), out)
-    rc, t_cli, interrupted, rss = stream_child(cmd, out / "convert_log.txt", deadline, env)
+    cli_env = dict(env)
+    dump = work / "xla_dump"
+    if args.xla_memory:
+        import shutil
+
+        shutil.rmtree(dump, ignore_errors=True)
+        cli_env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
+    rc, t_cli, interrupted, rss = stream_child(cmd, out / "convert_log.txt", deadline, cli_env)
+    if args.xla_memory:
+        t = time.perf_counter()
+        (out / "xla_memory.txt").write_text(xla_memory_summary(dump))
+        log(f"XLA memory reports summarised in {time.perf_counter() - t:.1f} s -> xla_memory.txt", out)
     tm = json.loads(timings.read_text()) if timings.exists() else {}
     log(f"convert: exit {rc} after {t_cli:.1f} s{' (interrupted at the deadline)' if interrupted else ''}", out)
 
@@ -286,6 +327,19 @@ def main() -> None:
 
     for k, v in tm.get("phases", {}).items():
         rows.append((f"  {PHASE_LABELS.get(k, k)}", f"{v:.1f} s"))
+    after = tm.get("peak_device_bytes_after", {})
+    if after:
+        rows.append(("device high-water by phase end", ", ".join(f"{k} {v / 2**30:.1f}" for k, v in after.items())
+                     + " GiB"))
+    steps = tm.get("peak_steps") or []
+    if steps:  # where the high-water mark was set: the last rise, and the largest single rise
+        last = steps[-1]
+        pairs = [(b, a["peak"]) for a, b in zip(steps[:-1], steps[1:], strict=True)] or [(steps[0], 0)]
+        rise = max(pairs, key=lambda p: p[0]["peak"] - p[1])
+        rows.append(("peak set at", f"{last['t']:.0f} s, {gib(last['peak'])} in phase {last['phase']} "
+                     f"(bars: {'; '.join(last['bars']) or '-'})"))
+        rows.append(("largest rise", f"+{gib(rise[0]['peak'] - rise[1])} at {rise[0]['t']:.0f} s in phase "
+                     f"{rise[0]['phase']} (bars: {'; '.join(rise[0]['bars']) or '-'})"))
     rows += [("acceptance forwards", str(tm.get("forwards"))),
              ("calib / held-out batches", f"{tm.get('calib_batches')} / {tm.get('heldout_batches')}"),
              ("peak device (CLI)", f"{gib(tm.get('peak_device_bytes'))} of {gib(tm.get('device_bytes_limit'))}"),
