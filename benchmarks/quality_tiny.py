@@ -249,7 +249,8 @@ class Bench:
         if set(pool) & set(self.prompts):
             raise SystemExit(f"{self.calib_file}: holds evaluated prompts {sorted(set(pool) & set(self.prompts))}")
         pick = np.random.default_rng(7).permutation(len(pool))
-        n_cal, n_held = (2, 2) if quick else (16, 16)  # the same batch shape: one trajectory compile for both
+        # the same batch shape: one trajectory compile for both (quick: the pictures' too, 3 prompts)
+        n_cal, n_held = (len(self.prompts),) * 2 if quick else (16, 16)
         calib_caps = [pool[i] for i in pick[:n_cal]]
         held_caps = [pool[i] for i in pick[n_cal : n_cal + n_held]]
         self.k = 2 if quick else 6  # recorded steps per trajectory, spread over the schedule

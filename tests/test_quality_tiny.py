@@ -37,8 +37,11 @@ def test_scene_classifier_reads_rendered_scenes():
 def test_quick_quality_table(tmp_path):
     q = _bench()
     out, js, grid = tmp_path / "q.md", tmp_path / "q.json", tmp_path / "q.png"
-    assert q.main(["--quick", "--out", str(out), "--json", str(js), "--grid", str(grid)]) == 0
-    rows = json.loads(js.read_text())["rows"]
+    # the CFG calibration (the script's own trajectory builder; the default "cond" is quantize_flux's own path)
+    assert q.main(["--quick", "--calib", "cfg", "--out", str(out), "--json", str(js), "--grid", str(grid)]) == 0
+    d = json.loads(js.read_text())
+    rows = d["rows"]
+    assert d["setup"]["calib_mode"] == "cfg" and d["setup"]["calib"] == 2  # 2 recorded steps of one trajectory
     assert [(r["format"], r["method"]) for r in rows] == [("bf16", "bf16"), ("nvfp4", "rtn"), ("nvfp4", "permuquant")]
     ref, rtn, pq = rows
     assert math.isinf(ref["psnr"]) and ref["ssim"] == 1.0 and ref["latent_err"] == 0.0
@@ -46,6 +49,8 @@ def test_quick_quality_table(tmp_path):
         assert 10.0 < r["psnr"] < 100.0 and 0.0 < r["ssim"] < 1.0, r
         assert 0.0 < r["latent_err"] < 1.0 and 0.0 < r["layer_mean"] <= r["layer_worst"] < 1.0, r
         assert r["worst_layer"] in r["layers"] and len(r["layers"]) == 6  # 2 double + 4 single blocks
+        assert len(r["step_err"]) == 2 and r["step_err"][-1] == pytest.approx(r["latent_err"])
+        assert len(r["psnr_each"]) == 3 and len(r["sites"]) == 35
     assert "| NVFP4 W4A4 | rtn |" in out.read_text() and grid.stat().st_size > 1000
 
 
