@@ -234,6 +234,21 @@ def test_trained_tiny_dit_sets_calibration_defaults():
     args = argparse.Namespace(max_seq_len=None, resolution=None, steps=None)
     _trained_defaults(args, Path(permuquant_jax.__file__).parent / "assets" / "flux_tiny.safetensors")
     assert (args.max_seq_len, args.resolution, args.steps) == (None, None, None)
+    # calibrated on prompts: the captions of its training grammar, unless --prompts or --calib is given
+    from permuquant_jax.generate.pipeline import calibration_prompts_path
+
+    captions = calibration_prompts_path(embedded_transformer_path())
+    assert captions is not None and captions.name == "calibration_prompts.txt"
+    for given, want in ((dict(prompts=None, calib=None), str(captions)), (dict(prompts="my.txt", calib=None), "my.txt"),
+                        (dict(prompts=None, calib="c.npz"), None)):
+        args = argparse.Namespace(max_seq_len=None, resolution=None, steps=None, src=None, text_encoders="enc",
+                                  **given)
+        _trained_defaults(args, embedded_transformer_path())
+        assert args.prompts == want, given
+    args = argparse.Namespace(max_seq_len=None, resolution=None, steps=None, src="dit.safetensors",
+                              text_encoders=None, prompts=None, calib=None)  # a DiT file, no encoders: synthetic
+    _trained_defaults(args, embedded_transformer_path())
+    assert args.prompts is None
 
 
 def test_timings_memory_timeline(tmp_path, monkeypatch):

@@ -231,13 +231,20 @@ def _file_sha256(path: str | os.PathLike) -> str:
 
 def _trained_defaults(args: argparse.Namespace, src: Path) -> None:
     """A DiT trained by ``permuquant_jax.train.tiny`` (the embedded pipeline's) records its image size, T5
-    length and sampling steps: calibrate where it was trained unless the user said otherwise."""
-    from permuquant_jax.generate.pipeline import trained_defaults
+    length and sampling steps: calibrate where it was trained unless the user said otherwise. Calibrated
+    on prompts (no --calib, no --prompts; text encoders at hand), it calibrates on captions of its training
+    grammar (``generate.pipeline.calibration_prompts_path``) rather than the general built-in set."""
+    from permuquant_jax.generate.pipeline import calibration_prompts_path, trained_defaults
 
     trained = trained_defaults(src)
     for arg, key in (("max_seq_len", "max_seq_len"), ("resolution", "image_size"), ("steps", "sample_steps")):
         if getattr(args, arg) is None and key in trained:
             setattr(args, arg, int(trained[key]))
+    on_prompts = getattr(args, "text_encoders", None) or not getattr(args, "src", None) or _has_text_encoders(src)
+    if trained and on_prompts and getattr(args, "prompts", None) is None and getattr(args, "calib", None) is None:
+        captions = calibration_prompts_path(src)
+        if captions is not None:
+            args.prompts = str(captions)
 
 
 def stats_identity(args: argparse.Namespace, config: Any, calib: str, src_sha: str) -> dict[str, Any]:
