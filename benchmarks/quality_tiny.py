@@ -224,7 +224,7 @@ class Bench:
             raise SystemExit(f"{dit_file}: not a DiT trained by permuquant_jax.train.tiny (no training record)")
         self.size, self.steps, self.cfg = p.default_size(), steps or p.default_steps(), p.default_guidance()
         single = SINGLE[::6] if quick else SINGLE
-        self.prompts = [s for s in single for _ in range(seeds)] + (OTHER[:1] if quick else OTHER)
+        self.prompts = [s for s in single for _ in range(seeds)] + (OTHER[:2] if quick else OTHER)
         self.seeds = [1000 + i for i in range(len(self.prompts))]
         self.n_single = len(single) * seeds
         parts, tp = {}, time.time()
@@ -249,8 +249,11 @@ class Bench:
         if set(pool) & set(self.prompts):
             raise SystemExit(f"{self.calib_file}: holds evaluated prompts {sorted(set(pool) & set(self.prompts))}")
         pick = np.random.default_rng(7).permutation(len(pool))
-        # the same batch shape: one trajectory compile for both (quick: the pictures' too, 3 prompts)
+        # the same batch shape: one trajectory compile for both (quick: the pictures' too, 4 prompts). Even: the
+        # even / odd sample split of a doubled CFG batch [cond; uncond] then keeps every cond with its uncond.
         n_cal, n_held = (len(self.prompts),) * 2 if quick else (16, 16)
+        if calib == "cfg" and n_cal % 2:
+            raise SystemExit(f"--calib cfg needs an even number of calibration captions, found {n_cal}")
         calib_caps = [pool[i] for i in pick[:n_cal]]
         held_caps = [pool[i] for i in pick[n_cal : n_cal + n_held]]
         self.k = 2 if quick else 6  # recorded steps per trajectory, spread over the schedule

@@ -50,7 +50,7 @@ def test_quick_quality_table(tmp_path):
         assert 0.0 < r["latent_err"] < 1.0 and 0.0 < r["layer_mean"] <= r["layer_worst"] < 1.0, r
         assert r["worst_layer"] in r["layers"] and len(r["layers"]) == 6  # 2 double + 4 single blocks
         assert len(r["step_err"]) == 2 and r["step_err"][-1] == pytest.approx(r["latent_err"])
-        assert len(r["psnr_each"]) == 3 and len(r["sites"]) == 35
+        assert len(r["psnr_each"]) == 4 and len(r["sites"]) == 35
     assert "| NVFP4 W4A4 | rtn |" in out.read_text() and grid.stat().st_size > 1000
 
 
