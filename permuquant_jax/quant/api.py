@@ -255,6 +255,7 @@ def quantize_model(
     linears = find_linears(model)
     warn_unmatched_keep(keep, linears)
     targets = [p for p in linears if not match_any(p, keep)]
+    del linears  # a {path: module} dict would keep every float Linear alive while quantizing
     if not targets:
         raise ValueError("no linear layer to quantize (every linear matches a keep pattern?)")
     target_set = set(targets)
@@ -343,6 +344,7 @@ def quantize_model(
             res_all = read_results()
     finally:
         restore(model, originals)
+        originals.clear()  # nor keep the substituted modules (and their float weights) referenced
     t_layer = time.perf_counter()
 
     def rel(i, idx, which):

@@ -229,6 +229,10 @@ def quantize_flux(
     top_k: int = 3,
     refine: int = 0,
     schedule: str = "sequential",
+    hadamard_sizes: bool = True,
+    hadamard_start: str = "none",
+    guard: float | None = 0.01,
+    forward=None,
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize a `FluxDiT` in place with the FLUX site plan; returns `(model, report)`.
 
@@ -237,7 +241,9 @@ def quantize_flux(
     several samples, else by trajectory (`flux_trajectory`). keep_bf16: module-path patterns left
     in float (default: embedders and final projection). accept: "layer" | "block" (the double/single
     block's residual-stream outputs) | "model" (the DiT output); None: the library default. See
-    `api.quantize_model` for the other options; the report's `permutations`,
+    forward: how a batch runs the model (None: `model(**batch)`; `quant.CFGForward(scale)` for the
+    sampler's doubled [cond; uncond] batches, so acceptance measures the guided velocity). See
+    `api.quantize_model` for the other options (hadamard_sizes, hadamard_start, guard); the report's `permutations`,
     `layers[...]["act_global_scale"]` and `arrays()` hold the metadata.
     """
     from permuquant_jax.quant.api import DEFAULT_ACCEPT, quantize_model
@@ -254,7 +260,8 @@ def quantize_flux(
         alphas=alphas, tau=tau, hadamard_block=hadamard_block, smooth_alpha=smooth_alpha,
         act_scale=act_scale, stats=stats, backend=backend, progress=progress,
         accept=accept or DEFAULT_ACCEPT, accept_batches=accept_batches, top_k=top_k, refine=refine,
-        schedule=schedule,
+        schedule=schedule, hadamard_sizes=hadamard_sizes, hadamard_start=hadamard_start, guard=guard,
         split=None if can_split_samples(batches) else flux_trajectory,
+        **({} if forward is None else {"forward": forward}),
     )
 
