@@ -213,7 +213,7 @@ def test_help_documents_every_option():
     proc = _run_cli(["--help"])
     assert proc.returncode == 0
     for opt in ("--out", "--format", "--method", "--alpha", "--tau", "--calib", "--calib-samples",
-                "--timesteps", "--keep-bf16", "--dry-run", "--overwrite", "default"):
+                "--timesteps", "--keep-bf16", "--dry-run", "--overwrite", "--guard", "--hadamard-start", "default"):
         assert opt in proc.stdout, opt
 
 

@@ -215,6 +215,8 @@ DOOR_CASES = [
     ("tau-inf", [S, "--out", O, "--tau", "inf"], ["--tau", "finite", "inf"], O),
     ("tau-negative", [S, "--out", O, "--tau", "-0.1"], ["--tau", "-0.1"], O),
     ("tau-not-a-number", [S, "--out", O, "--tau", "abc"], ["--tau", "'abc'"], O),
+    ("guard-negative", [S, "--out", O, "--guard", "-0.5"], ["--guard", "-0.5"], O),
+    ("hadamard-start-unknown", [S, "--out", O, "--hadamard-start", "all"], ["--hadamard-start", "'all'"], O),
     ("guidance-inf", [S, "--out", O, "--guidance", "inf"], ["--guidance", "finite", "inf"], O),
     ("guidance-nan", [S, "--out", O, "--guidance", "nan"], ["--guidance", "nan"], O),
     ("smooth-alpha-range", [S, "--out", O, "--smooth-alpha", "1.5"], ["--smooth-alpha", "[0, 1]", "1.5"], O),

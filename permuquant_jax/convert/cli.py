@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hadamard-block", type=int, default=64, metavar="B",
                    help="block size of the Hadamard rotation (methods hadamard, permuquant-h): 16, 32, 64 or "
                    "128, dividing the model's widths" + d)
+    p.add_argument("--hadamard-start", default="none", choices=("none", "block"),
+                   help="permuquant-h / auto: each linear's Hadamard choice starts from no rotation (none) or "
+                   "from --hadamard-block (block); a change is kept only if it lowers the held-out error" + d)
+    p.add_argument("--fixed-hadamard", action="store_true",
+                   help="permuquant-h / auto: rotate every linear by --hadamard-block instead of choosing a "
+                   "block size (or none) per linear")
+    p.add_argument("--guard", type=float, default=0.01, metavar="FRAC",
+                   help="block / model acceptance: a block ending more than FRAC worse than RTN on the held-out "
+                   "data has its decisions undone, >= 0" + d)
+    p.add_argument("--no-guard", action="store_true", help="no guard (decisions may trade a block's error for "
+                   "a lower output error)")
     p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]" + d)
     p.add_argument("--act-scale", default="static", choices=("static", "dynamic"),
                    help="activation global scale: calibrated once (static) or computed per call" + d)
@@ -177,6 +188,7 @@ def _validate(args: argparse.Namespace) -> None:
     require_int_range("seed", args.seed, 0, MAX_SEED)
     require_multiple("resolution", args.resolution, 16)
     require_finite("tau", args.tau, lo=0.0)
+    require_finite("guard", args.guard, lo=0.0)
     require_finite("guidance", args.guidance)
     require_finite("smooth_alpha", args.smooth_alpha, lo=0.0, hi=1.0)
     if args.schedule == "parallel" and args.accept not in (None, "block"):
@@ -700,7 +712,8 @@ def run(args: argparse.Namespace) -> int:
             model, batches, method=args.method, format=args.format, alphas=args.alphas, tau=args.tau,
             keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
             act_scale=args.act_scale, stats=stats, progress=progress, accept=accept, top_k=args.top_k,
-            refine=args.refine, schedule=schedule,
+            refine=args.refine, schedule=schedule, hadamard_sizes=not args.fixed_hadamard,
+            hadamard_start=args.hadamard_start, guard=None if args.no_guard else args.guard,
         )
         v.check_report_finite(report)
         after = param_bytes(model)
@@ -723,6 +736,8 @@ def run(args: argparse.Namespace) -> int:
             method=args.method,
             settings=dict(alphas=list(args.alphas), tau=args.tau, accept=accept, top_k=args.top_k,
                           refine=args.refine, schedule=schedule, hadamard_block=args.hadamard_block,
+                          hadamard_sizes=not args.fixed_hadamard, hadamard_start=args.hadamard_start,
+                          guard=None if args.no_guard else args.guard,
                           smooth_alpha=args.smooth_alpha, act_scale=args.act_scale, keep_bf16=list(keep),
                           calib=calib if calib == "synthetic" else
                           (dict(prompts=str(Path(args.prompts).absolute()) if args.prompts else "built-in",
