@@ -706,6 +706,7 @@ def run(args: argparse.Namespace) -> int:
             _say(f"calibration statistics saved to {args.save_stats}")
         before = param_bytes(model)
         accept = args.accept or ("model" if toy else "block")
+        guard = None if args.no_guard else args.guard
         schedule = args.schedule or ("sequential" if toy or accept != "block" else "parallel")
         _enter("quantizing", f"choosing permutations ({accept}-level acceptance) and quantizing ...")
         model, report = quantize_flux(
@@ -713,7 +714,7 @@ def run(args: argparse.Namespace) -> int:
             keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
             act_scale=args.act_scale, stats=stats, progress=progress, accept=accept, top_k=args.top_k,
             refine=args.refine, schedule=schedule, hadamard_sizes=not args.fixed_hadamard,
-            hadamard_start=args.hadamard_start, guard=None if args.no_guard else args.guard,
+            hadamard_start=args.hadamard_start, guard=guard,
         )
         v.check_report_finite(report)
         after = param_bytes(model)
@@ -737,7 +738,7 @@ def run(args: argparse.Namespace) -> int:
             settings=dict(alphas=list(args.alphas), tau=args.tau, accept=accept, top_k=args.top_k,
                           refine=args.refine, schedule=schedule, hadamard_block=args.hadamard_block,
                           hadamard_sizes=not args.fixed_hadamard, hadamard_start=args.hadamard_start,
-                          guard=None if args.no_guard else args.guard,
+                          guard=guard,
                           smooth_alpha=args.smooth_alpha, act_scale=args.act_scale, keep_bf16=list(keep),
                           calib=calib if calib == "synthetic" else
                           (dict(prompts=str(Path(args.prompts).absolute()) if args.prompts else "built-in",

@@ -24,7 +24,7 @@ M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 64), ("medium"
 # two runs): M = 1: triton 49-58 us vs decode+cuBLAS 105-126 us; M = 128: triton 86 vs decode+cuBLAS
 # 69-71 us; M = 256-512: triton 94-178 vs 86-138 us; M >= 4096: triton 1.46-2.2x cuBLAS bf16 vs
 # decode+cuBLAS 0.90-1.20x, the persistent Mosaic kernel 1.01-1.05x (W4A4) while decode+cuBLAS took
-# 1.21x in the same run (results/gemm_mosaic_h200.md run 4): "large" is "mosaic". "small":
+# 1.21x in the same run (results/gemm_mosaic_h200.md run 4): "large" is "mosaic" (where N >= MOSAIC_MIN_N). "small":
 # `gemm.py --sweep` at M = 64 (results/gemm_h200.md): triton 185 us vs decode+cuBLAS 165 us (W4A4 +
 # W4A16 summed); that sweep printed this whole row. H100: the 2026-11-24 table (decode+cuBLAS from
 # M = 1024 on; the Pallas decode was not measured there, so it keeps XLA's decode).
@@ -116,7 +116,7 @@ def act_quant_config(m: int, k: int, hadamard_block: int | None = None) -> dict[
 # tests/gpu/check_mosaic.py's probe on the H200) and the tiles per M. H200, 2026-12-01 (results/
 # gemm_mosaic_h200.md, run 4): the persistent serial kernel was correct at every checked shape and took
 # 445 us at 4096 x 3072 x 9216 W4A4 (cuBLAS bf16 425, decode+cuBLAS 514) and 1005 us at 4608 x 3072 x
-# 21504 (999 / 1211); W4A16 493 / 1094 us (decode+cuBLAS 538 / 1268): the "large" class takes it. The
+# 21504 (999 / 1211); W4A16 493 / 1094 us (decode+cuBLAS 538 / 1268): the "large" class takes it (wide N). The
 # "pipelined" pipeline (correct since run 5) took 515 us at 4096 x 3072 x 9216 in run 5 (cuBLAS 429; the
 # serial kernel was not timed in that run): not chosen. The FLUX step with this config: W4A4 148.3 ms vs
 # 150.2 ms with decode+cuBLAS at large M (results/flux_step_h200.md run 5).

@@ -248,6 +248,7 @@ def quantize_flux(
     """
     from permuquant_jax.quant.api import DEFAULT_ACCEPT, quantize_model
     from permuquant_jax.quant.batches import can_split_samples, materialize
+    from permuquant_jax.quant.calibrate import default_forward
     from permuquant_jax.quant.paths import find_linears, match_any
 
     batches = materialize(batches)
@@ -262,6 +263,6 @@ def quantize_flux(
         accept=accept or DEFAULT_ACCEPT, accept_batches=accept_batches, top_k=top_k, refine=refine,
         schedule=schedule, hadamard_sizes=hadamard_sizes, hadamard_start=hadamard_start, guard=guard,
         split=None if can_split_samples(batches) else flux_trajectory,
-        **({} if forward is None else {"forward": forward}),
+        forward=default_forward if forward is None else forward,
     )
 

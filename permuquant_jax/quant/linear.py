@@ -59,16 +59,8 @@ def _quantize_kernel(kernel: jax.Array, format: str, hadamard_block: int | None)
     if stack and int(np.prod(kernel.shape, dtype=np.int64)) // 16 > _MAX_CHUNK:
         layers = [_quantize_kernel(layer, format, hadamard_block) for layer in kernel.reshape(-1, *kernel.shape[-2:])]
         finite = jnp.all(jnp.stack([f for _, f in layers]))
-        if not _is_nvfp4(format):
-            return jnp.stack([q for q, _ in layers]).reshape(*stack, *layers[0][0].shape), finite
-        from permuquant_jax.formats.nvfp4 import NVFP4Tensor
-
-        def stacked(field: str) -> jax.Array:
-            parts = [getattr(q, field) for q, _ in layers]
-            return jnp.stack(parts).reshape(*stack, *parts[0].shape)
-
-        q = NVFP4Tensor(codes=stacked("codes"), scales=stacked("scales"), global_scale=stacked("global_scale"))
-        return q, finite
+        # the per-layer results (arrays, or NVFP4Tensor pytrees) stacked back to the kernel's leading shape
+        return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*stack, *xs[0].shape), *(q for q, _ in layers)), finite
     if not _is_nvfp4(format):
         return _fake_quant_kernel(kernel, format, hadamard_block), _all_finite(kernel)
     from permuquant_jax.formats.nvfp4 import NVFP4Tensor
