@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from permuquant_jax.assets import make_tiny_pipeline as mtp  # noqa: E402
 from permuquant_jax.generate import cli  # noqa: E402
+from permuquant_jax.generate import pipeline as pipeline_mod  # noqa: E402
 from permuquant_jax.generate.pipeline import (  # noqa: E402
     FluxPipeline,
     builtin_prompts,
@@ -211,6 +212,8 @@ def _bad_inputs(root: Path, pipeline_dir: Path) -> dict[str, tuple[list[str], st
     _tiny_t5(48).save_pretrained(d / "text_encoder_2", safe_serialization=True)
     cases["wrong-width encoder"] = (["--model", str(d)], "width 48")
     cases["height not a multiple of 16"] = (["--height", "40"], "multiple of 16")
+    cases["height beyond FLUX's range"] = (["--height", "8192"], "exceeds 4096")
+    cases["attention larger than memory"] = (["--height", "4096", "--width", "4096"], "for attention on the CPU")
     blocker = root / "a-file"
     blocker.write_text("not a directory")
     cases["unwritable out"] = (["--out", str(blocker / "images")], str(blocker))
@@ -219,6 +222,8 @@ def _bad_inputs(root: Path, pipeline_dir: Path) -> dict[str, tuple[list[str], st
 
 def test_cli_bad_inputs_one_line_exit_2(tmp_path, pipeline_dir, capsys, monkeypatch):
     monkeypatch.delenv("PERMUQUANT_DEBUG", raising=False)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**20}  # a 4 GiB machine, whatever CI runs on
+    monkeypatch.setattr(pipeline_mod.os, "sysconf", lambda name: pages[name])
     cases = _bad_inputs(tmp_path, pipeline_dir)
     capsys.readouterr()  # drop save_pretrained's progress output
     for k, (name, (extra, expect)) in enumerate(cases.items()):

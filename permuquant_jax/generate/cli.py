@@ -274,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = FluxPipeline.from_source(source, dtype=dtype, max_seq_len=args.max_seq_len, progress=progress)
     size = pipe.default_size() if pipe.trained.get("image_size") else (256 if source.embedded else 1024)
     height, width = args.height or size, args.width or size
+    pipe.check_size(height, width)
     steps = args.steps or pipe.default_steps()
     guidance = pipe.default_guidance() if args.guidance is None else args.guidance
     names: list[str] = []
@@ -283,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         out = _check_out_dir(args.out, names, args.overwrite)
 
     pipe.load_text_encoders()  # width checks against the DiT before any long work
+    if out is not None:
+        pipe.check_memory(height, width, args.batch, guidance)
     rows: list[tuple[str, str]] = [("pipeline", source.description)]
     if npz is not None:
         calib_prompts = prompts or builtin_prompts()

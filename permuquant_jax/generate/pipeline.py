@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from permuquant_jax.models.frozen import frozen_jit
 
 DEV_MAX_SEQ_LEN = 512  # BFL's T5 length for FLUX.1-dev (guidance-distilled) ...
 SCHNELL_MAX_SEQ_LEN = 256  # ... and for FLUX.1-schnell
+MAX_SIDE = 4096  # pixels a side: FLUX.1 is used up to ~2 MP; 4096 x 4096 is 16 MP
 PIPELINE_PARTS = {
     "transformer": "the FLUX transformer",
     "text_encoder": "the CLIP text encoder",
@@ -639,10 +641,38 @@ class FluxPipeline:
         return jnp.concatenate([get_noise(int(s), 1, height, width) for s in seeds], axis=0)
 
     def check_size(self, height: int, width: int) -> None:
-        """Images must be positive multiples of 16 pixels (8x autoencoder, 2x2 packed latents)."""
+        """Images must be positive multiples of 16 pixels (8x autoencoder, 2x2 packed latents), at most
+        ``MAX_SIDE`` a side."""
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int | np.integer) or v < 16 or v % 16:
                 raise PipelineError(f"{name} must be a positive multiple of 16, found {v}")
+            if v > MAX_SIDE:
+                raise PipelineError(f"{name} {v} exceeds {MAX_SIDE} pixels (FLUX.1 is used up to about 2 MP): "
+                                    "pass a smaller size")
+
+    def attention_bytes(self, height: int, width: int, batch: int = 1, guidance: float | None = None) -> int:
+        """Bytes of one attention layer's fp32 score matrix at this size: what XLA's unfused attention (the
+        CPU's) holds at once; cuDNN's fused attention on a GPU does not materialize it."""
+        tokens = (height // 16) * (width // 16) + self.max_seq_len
+        rows = batch * (2 if self.uses_cfg(guidance) else 1)
+        heads = self.dit_config.num_heads if self.dit_config is not None else FluxConfig().num_heads
+        return rows * heads * tokens * tokens * 4
+
+    def check_memory(self, height: int, width: int, batch: int = 1, guidance: float | None = None) -> None:
+        """On the CPU, refuse sizes whose attention scores alone would not fit in this machine's memory
+        (the process would be killed mid-run instead)."""
+        if jax.default_backend() != "cpu":
+            return
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        need = 2 * self.attention_bytes(height, width, batch, guidance)  # scores and their softmax
+        if need > total:
+            raise PipelineError(
+                f"{height}x{width} at batch {batch} needs about {need / 2**30:.0f} GiB for attention on the CPU, "
+                f"more than this machine's {total / 2**30:.0f} GiB: pass a smaller --height/--width or --batch, "
+                "or run on a GPU")
 
     def sample(self, txt: jax.Array, txt_ids: jax.Array, y: jax.Array, noise: jax.Array, *, steps: int,
                guidance: float | None = None) -> jax.Array:
@@ -738,6 +768,7 @@ class FluxPipeline:
         self.check_size(height, width)
         steps = steps or self.default_steps()
         guidance = self.default_guidance() if guidance is None else guidance
+        self.check_memory(height, width, batch, guidance)
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
         def encode(chunk: list[str]):
