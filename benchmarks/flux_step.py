@@ -40,7 +40,11 @@ from flux_forward import inputs, random_model, rel  # noqa: E402
 
 from permuquant_jax.kernels import dispatch, tuning  # noqa: E402
 from permuquant_jax.models.flux import FluxConfig  # noqa: E402
-from permuquant_jax.quant.linear import QuantLinear  # noqa: E402
+from permuquant_jax.quant.linear import (  # noqa: E402
+    QuantLinear,
+    drop_device_layouts,
+    prepare_device_layouts,
+)
 from permuquant_jax.quant.paths import find_linears, set_node  # noqa: E402
 
 CATEGORIES = ("gemm", "weight_decode", "act_quant", "attention", "rest")
@@ -53,7 +57,10 @@ VARIANTS = {
     "w4a16-mosaic": ("nvfp4 W4A16 mosaic", "nvfp4-w4a16", "mosaic"),
     "w4a4-dd": ("nvfp4 W4A4 decode+cuBLAS", "nvfp4", "decode_cublas"),
     "w4a16-dd": ("nvfp4 W4A16 decode+cuBLAS", "nvfp4-w4a16", "decode_cublas"),
+    # the table's dispatch without the stored Mosaic scale layout (converted per call, as before)
+    "w4a4-percall": ("nvfp4 W4A4 layout per call", "nvfp4", None),
 }
+NO_LAYOUT = {"w4a4-percall"}
 
 
 def category(name: str) -> str:
@@ -129,9 +136,19 @@ def attribute(profile_dir: str, steps: int) -> dict:
                 top[ev.name[:80]] += ev.duration_ns
     out = {c: cat[c] / 1e6 / steps for c in CATEGORIES}
     out["total_kernels"] = sum(cat.values()) / 1e6 / steps
-    out["top"] = [(n, t / 1e6 / steps) for n, t in top.most_common(12)]
+    out["top"] = [(n, t / 1e6 / steps) for n, t in top.most_common(40)]
     out["lines"] = dict(lines_seen)
     return out
+
+
+def lower_cuda(model, args) -> None:
+    """Trace and lower one step for the cuda platform (on a CPU: catches shape / primitive errors of
+    the GPU code path, the Mosaic and Triton kernels included, before device time is spent)."""
+    model.attention_impl = "xla"
+    graphdef, state = nnx.split(model)
+    low = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(lowering_platforms=("cuda",))
+    text = low.as_text()
+    print(f"  lowered: {text.count('mosaic_gpu')} Mosaic GPU calls, {text.count('__gpu$xla.gpu.triton')} Triton calls")
 
 
 def mem_stats() -> dict:
@@ -150,7 +167,13 @@ def main() -> None:
     ap.add_argument("--mosaic-classes", nargs="+", default=["large"], choices=[c for c, _ in tuning.M_CLASSES])
     ap.add_argument("--mosaic-config", help="JSON file with the large class's MosaicConfig fields")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--lower-cuda", action="store_true",
+                    help="CPU check: lower each step for cuda (Pallas kernels, Mosaic layouts forced), no run")
     args = ap.parse_args()
+    if args.lower_cuda:  # the H200's dispatch, as on the GPU
+        os.environ[dispatch.ENV_BACKEND] = "pallas"
+        dispatch.device_class = lambda: "h200"
+        tuning.MOSAIC_MIN_N = 0  # every large-M GEMM of a tiny model takes the Mosaic kernel
     dispatch.filter_triton_deprecation()
     dev = jax.devices()[0]
     out_dir = os.environ.get("OUT")
@@ -201,7 +224,17 @@ def main() -> None:
         if override:
             table.update({c: override for c in args.mosaic_classes})
         tuning.DISPATCH_TABLE[dev_class] = table
+        if fmt is not None:
+            drop_device_layouts(model)
+            pb_canonical = param_bytes(model)
+            prepared = 0 if key in NO_LAYOUT else prepare_device_layouts(model, force=args.lower_cuda)
+            jax.block_until_ready(nnx.state(model))
+            print(f"{vname}: {prepared} linears hold the Mosaic scale layout", flush=True)
         pb = param_bytes(model)
+        if args.lower_cuda:
+            lower_cuda(model, fargs)
+            print(f"{vname}: lowered for cuda", flush=True)
+            continue
         for b in args.batch:
             prof_dir = "/tmp/flux_step_prof" if b == 1 and not args.no_profile else None
             a = batched(fargs, b)
@@ -210,7 +243,10 @@ def main() -> None:
                 ref[b] = y
             row = {
                 "variant": vname,
+                "key": key,
                 "gemm_table": table,
+                "mosaic_layouts": 0 if fmt is None else prepared,
+                "param_gib_canonical": (pb if fmt is None else pb_canonical) / 2**30,
                 "batch": b,
                 "compile_s": tc,
                 "step_ms": tm * 1e3,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from permuquant_jax.formats import nvfp4
 from permuquant_jax.kernels import act_quant as aq
@@ -216,6 +217,15 @@ def test_dequant_dot_and_mosaic_layout_match_reference(rng, monkeypatch):
         assert np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref) <= 1e-5
         assert y16.dtype == jnp.bfloat16 and _bf16_ok(y16, np.asarray(y), ref).all()
     assert len(calls) == 2 and calls[0].block_m == 128
+    # the scale words stored ahead of time (QuantLinear.prepare_device_layout) give the same operands
+    words = jax.jit(mg.stored_scale_words)(w.scales)
+    np.testing.assert_array_equal(words, wm.scales)
+    stored = jax.jit(lambda xin, xs, sw: dispatch.mosaic_dot(xin, wp, xs, bias, out_dtype=jnp.bfloat16, scale_words=sw))
+    np.testing.assert_array_equal(stored(xv, rows, words), both(xv, rows, jnp.bfloat16)[1])
+    with pytest.raises(ValueError, match="scale_words must be uint32"):
+        mg.to_mosaic(wp, scale_words=words[:, :64])
+    assert jax.jit(mg.stored_scale_words)(jnp.zeros((2, 3, 200, 63), jnp.uint8)).shape == (2, 3, 16, 256)
+    del calls[2:]
     y, y32 = both(xv, rows, jnp.float32)  # fp32 out: decode + dot, no kernel
     assert len(calls) == 2 and y32.dtype == jnp.float32
     np.testing.assert_array_equal(y32, y)
@@ -391,8 +401,8 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
         calls.append(("act_quant", kw["block_m"]))
         return x.astype(jnp.float16)
 
-    def fake_mosaic(x, w, s, b, *, out_dtype):
-        calls.append(("mosaic", None))
+    def fake_mosaic(x, w, s, b, *, out_dtype, scale_words=None):
+        calls.append(("mosaic", None if scale_words is None else scale_words.shape))
         return jnp.zeros((x.shape[0], w.n), out_dtype)
 
     monkeypatch.setattr(dispatch, "nvfp4_matmul", fake_matmul)
@@ -417,10 +427,25 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     assert tuning.gemm_backend("h200", 4096, 9216) == "mosaic"
     assert tuning.gemm_backend("h200", 4608, tuning.MOSAIC_MIN_N - 1) == "decode_cublas"
     assert tuning.gemm_backend("h100", 4096, 3072) == "xla_decode_cublas"
+    # a layer stores the Mosaic scale layout only where this device runs the kernel at large M
+    from permuquant_jax.quant.linear import QuantLinear, drop_device_layouts, prepare_device_layouts
+
+    assert dispatch.wants_mosaic_layout(9216, 3072, "pallas") == (dev_class == "h200")
+    assert not dispatch.wants_mosaic_layout(3072, 12288, "pallas")
+    assert not dispatch.wants_mosaic_layout(9216, 3072, "reference")
+    q = QuantLinear(64, 32, format="nvfp4-w4a16", stack=(2,), backend="pallas")
+    assert prepare_device_layouts(q) == 0 and getattr(q, "w_mosaic_scales", None) is None
+    assert prepare_device_layouts(q, force=True) == 1 and q.w_mosaic_scales.get_value().shape == (2, 2, 128)
     monkeypatch.setenv(dispatch.ENV_GEMM, "mosaic")  # the override beats the table
     calls.clear()
     dispatch.nvfp4_linear(jnp.ones((8, 64), jnp.bfloat16), w, w4a16=True, backend="pallas")
     assert calls == [("mosaic", None)]
+    calls.clear()
+    nnx_layer = jax.tree.map(lambda a: a[0], nnx.state(q))  # one layer of the stack, as a scan slices it
+    nnx.update(single := QuantLinear(64, 32, format="nvfp4-w4a16", backend="pallas"), nnx_layer)
+    single(jnp.ones((8, 64), jnp.bfloat16))
+    assert calls == [("mosaic", (2, 128))]  # the stored words reach the kernel
+    assert drop_device_layouts(q) == 1 and drop_device_layouts(q) == 0
     monkeypatch.setenv(dispatch.ENV_GEMM, "cutlass")
     with pytest.raises(ValueError, match="PERMUQUANT_GEMM_BACKEND='cutlass'"):
         dispatch.nvfp4_linear(jnp.ones((8, 64), jnp.bfloat16), w, w4a16=True, backend="pallas")

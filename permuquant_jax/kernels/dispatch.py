@@ -118,6 +118,7 @@ def nvfp4_linear(
     w4a16: bool = False,
     out_dtype: jnp.dtype | None = None,
     backend: str = "auto",
+    mosaic_scales: jax.Array | None = None,
 ) -> jax.Array:
     """`y [..., N] = Q(T(x)) W^T + bias` for NVFP4 weights `w [N, K]`, `x [..., K]`.
 
@@ -125,6 +126,10 @@ def nvfp4_linear(
     rotated offline). Q = NVFP4 quantization with `act_global_scale` (None: dynamic per call; a float32
     scalar: static; "per_row": per token), skipped when `w4a16`. fp32 accumulation; `out_dtype`
     defaults to x's dtype. Semantics: `reference.nvfp4_linear_ref`.
+
+    `mosaic_scales`: the weight's scales in the Mosaic kernel's layout (`nvfp4_matmul_mgpu.
+    stored_scale_words`, built once ahead of time); used when the Mosaic kernel runs, ignored otherwise
+    (same outputs either way: without them the layout is converted per call).
     """
     n, k = _check(x, w, bias, gather)
     out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
@@ -150,12 +155,13 @@ def nvfp4_linear(
     if not interpret:
         filter_triton_deprecation()
     wp = prepack_weight(w)
-    gemm = "triton" if interpret else gemm_choice(m, n)
+    gemm = "triton" if interpret else gemm_choice(m, n, k)
     if gemm == "triton":
         cfg = tuning.matmul_config(m, n, k)
         mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
     elif gemm == "mosaic":
-        mm = functools.partial(mosaic_dot, out_dtype=out_dtype)
+        extra = {} if mosaic_scales is None else {"scale_words": mosaic_scales}
+        mm = functools.partial(mosaic_dot, out_dtype=out_dtype, **extra)
     else:
         decoder = "pallas" if gemm == "decode_cublas" else "bits"
         mm = functools.partial(dequant_dot, out_dtype=out_dtype, decoder=decoder)
@@ -177,15 +183,24 @@ def nvfp4_linear(
     return y.reshape(*lead, n)
 
 
-def gemm_choice(m: int, n: int | None = None) -> str:
-    """The GEMM backend for `m` rows and `n` outputs on this device: `PERMUQUANT_GEMM_BACKEND`, else the
-    tuning table."""
+def gemm_choice(m: int, n: int | None = None, k: int | None = None) -> str:
+    """The GEMM backend for `m` rows, `n` outputs and `k` inputs on this device: `PERMUQUANT_GEMM_BACKEND`,
+    else the tuning table."""
     env = os.environ.get(ENV_GEMM)
     if env:
         if env not in tuning.GEMM_BACKENDS:
             raise ValueError(f"{ENV_GEMM}={env!r}: expected one of {tuning.GEMM_BACKENDS}")
         return env
-    return tuning.gemm_backend(device_class(), m, n)
+    return tuning.gemm_backend(device_class(), m, n, k)
+
+
+def wants_mosaic_layout(n: int, k: int, backend: str = "auto") -> bool:
+    """Whether this device runs the Mosaic kernel for a `[n, k]` weight at large M (the step's image and
+    single-stream GEMMs), so that storing its scale layout ahead of time (`nvfp4_matmul_mgpu.
+    stored_scale_words`) saves a per-call conversion."""
+    if resolve_backend(backend) != "pallas":
+        return False
+    return gemm_choice(tuning.LARGE_M, n, k) == "mosaic"
 
 
 def mosaic_dot(
@@ -195,17 +210,19 @@ def mosaic_dot(
     bias: jax.Array | None = None,
     *,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    scale_words: jax.Array | None = None,
 ) -> jax.Array:
-    """Same function as `dequant_dot`, by the Mosaic GPU kernel (`nvfp4_matmul_mgpu`); the weights are
-    converted to its layout per call. Outputs other than bf16/fp16 and non-canonical layouts take
-    `dequant_dot` (the kernel's epilogue writes 16-bit tiles)."""
+    """Same function as `dequant_dot`, by the Mosaic GPU kernel (`nvfp4_matmul_mgpu`). The scales are
+    converted to its layout per call unless `scale_words` (`stored_scale_words` of the weight, built
+    once) are given; the codes are only reinterpreted. Outputs other than bf16/fp16 and non-canonical
+    layouts take `dequant_dot` (the kernel's epilogue writes 16-bit tiles)."""
     from permuquant_jax.kernels import nvfp4_matmul_mgpu as mg
 
     out_dtype = jnp.dtype(out_dtype)
     if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or w.layout != "canonical":
         return dequant_dot(x, w, x_scale, bias, out_dtype=out_dtype)
-    wm = mg.to_mosaic(w, tuning.MOSAIC_NIBBLE_ORDER)
-    cfg = tuning.mosaic_config(x.shape[0])
+    wm = mg.to_mosaic(w, tuning.MOSAIC_NIBBLE_ORDER, scale_words)
+    cfg = tuning.mosaic_config(x.shape[0], w.n, w.k)
     return mg.nvfp4_matmul_mosaic(x, wm, x_scale, bias, config=cfg, out_dtype=out_dtype)
 
 

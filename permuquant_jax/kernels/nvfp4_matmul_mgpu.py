@@ -47,6 +47,7 @@ from permuquant_jax.kernels.nvfp4_matmul import PrepackedNVFP4
 N_TILE = 128  # output channels per CTA (64 per consumer warpgroup)
 WG_N = 64
 K_WORD = 64  # input channels per uint32 scale word
+CHUNK_K = 128  # K padding of prepacked weights (nvfp4_matmul.CHUNK)
 NIBBLE_ORDERS = ("low_first", "high_first")
 PIPELINES = ("serial", "ahead", "fenced", "pipelined")
 DEFAULT_SMS = 132  # H100 / H200 SXM; used when the device does not say (lowering on a CPU)
@@ -129,21 +130,35 @@ def _round_up(a: int, b: int) -> int:
 
 
 def pack_scale_words(scales_u8: jax.Array) -> jax.Array:
-    """E4M3 scale bytes `[Np, Kp/16]` -> uint32 words `[Kp/64, Np]`: word `[i, n]` holds the scales of
-    groups 4i..4i+3 of row n, group 4i in the low byte. Kp/16 must be a multiple of 4."""
-    np_, g = scales_u8.shape
+    """E4M3 scale bytes `[*, Np, Kp/16]` -> uint32 words `[*, Kp/64, Np]`: word `[i, n]` holds the scales of
+    groups 4i..4i+3 of row n, group 4i in the low byte. Kp/16 must be a multiple of 4; leading axes
+    (stacked layers) are kept."""
+    *lead, np_, g = scales_u8.shape
     if g % 4:
         raise ValueError(f"pack_scale_words needs a multiple of 4 scale groups per row, found {g}")
-    b = scales_u8.astype(jnp.uint32).reshape(np_, g // 4, 4)
+    b = scales_u8.astype(jnp.uint32).reshape(*lead, np_, g // 4, 4)
     words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    return words.T
+    return jnp.swapaxes(words, -1, -2)
 
 
 def unpack_scale_words(words: jax.Array) -> jax.Array:
-    """Inverse of `pack_scale_words`: uint32 `[Kp/64, Np]` -> uint8 `[Np, Kp/16]`."""
-    w = words.T
+    """Inverse of `pack_scale_words`: uint32 `[*, Kp/64, Np]` -> uint8 `[*, Np, Kp/16]`."""
+    w = jnp.swapaxes(words, -1, -2)
     parts = [((w >> (8 * i)) & 0xFF).astype(jnp.uint8) for i in range(4)]
-    return jnp.stack(parts, axis=-1).reshape(w.shape[0], 4 * w.shape[1])
+    return jnp.stack(parts, axis=-1).reshape(*w.shape[:-1], 4 * w.shape[-1])
+
+
+def stored_scale_words(scales: jax.Array) -> jax.Array:
+    """The Mosaic kernel's scale operand from canonical block scales `[*, N, K/16]` (float8_e4m3fn or
+    their uint8 bytes): N padded to a multiple of 128 and K to a multiple of 128 (as `prepack` pads),
+    packed by `pack_scale_words` -> uint32 `[*, Kp/64, Np]`. Computed once per weight (at load, see
+    `QuantLinear.prepare_device_layout`) instead of per call; lossless (`unpack_scale_words`)."""
+    if scales.dtype != jnp.uint8:
+        scales = lax.bitcast_convert_type(scales, jnp.uint8)
+    *lead, n, g = scales.shape
+    np_, gp = _round_up(n, N_TILE), _round_up(g, CHUNK_K // 16)
+    pad = [(0, 0)] * len(lead) + [(0, np_ - n), (0, gp - g)]
+    return pack_scale_words(jnp.pad(scales, pad))
 
 
 def codes_to_int4(codes_u8: jax.Array, nibble_order: str = "low_first") -> jax.Array:
@@ -168,20 +183,31 @@ def int4_to_codes(codes_i4: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(codes_i4.reshape(np_, kp // 2, 2), jnp.uint8)
 
 
-def to_mosaic(w: PrepackedNVFP4, nibble_order: str = "low_first") -> MosaicWeights:
+def to_mosaic(
+    w: PrepackedNVFP4, nibble_order: str = "low_first", scale_words: jax.Array | None = None
+) -> MosaicWeights:
     """Prepacked NVFP4 weights (canonical layout) -> the Mosaic kernel's layout (lossless; jittable).
 
     N is padded to a multiple of 128, K to a multiple of 64 (both already are for `prepack` output).
+    `scale_words`: the weight's `stored_scale_words`, computed once ahead of time; then only the
+    codes are reinterpreted here (an int4 view of the same bytes) and no scale transpose runs per call.
     """
     if w.layout != "canonical":
         raise ValueError(f"to_mosaic takes canonical-layout weights, found layout {w.layout!r}; prepack(w) first")
     np0, kp0 = w.codes.shape[0], 2 * w.codes.shape[1]
     np_, kp = _round_up(np0, N_TILE), _round_up(kp0, K_WORD)
-    codes = jnp.pad(w.codes, ((0, np_ - np0), (0, (kp - kp0) // 2)))
-    scales = jnp.pad(w.scales, ((0, np_ - np0), (0, (kp - kp0) // 16)))
+    codes = w.codes if (np_, kp) == (np0, kp0) else jnp.pad(w.codes, ((0, np_ - np0), (0, (kp - kp0) // 2)))
+    if scale_words is None:
+        scales = jnp.pad(w.scales, ((0, np_ - np0), (0, (kp - kp0) // 16)))
+        scale_words = pack_scale_words(scales)
+    elif scale_words.shape != (kp // K_WORD, np_) or scale_words.dtype != jnp.uint32:
+        raise ValueError(
+            f"scale_words must be uint32 [{kp // K_WORD}, {np_}] for weights of padded shape [{np_}, {kp}], found "
+            f"{scale_words.dtype} {list(scale_words.shape)}; build them with stored_scale_words(scales)"
+        )
     gw = jnp.pad(w.global_scale.astype(jnp.float32), (0, np_ - w.n))
     return MosaicWeights(
-        codes=codes_to_int4(codes, nibble_order), scales=pack_scale_words(scales), global_scale=gw, n=w.n, k=w.k
+        codes=codes_to_int4(codes, nibble_order), scales=scale_words, global_scale=gw, n=w.n, k=w.k
     )
 
 

@@ -62,9 +62,15 @@ def m_class(m: int) -> str:
 MOSAIC_MIN_N = 8192
 
 
-def gemm_backend(dev_class: str | None, m: int, n: int | None = None) -> str:
-    """The GEMM backend for `m` rows (and `n` output features, when known) on a device class (unknown
-    classes: `FALLBACK_CLASS`). "mosaic" rows give way to "decode_cublas" below `MOSAIC_MIN_N` outputs."""
+# the M the large-M rules are judged at when M is not known yet (preparing a weight's layout)
+LARGE_M = 4096
+
+
+def gemm_backend(dev_class: str | None, m: int, n: int | None = None, k: int | None = None) -> str:
+    """The GEMM backend for `m` rows (and `n` outputs / `k` inputs, when known) on a device class
+    (unknown classes: `FALLBACK_CLASS`). "mosaic" rows give way to "decode_cublas" below `MOSAIC_MIN_N`
+    outputs."""
+    del k  # no rule depends on K yet
     table = DISPATCH_TABLE.get(dev_class or FALLBACK_CLASS, DISPATCH_TABLE[FALLBACK_CLASS])
     backend = table[m_class(m)]
     if backend == "mosaic" and n is not None and n < MOSAIC_MIN_N:
@@ -127,10 +133,11 @@ MOSAIC_LARGE: dict[str, object] = {"block_m": 256, "block_k": 64, "stages": 4, "
                                    "persistent": True}
 
 
-def mosaic_config(m: int):
-    """The Mosaic kernel's config for a GEMM with `m` rows."""
+def mosaic_config(m: int, n: int | None = None, k: int | None = None):
+    """The Mosaic kernel's config for a GEMM with `m` rows (`n` outputs, `k` inputs)."""
     from permuquant_jax.kernels.nvfp4_matmul_mgpu import MosaicConfig
 
+    del n, k
     if m <= MOSAIC_SMALL_M:
         return MosaicConfig(block_m=128, block_k=64, stages=4, persistent=True)
     return MosaicConfig(**MOSAIC_LARGE)

@@ -33,6 +33,19 @@ class QuantInput(nnx.Variable):
     """Activation-side settings of a `QuantLinear`: gather index, smoothing vector, static global scale."""
 
 
+class DeviceLayout(nnx.Variable):
+    """Arrays derived from a `QuantLinear`'s stored weight for this device's kernels (today: the Mosaic
+    GPU kernel's scale words), built once by `prepare_device_layout` so the forward does not convert
+    them per call. Not part of the saved format: `drop_device_layouts` before writing a model."""
+
+
+@jax.jit
+def _mosaic_scale_words(scales: jax.Array) -> jax.Array:
+    from permuquant_jax.kernels.nvfp4_matmul_mgpu import stored_scale_words
+
+    return stored_scale_words(scales)
+
+
 def _is_nvfp4(format: str | None) -> bool:
     return format is not None and format.startswith("nvfp4")
 
@@ -264,6 +277,22 @@ class QuantLinear(nnx.Module):
             sm = _host_full((*v.shape[:-1], self.in_features), jnp.float32, 1)
         self.smooth.set_value(sm.at[..., start : start + size].multiply(v))
 
+    def prepare_device_layout(self, *, force: bool = False) -> bool:
+        """Store the weight's scales in the Mosaic GPU kernel's layout (a `DeviceLayout` variable) when
+        this device's dispatch runs that kernel for this shape at large M (or `force`); returns whether
+        it did. Outputs are bit-identical with or without it; it costs K/16 bytes per output channel
+        (the size of the canonical scales) and saves a scale transpose per call."""
+        if not _is_nvfp4(self.format):
+            return False
+        from permuquant_jax.kernels import dispatch
+
+        if not (force or dispatch.wants_mosaic_layout(self.out_features, self.in_features, self.backend)):
+            if getattr(self, "w_mosaic_scales", None) is not None:
+                del self.w_mosaic_scales
+            return False
+        self.w_mosaic_scales = DeviceLayout(_mosaic_scale_words(self.w_scales.get_value()))
+        return True
+
     # ------------------------------------------------------------------ forward
 
     @property
@@ -301,10 +330,11 @@ class QuantLinear(nnx.Module):
                 codes=self.w_codes.get_value(), scales=self.w_scales.get_value(),
                 global_scale=self.w_global.get_value(),
             )
+            ms = getattr(self, "w_mosaic_scales", None)
             return nvfp4_linear(
                 x, w, bias, act_global_scale=self.act_scale.get_value(), gather=g,
                 hadamard_block=self.hadamard_block, w4a16=get_format(self.format).act_bits is None,
-                out_dtype=x.dtype, backend=self.backend,
+                out_dtype=x.dtype, backend=self.backend, mosaic_scales=None if ms is None else ms.get_value(),
             )
         from permuquant_jax.formats.registry import get_format
 
@@ -320,3 +350,20 @@ class QuantLinear(nnx.Module):
         if bias is not None:
             y = y + bias.astype(jnp.float32)
         return y.astype(x.dtype)
+
+
+def prepare_device_layouts(model: nnx.Module, *, force: bool = False) -> int:
+    """`QuantLinear.prepare_device_layout` on every quantized linear of `model` (after loading or
+    quantizing, before the jitted forward); returns how many layers now hold a device layout."""
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
+    return sum(q.prepare_device_layout(force=force) for q in layers)
+
+
+def drop_device_layouts(model: nnx.Module) -> int:
+    """Remove every `DeviceLayout` (e.g. before saving: the saved format holds the canonical arrays only);
+    returns how many layers had one."""
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
+    had = [q for q in layers if getattr(q, "w_mosaic_scales", None) is not None]
+    for q in had:
+        del q.w_mosaic_scales
+    return len(had)

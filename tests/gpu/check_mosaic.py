@@ -45,11 +45,13 @@ from gemm_variants import bench, copies  # noqa: E402  (the benchmarks' one timi
 FLUX = [  # in order of importance (the budget may stop the run early)
     ("img qkv", 4096, 3072, 9216),
     ("single linear1", 4608, 3072, 21504),
-    ("txt qkv", 512, 3072, 9216),
-    ("img fc2", 4096, 12288, 3072),
     ("single linear2", 4608, 15360, 3072),
+    ("img fc2", 4096, 12288, 3072),
+    ("img fc1", 4096, 3072, 12288),
+    ("txt qkv", 512, 3072, 9216),
     ("mod GEMV", 1, 3072, 18432),
 ]
+NARROW_N = 8192  # below: --narrow-variants are checked and timed too (the tile count decides the tail)
 ODD = [
     ("M=7", 7, 3072, 3072),
     ("M=77 heavy", 77, 3072, 3072),
@@ -67,6 +69,8 @@ VARIANTS = {
     "serial_pb": MC(block_m=256, pipeline="serial", persistent=True, bf16_decode=True),
     "pipelined_pb128": MC(block_m=128, pipeline="pipelined", persistent=True, bf16_decode=True),
     "serial_p128": MC(block_m=128, pipeline="serial", persistent=True),
+    "serial_p192": MC(block_m=192, pipeline="serial", persistent=True),
+    "pipelined_p192": MC(block_m=192, pipeline="pipelined", persistent=True),
     "pipelined_p128": MC(block_m=128, pipeline="pipelined", persistent=True),
     "pipelined_g128": MC(block_m=128, pipeline="pipelined"),
     "serial_g128": MC(block_m=128, pipeline="serial"),
@@ -236,7 +240,7 @@ def check_shape(name, m, k, n, smoke, variants, heavy=False, a16=99):
     return c
 
 
-def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton=True):
+def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton=True, layout=True, a16=1):
     t = {"shape": name, "m": m, "k": k, "n": n}
     wb = reference.block_values(c.wq).astype(jnp.bfloat16)
     tcfg = tuning.matmul_config(m, n, k)
@@ -266,10 +270,27 @@ def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton
                 lambda x, w, g, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, g, b, config=cfg),
                 (c.xv, c.wm, c.gx, c.bias),
             )
-        cases[f"mg_{vname}_w4a16"] = (
-            lambda x, w, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, None, b, config=cfg),
-            (c.x, c.wm, c.bias),
+        if cfg.bf16_decode or variants.index(vname) < a16:
+            cases[f"mg_{vname}_w4a16"] = (
+                lambda x, w, b, cfg=cfg: mg.nvfp4_matmul_mosaic(x, w, None, b, config=cfg),
+                (c.x, c.wm, c.bias),
+            )
+    if layout and variants and m >= 1024 and not VARIANTS[variants[0]].bf16_decode:
+        # the weight layout: converted per call (the former dispatch), scale words stored ahead of time
+        # (the dispatch now: only the int4 view of the codes per call), and the pieces alone
+        cfg0 = VARIANTS[variants[0]]
+        words = jax.jit(mg.stored_scale_words)(c.wq.scales)
+        cases[f"mg_{variants[0]}_w4a4_percall"] = (
+            lambda x, w, g, b: mg.nvfp4_matmul_mosaic(x, mg.to_mosaic(w), g, b, config=cfg0),
+            (c.xv, c.wp, c.gx, c.bias),
         )
+        cases[f"mg_{variants[0]}_w4a4_stored_words"] = (
+            lambda x, w, sw, g, b: mg.nvfp4_matmul_mosaic(x, mg.to_mosaic(w, scale_words=sw), g, b, config=cfg0),
+            (c.xv, c.wp, words, c.gx, c.bias),
+        )
+        cases["conv_to_mosaic"] = (lambda w: mg.to_mosaic(w), (c.wp,))
+        cases["conv_int4_view"] = (lambda w: mg.codes_to_int4(w.codes), (c.wp,))
+        cases["conv_scale_words"] = (lambda w: mg.pack_scale_words(w.scales), (c.wp,))
     for vname in diag:
         cases[f"diag_{vname}_w4a4"] = (
             lambda x, w, g, b, cfg=VARIANTS[vname]: mg.nvfp4_matmul_mosaic(x, w, g, b, config=cfg),
@@ -295,6 +316,50 @@ def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton
     save()
 
 
+AQ_SHAPES = [(4608, 3072), (4096, 3072), (4608, 15360), (4096, 12288)]
+AQ_TILES = [(32, 128, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8), (16, 256, 4), (128, 128, 8), (64, 512, 8)]
+
+
+def act_quant_sweep(smoke: bool) -> None:
+    """Activation quantization (W4A4 values out, static per-tensor scale as in the step) over tiles:
+    outputs compared with the table config's (bit-exact vs the reference, CPU tests), time, GB/s."""
+    from permuquant_jax.kernels import act_quant as aq
+
+    shapes = [(64, 512)] if smoke else AQ_SHAPES
+    for m, k in shapes:
+        if time.time() - T0 > ARGS.budget_s:
+            break
+        x = activations(jax.random.key(m + k), m, k)
+        gs = jnp.full((m,), 0.05, jnp.float32)
+        base_cfg = tuning.act_quant_config(m, k)
+        tiles = [(base_cfg["block_m"], base_cfg["block_k"], base_cfg["num_warps"]), *AQ_TILES]
+        ref = jax.jit(lambda x: reference.block_values(reference.quantize_act_ref(x, global_scale=0.05)))(x)
+        if smoke:  # the comparison itself, in interpret mode (no timing)
+            y = aq.act_quant(x, gs, out="values", interpret=True, **base_cfg)
+            LOG.setdefault("act_quant", []).append(
+                {"shape": [m, k], "smoke_exact": bool(jnp.array_equal(y, ref.astype(jnp.float16))), "tiles": {}}
+            )
+            continue
+        row = {"shape": [m, k], "bytes": m * k * 4, "tiles": {}}
+        for bm, bk, nw in dict.fromkeys(tiles):
+            if time.time() - T0 > ARGS.budget_s:
+                break
+            cfg = {"block_m": bm, "block_k": bk, "num_warps": nw, "num_stages": 1}
+            label = f"{bm}x{bk}x{nw}w"
+            try:
+                progress(f"act quant {m}x{k} {label}")
+                f = lambda a, gs=gs, cfg=cfg: aq.act_quant(a, gs, out="values", **cfg)
+                y = jax.jit(f)(x)
+                exact = bool(jnp.array_equal(y, ref.astype(jnp.float16)))
+                sec = bench(f, copies((x,), 4), reps=5)
+                row["tiles"][label] = {"us": sec * 1e6, "GBps": m * k * 4 / sec / 1e9, "exact": exact}
+            except Exception as ex:  # noqa: BLE001
+                err(f"act quant {m}x{k} {label}", ex)
+        LOG.setdefault("act_quant", []).append(row)
+        say("ACTQ", json.dumps(row))
+        save()
+
+
 def table() -> str:
     cols: list[str] = []
     for t in LOG["times"]:
@@ -312,6 +377,10 @@ def table() -> str:
             ok = isinstance(v, float) and isinstance(base, float)
             cells.append(f"{v:.0f} ({v / base:.2f})" if ok else str(v))
         lines.append(f"| {t['shape']} {t['m']}x{t['k']}x{t['n']} | " + " | ".join(cells) + " |")
+    for r in LOG.get("act_quant", []):
+        cells = ", ".join(f"{t} {v['us']:.0f} us {v['GBps']:.0f} GB/s{'' if v['exact'] else ' NOT EXACT'}"
+                          for t, v in r["tiles"].items())
+        lines.append(f"act quant {r['shape'][0]}x{r['shape'][1]}: {cells}{r.get('smoke_exact', '')}")
     bad = LOG["failed_variants"]
     lines.append(f"\nvariants failing a check: {bad or 'none'}; errors: {len(LOG['errors'])}")
     return "\n".join(lines)
@@ -376,6 +445,10 @@ def main() -> None:
                     choices=list(VARIANTS), help="timed at M = 512 and M = 1")
     ap.add_argument("--diag", nargs="*", default=["pipelined_p_nodecode"],
                     choices=list(VARIANTS), help="timed at the first FLUX shape only (diagnostics, unchecked)")
+    ap.add_argument("--narrow-variants", nargs="*", default=["serial_p128", "pipelined_p128", "serial_p192"],
+                    choices=list(VARIANTS), help="also checked and timed where N < 8192 (fc2, linear2)")
+    ap.add_argument("--a16", type=int, default=1, help="W4A16 timed for the first A16 large-M variants")
+    ap.add_argument("--act-quant", action="store_true", help="time activation-quantization tiles at the end")
     ap.add_argument("--skip", nargs="*", default=[], help="shape names to skip")
     ARGS = ap.parse_args()
     smoke = ARGS.cpu_smoke
@@ -399,7 +472,10 @@ def main() -> None:
     # the FLUX shapes by importance, then the odd shapes with the large-M candidates
     work = [("check", ("M=1000", 1000, 3072, 3072), big)]
     for f in flux:
-        work.append(("flux", f, big if f[1] >= 1024 else small))
+        vs = big if f[1] >= 1024 else small
+        if f[1] >= 1024 and f[3] < NARROW_N:
+            vs = [*big, *[v for v in ARGS.narrow_variants if v not in big]]
+        work.append(("flux", f, vs))
     work += [("check", o, big) for o in odd]
     first = True
     for kind, (name, m, k, n), vs in work:
@@ -410,14 +486,17 @@ def main() -> None:
             continue
         try:
             progress(f"{kind} {name}")
-            c = check_shape(name, m, k, n, smoke, vs, heavy="heavy" in name, a16=99 if kind == "check" else 4)
+            c = check_shape(name, m, k, n, smoke, vs, heavy="heavy" in name, a16=99 if kind == "check" else ARGS.a16)
             if kind == "flux":
                 ok = [v for v in vs if v not in LOG["failed_variants"]]
-                time_shape(name, m, k, n, c, smoke, ok, diag=ARGS.diag if first else (), triton=first or m < 1024)
+                time_shape(name, m, k, n, c, smoke, ok, diag=ARGS.diag if first else (), triton=first or m < 1024,
+                           a16=ARGS.a16)
                 first = False
             del c
         except Exception as ex:  # noqa: BLE001
             err(f"{kind} {name}", ex)
+    if ARGS.act_quant:
+        act_quant_sweep(smoke)
     say("choice:", choose())
     LOG["meta"]["wall_s"] = time.time() - T0
     save()
