@@ -48,7 +48,8 @@ from permuquant_jax.quant.linear import (  # noqa: E402
 from permuquant_jax.quant.paths import find_linears, set_node  # noqa: E402
 
 CATEGORIES = ("gemm", "weight_decode", "act_quant", "attention", "rest")
-# --variants: key -> (table name, QuantLinear format, GEMM backend for --mosaic-classes or None: the table's)
+# --variants: key -> (table name, QuantLinear format, GEMM backend for --mosaic-classes, or {M class: backend},
+# or None: the table's)
 VARIANTS = {
     "bf16": ("bf16", None, None),
     "w4a4": ("nvfp4 W4A4", "nvfp4", None),
@@ -59,6 +60,9 @@ VARIANTS = {
     "w4a16-dd": ("nvfp4 W4A16 decode+cuBLAS", "nvfp4-w4a16", "decode_cublas"),
     # the table's dispatch without the stored Mosaic scale layout (converted per call, as before)
     "w4a4-percall": ("nvfp4 W4A4 layout per call", "nvfp4", None),
+    # the M = 1-4 modulation linears by the fused XLA GEMV (kernels/gemv.py) instead of the table's
+    "w4a4-xgemv": ("nvfp4 W4A4 XLA GEMV", "nvfp4", {"gemv": "xla_gemv"}),
+    "w4a16-xgemv": ("nvfp4 W4A16 XLA GEMV", "nvfp4-w4a16", {"gemv": "xla_gemv"}),
 }
 NO_LAYOUT = {"w4a4-percall"}
 
@@ -221,7 +225,9 @@ def main() -> None:
             print(f"{vname}: quantized {nlin} linears in {log['quantize_s'][key]:.1f} s", flush=True)
             quantized = {fmt: model}  # keep one quantized model at a time
         table = dict(saved_table)
-        if override:
+        if isinstance(override, dict):
+            table.update(override)
+        elif override:
             table.update({c: override for c in args.mosaic_classes})
         tuning.DISPATCH_TABLE[dev_class] = table
         if fmt is not None:

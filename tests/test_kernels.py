@@ -211,11 +211,16 @@ def test_dequant_dot_and_mosaic_layout_match_reference(rng, monkeypatch):
         static_argnums=2,
     )
     ref_fn = jax.jit(lambda xref: reference.nvfp4_matmul_ref(xref, w, bias))
+    from permuquant_jax.kernels import gemv
+
     for xin, xs, xref in ((xv, rows, xq), (x, None, x)):
         ref = np.asarray(ref_fn(xref))
         y, y16 = both(xin, xs, jnp.bfloat16)
         assert np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref) <= 1e-5
         assert y16.dtype == jnp.bfloat16 and _bf16_ok(y16, np.asarray(y), ref).all()
+        # the few-row GEMV (one XLA reduction) computes the same function
+        yg = np.asarray(jax.jit(lambda a, s: gemv.nvfp4_gemv(a, wp, s, bias, out_dtype=jnp.float32))(xin, xs))
+        assert np.linalg.norm(yg - ref) / np.linalg.norm(ref) <= 1e-5
     assert len(calls) == 2 and calls[0].block_m == 128
     # the scale words stored ahead of time (QuantLinear.prepare_device_layout) give the same operands
     words = jax.jit(mg.stored_scale_words)(w.scales)
@@ -427,6 +432,13 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     assert tuning.gemm_backend("h200", 4096, 9216) == "mosaic"
     assert tuning.gemm_backend("h200", 4608, tuning.MOSAIC_MIN_N - 1) == "decode_cublas"
     assert tuning.gemm_backend("h100", 4096, 3072) == "xla_decode_cublas"
+    # a per-shape Mosaic entry admits a narrow weight and sets its tiles
+    monkeypatch.setitem(tuning.MOSAIC_SHAPES, (3072, 15360), {"block_m": 128})
+    assert tuning.gemm_backend("h200", 4608, 3072, 15360) == "mosaic"
+    assert tuning.gemm_backend("h200", 4608, 3072, 12288) == "decode_cublas"
+    assert tuning.mosaic_config(4608, 3072, 15360).block_m == 128
+    assert tuning.mosaic_config(4608, 9216, 3072).block_m == tuning.MOSAIC_LARGE["block_m"]
+    monkeypatch.delitem(tuning.MOSAIC_SHAPES, (3072, 15360))
     # a layer stores the Mosaic scale layout only where this device runs the kernel at large M
     from permuquant_jax.quant.linear import QuantLinear, drop_device_layouts, prepare_device_layouts
 

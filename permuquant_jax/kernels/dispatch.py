@@ -27,6 +27,7 @@ from permuquant_jax.formats import nvfp4
 from permuquant_jax.formats.nvfp4 import NVFP4Tensor
 from permuquant_jax.kernels import act_quant as _aq
 from permuquant_jax.kernels import decode as _decode
+from permuquant_jax.kernels import gemv as _gemv
 from permuquant_jax.kernels import reference, tuning
 from permuquant_jax.kernels.nvfp4_matmul import PrepackedNVFP4, nvfp4_matmul, prepack, unprepack
 
@@ -159,6 +160,8 @@ def nvfp4_linear(
     if gemm == "triton":
         cfg = tuning.matmul_config(m, n, k)
         mm = functools.partial(nvfp4_matmul, config=cfg, out_dtype=out_dtype, interpret=interpret)
+    elif gemm == "xla_gemv":
+        mm = functools.partial(_gemv.nvfp4_gemv, out_dtype=out_dtype)
     elif gemm == "mosaic":
         extra = {} if mosaic_scales is None else {"scale_words": mosaic_scales}
         mm = functools.partial(mosaic_dot, out_dtype=out_dtype, **extra)

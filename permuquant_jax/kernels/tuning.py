@@ -6,7 +6,8 @@ GEMM backends (what `dispatch.nvfp4_linear` runs after the activation quantizati
 - "triton": the in-register Pallas-Triton matmul (`nvfp4_matmul`, config from `MATMUL_TABLE`);
 - "decode_cublas": the Pallas decode kernel to exact 16-bit weights, then cuBLAS (`dispatch.dequant_dot`);
 - "xla_decode_cublas": the same with XLA's bit-placement decode (no Pallas kernel in the GEMM path);
-- "mosaic": the Pallas Mosaic GPU kernel for sm_90 (`nvfp4_matmul_mgpu`, config from `mosaic_config`).
+- "mosaic": the Pallas Mosaic GPU kernel for sm_90 (`nvfp4_matmul_mgpu`, config from `mosaic_config`);
+- "xla_gemv": a few rows as one fused XLA decode + row reduction (`gemv.nvfp4_gemv`; M <= 4).
 Unknown devices (no table row) fall back to `FALLBACK_CLASS`, whose choices are safe everywhere the
 Triton backend runs (compute capability 8.0-9.x).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from permuquant_jax.kernels.nvfp4_matmul import MatmulConfig
 
-GEMM_BACKENDS = ("triton", "decode_cublas", "xla_decode_cublas", "mosaic")
+GEMM_BACKENDS = ("triton", "decode_cublas", "xla_decode_cublas", "mosaic", "xla_gemv")
 
 # M classes: (name, largest M in the class); the first that holds M wins.
 M_CLASSES: tuple[tuple[str, int], ...] = (("gemv", 16), ("small", 64), ("medium", 1023), ("large", 1 << 62))
@@ -70,10 +71,9 @@ def gemm_backend(dev_class: str | None, m: int, n: int | None = None, k: int | N
     """The GEMM backend for `m` rows (and `n` outputs / `k` inputs, when known) on a device class
     (unknown classes: `FALLBACK_CLASS`). "mosaic" rows give way to "decode_cublas" below `MOSAIC_MIN_N`
     outputs."""
-    del k  # no rule depends on K yet
     table = DISPATCH_TABLE.get(dev_class or FALLBACK_CLASS, DISPATCH_TABLE[FALLBACK_CLASS])
     backend = table[m_class(m)]
-    if backend == "mosaic" and n is not None and n < MOSAIC_MIN_N:
+    if backend == "mosaic" and n is not None and n < MOSAIC_MIN_N and (n, k) not in MOSAIC_SHAPES:
         return "decode_cublas"
     return backend
 
@@ -133,14 +133,18 @@ MOSAIC_LARGE: dict[str, object] = {"block_m": 256, "block_k": 64, "stages": 4, "
                                    "persistent": True}
 
 
+# (N, K) -> MosaicConfig fields that replace MOSAIC_LARGE's for that weight shape at large M; an entry also
+# admits a narrow shape (N < MOSAIC_MIN_N) to the Mosaic kernel.
+MOSAIC_SHAPES: dict[tuple[int, int], dict[str, object]] = {}
+
+
 def mosaic_config(m: int, n: int | None = None, k: int | None = None):
     """The Mosaic kernel's config for a GEMM with `m` rows (`n` outputs, `k` inputs)."""
     from permuquant_jax.kernels.nvfp4_matmul_mgpu import MosaicConfig
 
-    del n, k
     if m <= MOSAIC_SMALL_M:
         return MosaicConfig(block_m=128, block_k=64, stages=4, persistent=True)
-    return MosaicConfig(**MOSAIC_LARGE)
+    return MosaicConfig(**{**MOSAIC_LARGE, **MOSAIC_SHAPES.get((n, k), {})})
 
 
 def decode_config(n: int, k: int) -> dict[str, int | str]:

@@ -240,7 +240,8 @@ def check_shape(name, m, k, n, smoke, variants, heavy=False, a16=99):
     return c
 
 
-def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton=True, layout=True, a16=1):
+def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton=True, layout=True, a16=1,
+               dd16=True):
     t = {"shape": name, "m": m, "k": k, "n": n}
     wb = reference.block_values(c.wq).astype(jnp.bfloat16)
     tcfg = tuning.matmul_config(m, n, k)
@@ -253,8 +254,11 @@ def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton
             lambda x, w, g, b: dispatch.dequant_dot(x, w, g, b, out_dtype=jnp.bfloat16),
             (c.xv, c.wp, c.gx, c.bias),
         ),
-        "dd_w4a16": (lambda x, w, b: dispatch.dequant_dot(x, w, None, b, out_dtype=jnp.bfloat16), (c.x, c.wp, c.bias)),
     }
+    if dd16:
+        cases["dd_w4a16"] = (
+            lambda x, w, b: dispatch.dequant_dot(x, w, None, b, out_dtype=jnp.bfloat16), (c.x, c.wp, c.bias)
+        )
     if triton:
         cases["triton_w4a4"] = (
             lambda x, w, g, b: nvfp4_matmul(x, w, g, b, config=tcfg, out_dtype=jnp.bfloat16),
@@ -316,8 +320,87 @@ def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton
     save()
 
 
-AQ_SHAPES = [(4608, 3072), (4096, 3072), (4608, 15360), (4096, 12288)]
-AQ_TILES = [(32, 128, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8), (16, 256, 4), (128, 128, 8), (64, 512, 8)]
+GEMV_SHAPES = [(1, 3072, 18432), (1, 3072, 9216), (4, 3072, 18432)]
+
+
+def gemv_section(smoke: bool) -> None:
+    """M = 1-4 (the modulation linears): the XLA reduction GEMV (`gemv.nvfp4_gemv`) checked against the
+    reference and decode+cuBLAS, then timed against cuBLAS bf16 and the Triton kernel (table config),
+    W4A4 (fp16 values in) and W4A16, and the whole W4A4 linear (act quant + GEMM) per backend."""
+    from permuquant_jax.kernels import gemv
+
+    shapes = [(1, 512, 384), (4, 512, 384)] if smoke else GEMV_SHAPES
+    for m, k, n in shapes:
+        if time.time() - T0 > ARGS.budget_s:
+            break
+        name = f"GEMV {m}x{k}x{n}"
+        try:
+            progress(name)
+            c = Case(jax.random.key(m + k + n), m, k, n)
+            r4, r16 = c.refs()
+            row = {"shape": name, "m": m, "k": k, "n": n}
+            dd4 = dequant_dot(c.xv, c.wp, c.gx, c.bias, smoke)
+            dd16 = dequant_dot(c.x, c.wp, None, c.bias, smoke)
+            f = jax.jit(lambda x, w, g, b: gemv.nvfp4_gemv(x, w, g, b, out_dtype=jnp.bfloat16))
+            for mode, x, gx, r, dd in (("w4a4", c.xv, c.gx, r4, dd4), ("w4a16", c.x, None, r16, dd16)):
+                mt = metrics(f(x, c.wp, gx, c.bias), r, dd)
+                base = metrics(dd, r, dd)
+                close = mt["rel"] <= 1.05 * base["rel"] + 1e-6 and mt["relb"] <= 2 * base["relb"] + 1e-4
+                mt["ok"] = mt["finite"] and close
+                row[f"xla_gemv_{mode}"] = mt
+                if not mt["ok"] and "xla_gemv" not in LOG["failed_variants"]:
+                    LOG["failed_variants"].append("xla_gemv")
+            LOG["checks"].append(row)
+            say("CHECK", json.dumps(row, default=str))
+            t = {"shape": name, "m": m, "k": k, "n": n}
+            wb = reference.block_values(c.wq).astype(jnp.bfloat16)
+            tcfg = tuning.matmul_config(m, n, k)
+            aqc = tuning.act_quant_config(m, k)
+            gs = jnp.full((m,), 0.05, jnp.float32)
+
+            def linear(a, w, b, gemm, gs=gs, aqc=aqc, tcfg=tcfg):
+                from permuquant_jax.kernels import act_quant as aq
+
+                v = aq.act_quant(a, gs, out="values", **aqc)
+                if gemm == "triton":
+                    return nvfp4_matmul(v, w, gs, b, config=tcfg, out_dtype=jnp.bfloat16)
+                return gemv.nvfp4_gemv(v, w, gs, b, out_dtype=jnp.bfloat16)
+
+            cases = {
+                "cublas_bf16": (lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
+                                (c.x, wb)),
+                "triton_w4a4": (lambda x, w, g, b, tcfg=tcfg: nvfp4_matmul(x, w, g, b, config=tcfg),
+                                (c.xv, c.wp, c.gx, c.bias)),
+                "xla_gemv_w4a4": (lambda x, w, g, b: gemv.nvfp4_gemv(x, w, g, b), (c.xv, c.wp, c.gx, c.bias)),
+                "triton_w4a16": (lambda x, w, b, tcfg=tcfg: nvfp4_matmul(x, w, None, b, config=tcfg),
+                                 (c.x, c.wp, c.bias)),
+                "xla_gemv_w4a16": (lambda x, w, b: gemv.nvfp4_gemv(x, w, None, b), (c.x, c.wp, c.bias)),
+                "linear_triton_w4a4": (lambda x, w, b: linear(x, w, b, "triton"), (c.x, c.wp, c.bias)),
+                "linear_xla_gemv_w4a4": (lambda x, w, b: linear(x, w, b, "xla_gemv"), (c.x, c.wp, c.bias)),
+            }
+            for label, (fn, args) in cases.items():
+                if smoke:
+                    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+                    t[label] = "lowered"
+                    continue
+                if time.time() - T0 > ARGS.budget_s:
+                    t[label] = "skipped (budget)"
+                    continue
+                try:
+                    progress(f"time {name} {label}")
+                    t[label] = bench(fn, copies(args, 8), reps=7) * 1e6
+                except Exception as ex:  # noqa: BLE001
+                    err(f"time {name} {label}", ex)
+                    t[label] = f"error {type(ex).__name__}"
+            LOG["times"].append(t)
+            say("TIME", json.dumps(t, default=str))
+            save()
+        except Exception as ex:  # noqa: BLE001
+            err(name, ex)
+
+
+AQ_SHAPES = [(4608, 3072), (4608, 15360)]
+AQ_TILES = [(32, 128, 4), (32, 256, 8), (64, 256, 8), (16, 512, 4), (128, 128, 8), (64, 512, 8)]
 
 
 def act_quant_sweep(smoke: bool) -> None:
@@ -449,6 +532,12 @@ def main() -> None:
                     choices=list(VARIANTS), help="also checked and timed where N < 8192 (fc2, linear2)")
     ap.add_argument("--a16", type=int, default=1, help="W4A16 timed for the first A16 large-M variants")
     ap.add_argument("--act-quant", action="store_true", help="time activation-quantization tiles at the end")
+    ap.add_argument("--layout-shapes", nargs="*", default=["img qkv", "single linear1"],
+                    help="shapes where the weight-layout conversion (per call, stored, pieces) is timed")
+    ap.add_argument("--no-triton", action="store_true", help="do not time the Triton kernel")
+    ap.add_argument("--gemv", action="store_true", help="check and time the M = 1-4 GEMV backends first")
+    ap.add_argument("--dd16-shapes", nargs="*", default=None, help="shapes where decode+cuBLAS W4A16 is timed "
+                    "(default: all)")
     ap.add_argument("--skip", nargs="*", default=[], help="shape names to skip")
     ARGS = ap.parse_args()
     smoke = ARGS.cpu_smoke
@@ -470,12 +559,15 @@ def main() -> None:
     odd = [("M=7", 7, 256, 256), ("K=1008 N=200", 77, 1008, 200)] if smoke else ODD
     # the race check (M=1000, K = 48 steps: both loop parities are covered by K=12352's 193 steps), then
     # the FLUX shapes by importance, then the odd shapes with the large-M candidates
-    work = [("check", ("M=1000", 1000, 3072, 3072), big)]
+    work = [("gemv", ("gemv", 0, 0, 0), [])] if ARGS.gemv else []
+    work.append(("check", ("M=1000", 1000, 3072, 3072), big))
     for f in flux:
         vs = big if f[1] >= 1024 else small
         if f[1] >= 1024 and f[3] < NARROW_N:
             vs = [*big, *[v for v in ARGS.narrow_variants if v not in big]]
         work.append(("flux", f, vs))
+    if ARGS.act_quant:
+        work.append(("act_quant", ("act quant", 0, 0, 0), []))
     work += [("check", o, big) for o in odd]
     first = True
     for kind, (name, m, k, n), vs in work:
@@ -486,17 +578,23 @@ def main() -> None:
             continue
         try:
             progress(f"{kind} {name}")
+            if kind == "act_quant":
+                act_quant_sweep(smoke)
+                continue
+            if kind == "gemv":
+                gemv_section(smoke)
+                continue
             c = check_shape(name, m, k, n, smoke, vs, heavy="heavy" in name, a16=99 if kind == "check" else ARGS.a16)
             if kind == "flux":
                 ok = [v for v in vs if v not in LOG["failed_variants"]]
-                time_shape(name, m, k, n, c, smoke, ok, diag=ARGS.diag if first else (), triton=first or m < 1024,
-                           a16=ARGS.a16)
+                time_shape(name, m, k, n, c, smoke, ok, diag=ARGS.diag if first else (),
+                           triton=(first or m < 1024) and not ARGS.no_triton, a16=ARGS.a16,
+                           layout=name in ARGS.layout_shapes or smoke,
+                           dd16=ARGS.dd16_shapes is None or name in ARGS.dd16_shapes)
                 first = False
             del c
         except Exception as ex:  # noqa: BLE001
             err(f"{kind} {name}", ex)
-    if ARGS.act_quant:
-        act_quant_sweep(smoke)
     say("choice:", choose())
     LOG["meta"]["wall_s"] = time.time() - T0
     save()
