@@ -535,7 +535,7 @@ def main() -> None:
     ap.add_argument("--layout-shapes", nargs="*", default=["img qkv", "single linear1"],
                     help="shapes where the weight-layout conversion (per call, stored, pieces) is timed")
     ap.add_argument("--no-triton", action="store_true", help="do not time the Triton kernel")
-    ap.add_argument("--gemv", action="store_true", help="check and time the M = 1-4 GEMV backends first")
+    ap.add_argument("--gemv", action="store_true", help="check and time the M = 1-4 GEMVs (after the FLUX shapes)")
     ap.add_argument("--dd16-shapes", nargs="*", default=None, help="shapes where decode+cuBLAS W4A16 is timed "
                     "(default: all)")
     ap.add_argument("--skip", nargs="*", default=[], help="shape names to skip")
@@ -559,13 +559,14 @@ def main() -> None:
     odd = [("M=7", 7, 256, 256), ("K=1008 N=200", 77, 1008, 200)] if smoke else ODD
     # the race check (M=1000, K = 48 steps: both loop parities are covered by K=12352's 193 steps), then
     # the FLUX shapes by importance, then the odd shapes with the large-M candidates
-    work = [("gemv", ("gemv", 0, 0, 0), [])] if ARGS.gemv else []
-    work.append(("check", ("M=1000", 1000, 3072, 3072), big))
+    work = [("check", ("M=1000", 1000, 3072, 3072), big)]
     for f in flux:
         vs = big if f[1] >= 1024 else small
         if f[1] >= 1024 and f[3] < NARROW_N:
             vs = [*big, *[v for v in ARGS.narrow_variants if v not in big]]
         work.append(("flux", f, vs))
+    if ARGS.gemv:
+        work.append(("gemv", ("gemv", 0, 0, 0), []))
     if ARGS.act_quant:
         work.append(("act_quant", ("act quant", 0, 0, 0), []))
     work += [("check", o, big) for o in odd]
