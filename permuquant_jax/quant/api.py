@@ -86,6 +86,66 @@ class CFGForward:
         return pred[b:] + self.scale * (pred[:b] - pred[b:])
 
 
+@dataclasses.dataclass(frozen=True)
+class RolloutForward:
+    """A `forward` that runs `k` Euler steps of the sampler from a trajectory state and returns the distance
+    travelled, `x_k - x_0`: acceptance then measures the error the sampler integrates over k steps (the
+    quantized model's own trajectory), not one step on the float model's inputs.
+
+    A batch is the model's keyword arguments for ONE state plus `sigmas` ([k+1] float: the schedule from
+    that state on): `img` is the state x_0 (`[n, L, C]`, conditional samples only); with `scale` (CFG) the
+    other arrays hold the doubled batch [cond; uncond] (`2n` rows) and each step runs the model on
+    `[x; x]` and integrates `v_u + scale (v_c - v_u)`; `scale=None` integrates the model output itself.
+    `timesteps` is set per step (every sample at `sigmas[i]`). The steps run under `lax.scan`, so the
+    compiled program does not grow with k; variables the model writes (observers, probes) are carried.
+    Hashable (one compilation per scale)."""
+
+    scale: float | None = None
+
+    def __call__(self, model: nnx.Module, batch: dict) -> jax.Array:
+        if not isinstance(batch, dict) or "sigmas" not in batch or "img" not in batch:
+            raise ValueError("RolloutForward: a batch must be a dict with 'img' (the state) and 'sigmas' ([k+1] "
+                             f"schedule); found {sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+        sig = jnp.asarray(batch["sigmas"], jnp.float32)
+        if sig.ndim != 1 or sig.shape[0] < 2:
+            raise ValueError(f"RolloutForward: 'sigmas' must be [k+1] with k >= 1; found shape {sig.shape}")
+        x0 = batch["img"].astype(jnp.float32)
+        rest = {k: v for k, v in batch.items() if k not in ("img", "sigmas", "timesteps")}
+        graphdef, state = nnx.split(model)
+        dtype = batch["img"].dtype
+        rows = 2 * x0.shape[0] if self.scale is not None else x0.shape[0]
+
+        def step(carry, i):
+            x, st = carry
+            m = nnx.merge(graphdef, st)
+            xin = (jnp.concatenate([x, x]) if self.scale is not None else x).astype(dtype)
+            t = jnp.full((rows,), sig[i], jnp.float32)
+            pred = default_forward(m, dict(rest, img=xin, timesteps=t)).astype(jnp.float32)
+            if self.scale is not None:
+                b = x.shape[0]
+                pred = pred[b:] + self.scale * (pred[:b] - pred[b:])
+            return (x + (sig[i + 1] - sig[i]) * pred, nnx.state(m)), None
+
+        (x, state), _ = jax.lax.scan(step, (x0, state), jnp.arange(sig.shape[0] - 1))
+        nnx.update(model, state)
+        return x - x0
+
+
+def rollout_batches(states: Sequence[jax.Array], sigmas: Sequence[float] | np.ndarray, starts: Sequence[int],
+                    k: int, **common: Any) -> list[dict]:
+    """Batches for `RolloutForward`: one per start step `i` in `starts`, the state `states[i]` and the
+    schedule `sigmas[i : i + k + 1]`; `common` are the other model arguments (txt, y, ids; doubled for CFG).
+    Every batch has the same shapes (one compilation)."""
+    sig = np.asarray(sigmas, np.float64)
+    out = []
+    for i in starts:
+        if i < 0 or i + k >= sig.size:
+            raise ValueError(f"rollout start {i} with k={k} runs past the schedule of {sig.size - 1} steps; "
+                             f"use starts <= {sig.size - 1 - k}")
+        out.append(dict(common, img=states[i], sigmas=jnp.asarray(sig[i : i + k + 1], jnp.float32)))
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _weight_moments(kernel, start, size):
     """Per input row of kernel[..., start:start+size, :]: sum of squares and max |w| (on the device)."""
