@@ -36,7 +36,7 @@ from permuquant_jax.convert.safetensors_io import (
     load_json,
     open_index,
 )
-from permuquant_jax.models.flux import FluxConfig, FluxDiT
+from permuquant_jax.models.flux import FluxConfig, FluxDiT, host_sharding, offload_blocks
 
 BFL_PREFIX = "model.diffusion_model."
 CONFIG_METADATA_KEY = "permuquant.flux_config"
@@ -449,6 +449,7 @@ def load_flux(
     attention_impl: str | None = None,
     progress: bool = False,
     check_finite: bool = True,
+    host_blocks: bool = False,
 ) -> FluxDiT:
     """Load a FLUX.1 transformer checkpoint into a :class:`FluxDiT` with parameters in ``dtype``.
 
@@ -461,6 +462,11 @@ def load_flux(
     ``check_finite`` (default on): every loaded parameter is checked for NaN/Inf as it is placed (after
     the cast; layers of large stacked weights on the device); the error names the file and the
     checkpoint's own key, and says whether the stored values are non-finite or the cast overflowed.
+
+    ``host_blocks``: the stacked double/single block arrays go to pinned host memory as they are loaded
+    and the model streams them to the device block by block in every forward
+    (:func:`~permuquant_jax.models.flux.offload_blocks`): the device never holds more than one stacked
+    weight (FLUX.1-dev: 4.7 GiB, ``single_blocks.linear1``) while loading, nor the blocks afterwards.
 
     Raises :class:`CheckpointError` (a ``ValueError``) with a one-line message for anything that is
     not a loadable FLUX.1 transformer.
@@ -539,12 +545,19 @@ def load_flux(
             next_job += 1
         return buf
 
+    host = host_sharding() if host_blocks else None
+
+    def place(target, value):  # a block array goes to host memory (streamed), the rest stays where it is
+        if host is not None and target[0] in BLOCK_STACKS:
+            return jax.device_put(value, host)
+        return jnp.asarray(value)
+
     try:
         for (target, shape, stored, n_layers), _ in zip(plan, items, strict=True):
             var = _variable(model, target)
             if not n_layers:
                 _, _, buf = take()
-                var.set_value(jnp.asarray(buf))
+                var.set_value(place(target, buf))
                 del buf
                 continue
             value, checks = jnp.zeros(shape, dtype), []
@@ -556,16 +569,22 @@ def load_flux(
                     checks.append((layer, layer_entries, finite))
             for _layer, layer_entries, finite in checks:
                 if not bool(finite):  # name the stored tensor responsible (host search, on failure only)
-                    host = np.empty(shape[1:], np_dtype)
-                    _fill(source, layer_entries, host, stacked=False)
-                    _check_finite(source, layer_entries, host, stacked=False)
-            var.set_value(value)
+                    layer_buf = np.empty(shape[1:], np_dtype)
+                    _fill(source, layer_entries, layer_buf, stacked=False)
+                    _check_finite(source, layer_entries, layer_buf, stacked=False)
+            var.set_value(place(target, value))
+            del value
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if not isinstance(var.get_value(), jax.Array):
             raise AssertionError(f"load_flux: parameter {'.'.join(map(str, path_))} was not loaded")
+    if host_blocks:
+        offload_blocks(model)  # marks the model streamed (the block arrays are already in host memory)
     return model
+
+
+BLOCK_STACKS = ("double_blocks", "single_blocks")
 
 
 # Stacked tensors at least this large are assembled layer by layer (see load_flux).

@@ -223,13 +223,16 @@ def stack_blocks(make, depth: int, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def scan_blocks(blocks: nnx.Module, carry: Any, fn, depth: int | None = None) -> Any:
+def scan_blocks(blocks: nnx.Module, carry: Any, fn, depth: int | None = None, *, stream: bool = False) -> Any:
     """Run ``carry = fn(block_i, carry)`` over a stacked module under ``jax.lax.scan``.
 
     Variables that ``fn`` assigns on a block (e.g. statistics of an observer module substituted for
     a Linear) are collected per layer and written back into the stacked module afterwards; variables
     left untouched (the weights) are not copied. Every array variable of ``blocks`` must carry the
     leading depth axis (``depth``; None: the leading dim most variables share).
+
+    ``stream``: the stacked arrays may live in host memory (`offload_blocks`); each layer's slice is
+    copied to device memory inside the scan body, so only the layers in flight occupy the device.
     """
     graphdef, state = nnx.split(blocks)
     shapes = {
@@ -248,6 +251,8 @@ def scan_blocks(blocks: nnx.Module, carry: Any, fn, depth: int | None = None) ->
             )
 
     def body(c, layer_state):
+        if stream:
+            layer_state = jax.tree.map(_to_device, layer_state)
         inputs = {path: var.get_value() for path, var in nnx.to_flat_state(layer_state)}
         block = nnx.merge(graphdef, layer_state)
         c = fn(block, c)
@@ -264,6 +269,34 @@ def scan_blocks(blocks: nnx.Module, carry: Any, fn, depth: int | None = None) ->
 
 
 _MISSING = object()
+HOST_MEMORY_KIND = "pinned_host"
+
+
+def _to_device(x: Any) -> Any:
+    return jax.device_put(x, jax.memory.Space.Device) if isinstance(x, jax.Array) else x
+
+
+def host_sharding(device: jax.Device | None = None) -> jax.sharding.Sharding:
+    """The sharding of an array kept in `device`'s pinned host memory (default: the first device)."""
+    return jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind=HOST_MEMORY_KIND)
+
+
+def offload_blocks(model: FluxDiT, device: jax.Device | None = None) -> FluxDiT:
+    """Keep the arrays of `model`'s stacked double/single blocks in pinned host memory (in place; returns
+    `model`); its forward then streams each block's slice to the device inside the scan (`scan_blocks`).
+
+    The device then holds the other weights, one or two blocks and the activations instead of the whole
+    model (FLUX.1-dev: ~0.6 GiB a block of 22 GiB), at the cost of a host-to-device copy of every block in
+    every forward. Outputs are the same arrays as with the model on the device (the same programs run on
+    the same values). Operations outside a forward (e.g. folding a permutation into a stacked kernel) then
+    read host arrays."""
+    sharding = host_sharding(device)
+    for blocks in (model.double_blocks, model.single_blocks):
+        state = nnx.state(blocks)
+        nnx.update(blocks, jax.tree.map(
+            lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array | np.ndarray) else x, state))
+    model.streamed = True
+    return model
 
 
 class FluxDiT(nnx.Module):
@@ -309,6 +342,7 @@ class FluxDiT(nnx.Module):
             lambda r: SingleStreamBlock(config, **block_kw, rngs=r), config.depth_single_blocks, rngs
         )
         self.final_layer = LastLayer(h, config.out_channels, **kw)
+        self.streamed = False  # stacked blocks in host memory, streamed by the forward (`offload_blocks`)
 
     def __call__(
         self,
@@ -339,9 +373,11 @@ class FluxDiT(nnx.Module):
         def double(block, carry):
             return block(carry[0], carry[1], vec, pe, impl)
 
-        img, txt = scan_blocks(self.double_blocks, (img, txt), double, cfg.depth)
+        stream = getattr(self, "streamed", False)
+        img, txt = scan_blocks(self.double_blocks, (img, txt), double, cfg.depth, stream=stream)
         x = jnp.concatenate([txt, img], axis=1)
-        x = scan_blocks(self.single_blocks, x, lambda block, c: block(c, vec, pe, impl), cfg.depth_single_blocks)
+        x = scan_blocks(self.single_blocks, x, lambda block, c: block(c, vec, pe, impl), cfg.depth_single_blocks,
+                        stream=stream)
         img = x[:, txt.shape[1] :]
         return self.final_layer(img, vec)
 
@@ -432,6 +468,8 @@ __all__: Sequence[str] = (
     "SingleStreamBlock",
     "LastLayer",
     "scan_blocks",
+    "offload_blocks",
+    "host_sharding",
     "param_count",
     "abstract_flux",
 )
