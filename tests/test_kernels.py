@@ -412,7 +412,12 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
 
     monkeypatch.setattr(dispatch, "nvfp4_matmul", fake_matmul)
     monkeypatch.setattr(dispatch, "dequant_dot", fake_dqdot)
+    def fake_gemv(x, w, s, b, *, out_dtype):
+        calls.append(("xla_gemv", None))
+        return jnp.zeros((x.shape[0], w.n), out_dtype)
+
     monkeypatch.setattr(dispatch, "mosaic_dot", fake_mosaic)
+    monkeypatch.setattr(dispatch._gemv, "nvfp4_gemv", fake_gemv)
     monkeypatch.setattr(dispatch._aq, "act_quant", fake_act_quant)
     monkeypatch.setattr(dispatch, "device_class", lambda: dev_class)
     w = dispatch.prepack_weight(_weights(rng, 32, 64))
@@ -433,9 +438,10 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     assert tuning.gemm_backend("h200", 4608, tuning.MOSAIC_MIN_N - 1) == "decode_cublas"
     assert tuning.gemm_backend("h100", 4096, 3072) == "xla_decode_cublas"
     # a per-shape Mosaic entry admits a narrow weight and sets its tiles
+    assert tuning.gemm_backend("h200", 4096, 3072, 12288) == "mosaic"  # img fc2: measured faster
+    assert tuning.gemm_backend("h200", 4608, 3072, 15360) == "decode_cublas"  # linear2: measured slower
     monkeypatch.setitem(tuning.MOSAIC_SHAPES, (3072, 15360), {"block_m": 128})
     assert tuning.gemm_backend("h200", 4608, 3072, 15360) == "mosaic"
-    assert tuning.gemm_backend("h200", 4608, 3072, 12288) == "decode_cublas"
     assert tuning.mosaic_config(4608, 3072, 15360).block_m == 128
     assert tuning.mosaic_config(4608, 9216, 3072).block_m == tuning.MOSAIC_LARGE["block_m"]
     monkeypatch.delitem(tuning.MOSAIC_SHAPES, (3072, 15360))
@@ -443,7 +449,7 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     from permuquant_jax.quant.linear import QuantLinear, drop_device_layouts, prepare_device_layouts
 
     assert dispatch.wants_mosaic_layout(9216, 3072, "pallas") == (dev_class == "h200")
-    assert not dispatch.wants_mosaic_layout(3072, 12288, "pallas")
+    assert not dispatch.wants_mosaic_layout(3072, 15360, "pallas")
     assert not dispatch.wants_mosaic_layout(9216, 3072, "reference")
     q = QuantLinear(64, 32, format="nvfp4-w4a16", stack=(2,), backend="pallas")
     assert prepare_device_layouts(q) == 0 and getattr(q, "w_mosaic_scales", None) is None

@@ -134,8 +134,11 @@ MOSAIC_LARGE: dict[str, object] = {"block_m": 256, "block_k": 64, "stages": 4, "
 
 
 # (N, K) -> MosaicConfig fields that replace MOSAIC_LARGE's for that weight shape at large M; an entry also
-# admits a narrow shape (N < MOSAIC_MIN_N) to the Mosaic kernel.
-MOSAIC_SHAPES: dict[tuple[int, int], dict[str, object]] = {}
+# admits a narrow shape (N < MOSAIC_MIN_N) to the Mosaic kernel. H200, 2026-12-01 evening run 1
+# (results/gemm_mosaic_h200.md), W4A4 us: img fc2 (N 3072, K 12288) serial 256-token 536 vs decode+cuBLAS
+# 560 (run 7: 509 vs 521): admitted; single linear2 (N 3072, K 15360) 864 vs 741 (run 7: 866 vs 711): not;
+# 128- and 192-token tiles were slower at both (753 / 714 and 1068 / 938 us), the pipelined loop too.
+MOSAIC_SHAPES: dict[tuple[int, int], dict[str, object]] = {(3072, 12288): {}}
 
 
 def mosaic_config(m: int, n: int | None = None, k: int | None = None):

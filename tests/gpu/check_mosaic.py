@@ -536,6 +536,7 @@ def main() -> None:
                     help="shapes where the weight-layout conversion (per call, stored, pieces) is timed")
     ap.add_argument("--no-triton", action="store_true", help="do not time the Triton kernel")
     ap.add_argument("--gemv", action="store_true", help="check and time the M = 1-4 GEMVs (after the FLUX shapes)")
+    ap.add_argument("--gemv-first", action="store_true", help="the GEMV section before everything else")
     ap.add_argument("--dd16-shapes", nargs="*", default=None, help="shapes where decode+cuBLAS W4A16 is timed "
                     "(default: all)")
     ap.add_argument("--skip", nargs="*", default=[], help="shape names to skip")
@@ -566,7 +567,7 @@ def main() -> None:
             vs = [*big, *[v for v in ARGS.narrow_variants if v not in big]]
         work.append(("flux", f, vs))
     if ARGS.gemv:
-        work.append(("gemv", ("gemv", 0, 0, 0), []))
+        work.insert(0 if ARGS.gemv_first else len(work), ("gemv", ("gemv", 0, 0, 0), []))
     if ARGS.act_quant:
         work.append(("act_quant", ("act quant", 0, 0, 0), []))
     work += [("check", o, big) for o in odd]
