@@ -857,8 +857,9 @@ def make_pipeline(args: argparse.Namespace, log) -> PipelineBench:
                          rollout=args.pipeline_rollout, accept_prompts=args.pipeline_accept_prompts,
                          test_prompts=args.pipeline_test_prompts, tau=args.pipeline_tau,
                          cache=args.setup_cache,
-                         quant_kw={} if args.guard is None else
-                         {"guard": None if args.guard == "none" else float(args.guard)})
+                         quant_kw=({} if args.guard is None else
+                                   {"guard": None if args.guard == "none" else float(args.guard)})
+                         | ({"prefilter": True} if args.prefilter else {}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -892,6 +893,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--setup-cache", default=None, metavar="FILE",
                     help="pipeline: read the setup (batches, references, calibration statistics) from FILE, or "
                     "compute and write it there; with --jobs the parent computes it once for every process")
+    ap.add_argument("--prefilter", action="store_true",
+                    help="DiTs: quantize_model(prefilter=True): downstream passes only for candidates that lower "
+                    "the layer-local error")
     ap.add_argument("--guard", default=None, help="DiTs: quantize_model's guard (a fraction, or 'none')")
     ap.add_argument("--accept", default=None, choices=("layer", "block", "model"),
                     help="DiTs: the acceptance level (default: the library's)")

@@ -311,8 +311,43 @@ def test_fast_measurement_quantizer_matches_nvfp4():
     x = (rng.standard_normal((3, 32, 64)) * np.exp(rng.normal(size=64) * 2)).astype(np.float32)
     x[0] *= 1e-4
     x[1, :, :16] = 0.0  # zero blocks
+    ref, fast = jax.jit(nvfp4.fake_quant), jax.jit(nvfp4_fake_quant_fast)  # one compilation each
     for xi in x:
-        a = np.asarray(nvfp4.fake_quant(jnp.asarray(xi)))
-        b = np.asarray(jax.jit(nvfp4_fake_quant_fast)(jnp.asarray(xi)))
+        a = np.asarray(ref(jnp.asarray(xi)))
+        b = np.asarray(fast(jnp.asarray(xi)))
         assert np.mean(a != b) < 1e-3
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())
+
+
+class Velocity(nnx.Module):
+    """A toy sampler model `(img, timesteps, y) -> velocity`: one linear in a list (a block), conditioned on y."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(D, D, rngs=rngs)])
+
+    def __call__(self, img, timesteps, y):
+        return self.layers[0](img) * (1.0 - timesteps)[:, None, None] + y[:, None, :]
+
+
+def test_rollout_forward_is_the_guided_euler_sampler_and_carries_observers():
+    from permuquant_jax.quant import RolloutForward, calibrate, rollout_batches
+
+    model = Velocity(nnx.Rngs(5))
+    rng = np.random.default_rng(2)
+    n, tokens, k, scale = 3, 5, 3, 2.5
+    sig = np.linspace(1.0, 0.0, 7)
+    x0 = rng.normal(size=(n, tokens, D)).astype(np.float32)
+    y = rng.normal(size=(2 * n, D)).astype(np.float32)  # [cond; uncond]
+    (batch,) = rollout_batches({2: jnp.asarray(x0)}, sig, [2], k, y=jnp.asarray(y))
+    got = np.asarray(nnx.jit(RolloutForward(scale))(model, batch))
+    w, b = (np.asarray(a, np.float64) for a in (model.layers[0].kernel[...], model.layers[0].bias[...]))
+    x = x0.astype(np.float64)
+    for i in range(2, 2 + k):  # the sampler by hand: doubled batch, guided velocity, Euler step
+        pred = (np.concatenate([x, x]) @ w + b) * (1.0 - np.float32(sig[i])) + y[:, None, :]
+        x = x + (np.float32(sig[i + 1]) - np.float32(sig[i])) * (pred[n:] + scale * (pred[:n] - pred[n:]))
+    np.testing.assert_allclose(got, x - x0, rtol=2e-4, atol=2e-5)
+    # observers inside the scanned steps keep what every step wrote: k steps of 2n x tokens rows each
+    stats = calibrate(model, [batch], [("layers", 0)], forward=RolloutForward(scale), progress=False)
+    assert int(stats[("layers", 0)].count) == k * 2 * n * tokens
+    with pytest.raises(ValueError, match="runs past the schedule"):
+        rollout_batches({5: x0}, sig, [5], k)
