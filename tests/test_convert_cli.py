@@ -286,3 +286,37 @@ def test_timings_memory_timeline(tmp_path, monkeypatch):
     steps = json.loads((tmp_path / "t.json").read_text())["peak_steps"]
     assert [s["peak"] // 2**30 for s in steps] == [2, 5]  # rises of >= 2 GiB over the last record (from 0); 3 is not
     assert all(s["phase"] == "quantizing" and s["bars"] == ["block-level decisions 1/4"] for s in steps)
+
+
+def test_signal_during_one_long_call_ends_at_once_with_nothing_written(tmp_path, monkeypatch, capsys):
+    """A signal while the job sits in one long call (an XLA program: no Python bytecode runs, so no
+    handler) is answered by the main thread within ~GRACE_S: temporary output removed, exit 130; the job,
+    should it come back, commits nothing."""
+    import signal
+    import threading
+
+    from permuquant_jax.convert import atomic, cli
+
+    dst, entered, release, done = tmp_path / "dst", threading.Event(), threading.Event(), threading.Event()
+
+    def job(argv):  # stands for run(): the output is being built, then one call that does not return soon
+        try:
+            with atomic.atomic_output_dir(dst) as tmp:
+                (tmp / "partial.bin").write_bytes(b"x")
+                entered.set()
+                release.wait(60)
+            return 0
+        finally:
+            done.set()
+
+    monkeypatch.setattr(cli, "_main", job)
+    threading.Thread(target=lambda: entered.wait(30) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
+    t0 = time.perf_counter()
+    rc = main(["--out", str(dst)])
+    took = time.perf_counter() - t0
+    assert rc == 130 and took < cli.GRACE_S + 5, (rc, took)
+    assert list(tmp_path.iterdir()) == []  # removed while the job still runs
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "interrupted by SIGINT while starting: nothing was written", last
+    release.set()  # the job comes back: it stops at its commit, nothing appears
+    assert done.wait(30) and list(tmp_path.iterdir()) == []

@@ -57,6 +57,10 @@ class _State:
     mode = "raise"  # "raise" | "defer" (record only, raise at the end of the section) | "hold" (record only)
     installed = False
     swallowed = 0  # raises that landed where Python drops exceptions (gc callbacks, __del__): retried
+    lock = threading.Lock()  # guards `critical` and `abandoned` (see `abandon`)
+    critical = 0  # deferred sections open (a save, a commit, a cleanup): not to be abandoned midway
+    abandoned: set[int] = set()  # threads whose run was given up by the main thread: they stop at a safe point
+    temp_dirs: set[Path] = set()  # temporary outputs being built (removed by `abandon`)
 
 
 _state = _State()
@@ -116,9 +120,32 @@ def interrupt_handlers() -> Iterator[None]:
 
 def check_interrupt() -> None:
     """A safe point: raise :class:`Interrupted` if a signal arrived (its first raise may have been
-    swallowed by a callback)."""
+    swallowed by a callback), or if the main thread gave this thread's run up (`abandon`)."""
+    if threading.get_ident() in _state.abandoned:
+        raise Interrupted(_state.signum or signal.SIGINT)
     if _state.signum is not None and _state.mode != "hold":
         raise Interrupted(_state.signum)
+
+
+def abandon(worker: threading.Thread) -> bool:
+    """Give up the run of `worker` (a thread stuck in a long call, e.g. one XLA program, after a signal):
+    remove every temporary output now, so nothing is written, and make `worker` stop at its next safe
+    point (`check_interrupt`) should it ever get there. Refused (False) while `worker` is inside a
+    deferred section (a save or the final renames): wait for it and try again."""
+    with _state.lock:
+        if _state.critical:
+            return False
+        if worker.ident is not None:
+            _state.abandoned.add(worker.ident)
+        dirs = list(_state.temp_dirs)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return True
+
+
+def was_abandoned() -> bool:
+    """Whether the main thread gave up the current thread's run (its result no longer matters)."""
+    return threading.get_ident() in _state.abandoned
 
 
 def acknowledge() -> int | None:
@@ -132,6 +159,10 @@ def acknowledge() -> int | None:
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Run the block to its end even if a signal arrives; raise :class:`Interrupted` after it."""
+    with _state.lock:
+        if threading.get_ident() in _state.abandoned:
+            raise Interrupted(_state.signum or signal.SIGINT)
+        _state.critical += 1
     prev = _state.mode
     if prev == "raise":
         _state.mode = "defer"
@@ -140,6 +171,8 @@ def deferred_signals() -> Iterator[None]:
     finally:
         if prev == "raise" and _state.mode == "defer":
             _state.mode = "raise"
+        with _state.lock:
+            _state.critical -= 1
     check_interrupt()
 
 
@@ -299,6 +332,7 @@ def atomic_output_dir(
     dst = check_output_dir(dst, overwrite=overwrite)
     with deferred_signals():
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        _state.temp_dirs.add(tmp)
         _mark(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -306,8 +340,13 @@ def atomic_output_dir(
         with deferred_signals():
             check_interrupt()
             _commit(tmp, dst)
+            _state.temp_dirs.discard(tmp)
             _state.mode = "hold"  # DST is complete: a signal from now on changes nothing
     except BaseException:
+        _state.temp_dirs.discard(tmp)
+        if was_abandoned():  # the main thread has removed it already (and answers the signal)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         acknowledge_if_interrupted()
         with deferred_signals():
             shutil.rmtree(tmp, ignore_errors=True)

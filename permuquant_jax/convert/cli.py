@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="with --devices N > 1: shard the float DiT's stacked weights over the devices along their "
                    "output axis (for a model that fits no single device) instead of a copy on each")
+    p.add_argument("--max-device-memory", type=float, default=None, metavar="GIB",
+                   help="device memory this run may use, in GiB. When the float model with 25%% room for the "
+                   "passes does not fit, its stacked blocks stay in host memory and every forward streams them "
+                   "to the device block by block (same result, slower; the summary says so); default: the "
+                   "device's capacity as its allocator reports it (the CPU: no limit)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent XLA compilation cache (default: on, in "
+                   "$PERMUQUANT_COMPILE_CACHE or ~/.cache/permuquant_jax/xla; PERMUQUANT_COMPILE_CACHE=off "
+                   "also turns it off)")
     p.add_argument("--save-stats", metavar="FILE.npz", default=None,
                    help="save the calibration statistics once the calibration pass is done (atomic write), so a "
                    "later run (e.g. after an interruption, or with another --format/--method) can skip it")
@@ -188,6 +197,10 @@ def _validate(args: argparse.Namespace) -> None:
     require_int_range("seed", args.seed, 0, MAX_SEED)
     require_multiple("resolution", args.resolution, 16)
     require_finite("tau", args.tau, lo=0.0)
+    if args.max_device_memory is not None:
+        require_finite("max_device_memory", args.max_device_memory, lo=0.0)
+        if args.max_device_memory <= 0:
+            raise UsageError(f"--max-device-memory must be a positive number of GiB, found {args.max_device_memory:g}")
     require_finite("guard", args.guard, lo=0.0)
     require_finite("guidance", args.guidance)
     require_finite("smooth_alpha", args.smooth_alpha, lo=0.0, hi=1.0)
@@ -648,11 +661,15 @@ def run(args: argparse.Namespace) -> int:
             stats_id = stats_identity(args, m["config"], calib, src_sha)
             if args.stats:
                 reused = load_stats_for(args.stats, stats_id)
-        _enter("loading", f"loading {src} ...")
-        clock.watch_memory()
-        model = load_flux(src, dtype=dtype, progress=progress)
         n_params, toy = m["n_params"], m["toy"]
         mesh, n_dev = None, args.devices or 1
+        memory = device_memory_plan(param_bytes(m["abstract"]), args.max_device_memory, n_dev=n_dev,
+                                    fsdp=args.fsdp)
+        clock.extra["device_memory_plan"] = memory
+        _enter("loading", f"loading {src} ..." + (f" (stacked blocks to host memory: {memory['why']})"
+                                                  if memory["stream"] else ""))
+        clock.watch_memory()
+        model = load_flux(src, dtype=dtype, progress=progress, host_blocks=memory["stream"])
         if n_dev > 1:
             from permuquant_jax.quant.sharding import data_mesh, place_model, shard_batches
 
@@ -780,15 +797,51 @@ def run(args: argparse.Namespace) -> int:
         ("wall time", f"{wall:.1f} s"),
         ("time by phase", ", ".join(f"{PHASE_LABELS.get(k, k)} {val:.1f} s" for k, val in clock.phases.items()
                                     if k not in ("starting", "done") and val >= 0.05)),
+        ("device memory", memory["summary"]),
         ("peak memory", f"host RSS {_human(_peak_rss())}" + (
             f", device {_human(mem['peak_device_bytes'])} of {_human(mem['device_bytes_limit'] or 0)}"
             if mem.get("peak_device_bytes") else "")),
         ("output", str(Path(args.out).absolute())),
+        ("compile cache", getattr(args, "compile_cache", None) or "off"),
         ("versions", f"permuquant-jax {permuquant_jax.__version__}, jax {jax.__version__}"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {val}" for k, val in rows))
     return 0
+
+
+STREAM_ROOM = 1.25  # the passes need the float weights plus ~13% (FLUX.1-dev: 25.2 GiB programs of 22.2 GiB)
+
+
+def device_memory_plan(model_bytes: int, max_gib: float | None, *, n_dev: int = 1, fsdp: bool = False
+                       ) -> dict[str, Any]:
+    """Whether the float model's stacked blocks must stay in host memory and stream to the device.
+
+    The budget is `max_gib` GiB, else the device's capacity as its allocator reports it (None on the CPU:
+    no limit). The model streams when its bytes per device (`fsdp`: split over `n_dev`) times
+    `STREAM_ROOM` exceed the budget. Returns {"stream", "budget_bytes", "need_bytes", "why", "summary"};
+    streaming over several devices is refused (UsageError: use --fsdp or more devices)."""
+    per_dev = model_bytes / n_dev if fsdp and n_dev > 1 else model_bytes
+    need = int(per_dev * STREAM_ROOM)
+    if max_gib is not None:
+        budget, source = int(max_gib * 2**30), f"--max-device-memory {max_gib:g}"
+    else:
+        budget, source = _device_memory().get("device_bytes_limit"), "the device's capacity"
+    stream = budget is not None and need > budget
+    if stream and n_dev > 1:
+        raise UsageError(f"--max-device-memory: the float model needs ~{_human(need)} per device, over "
+                         f"{source} ({_human(budget)}); block streaming runs on one device: use --fsdp or more "
+                         "devices, or drop --devices")
+    if budget is None:
+        summary = "whole model on the device (no capacity reported, no --max-device-memory)"
+    elif stream:
+        summary = (f"STREAMED: the stacked blocks stayed in host memory and were copied to the device block by "
+                   f"block in every forward (slower than in-device: the float model {_human(per_dev)} + 25% "
+                   f"exceeds {source}, {_human(budget)})")
+    else:
+        summary = f"whole model on the device (~{_human(need)} needed of {source}, {_human(budget)})"
+    why = f"~{_human(need)} needed, {source} is {_human(budget)}" if budget is not None else ""
+    return dict(stream=bool(stream), budget_bytes=budget, need_bytes=need, why=why, summary=summary)
 
 
 def _one_line(e: BaseException) -> str:
@@ -805,33 +858,95 @@ def _interrupted(signame: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 user error, 130 SIGINT, 143 SIGTERM).
 
+    `argv` None reads the process's command line and turns on the persistent compilation cache
+    (`enable_compile_cache`; --no-compile-cache or PERMUQUANT_COMPILE_CACHE=off: not); a caller's own
+    list (tests, scripts) leaves JAX's configuration alone.
+
     SIGINT and SIGTERM are handled for the whole run (see `atomic`): the temporary output is removed
     and one line says so. Errors of the input print one `error: ...` line (PERMUQUANT_DEBUG=1: the
     traceback).
     """
+    import threading
+
     from permuquant_jax.convert.atomic import interrupt_handlers
 
     _phase[0] = "starting"
     with interrupt_handlers():
-        for _ in range(3):  # a second signal while reporting the first one: report again
-            try:
-                return _main(argv)
-            except Interrupted as e:
-                acknowledge()
-                _say(_interrupted(e.name))
+        if threading.current_thread() is not threading.main_thread():
+            return _guarded(argv)
+        return _run_in_worker(argv)
+
+
+GRACE_S = 1.0  # after a signal, how long the job may take to reach a safe point before it is abandoned
+
+
+def _run_in_worker(argv: Sequence[str] | None) -> int:
+    """Run the job in a worker thread while the main thread waits, so a signal is answered at once: Python
+    runs signal handlers in the main thread only, between bytecodes, hence not while the job's thread sits
+    in one long XLA call. After a signal the job gets GRACE_S to stop at a safe point by itself; then the
+    main thread removes the temporary output (`atomic.abandon`; not during a save or the final renames,
+    which are let finish) and returns the exit code; the caller (`__main__`) ends the process."""
+    import threading
+
+    from permuquant_jax.convert import atomic
+
+    box: dict[str, Any] = {}
+
+    def work():
+        try:
+            box["code"] = _guarded(argv)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, raised there
+            box["error"] = e
+        finally:
+            box["done"] = True
+
+    worker = threading.Thread(target=work, name="permuquant-convert", daemon=True)
+    worker.start()
+    signalled: tuple[str, int] | None = None
+    t_signal = 0.0
+    while True:  # every statement here may be cut by the handler's Interrupted (it retries every 0.25 s)
+        try:
+            while not box.get("done"):  # polled with sleep: a Thread.join cut by an exception can lose its state
+                time.sleep(0.05)
+                if signalled and time.perf_counter() - t_signal > GRACE_S and atomic.abandon(worker):
+                    acknowledge()
+                    _say(_interrupted(signalled[0]))
+                    return signalled[1]
+            break
+        except (Interrupted, KeyboardInterrupt) as e:
+            if signalled is None:
+                t_signal = time.perf_counter()
+                signalled = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
+    if "error" in box:
+        raise box["error"]
+    return box["code"]
+
+
+def _guarded(argv: Sequence[str] | None) -> int:
+    """`_main` with signals and interrupts turned into their exit codes and one line."""
+    from permuquant_jax.convert.atomic import was_abandoned
+
+    for _ in range(3):  # a second signal while reporting the first one: report again
+        try:
+            return _main(argv)
+        except Interrupted as e:
+            if was_abandoned():  # the main thread has answered already
                 return e.exit_code
-            except KeyboardInterrupt:  # raised by code, not by our handler
-                acknowledge()
-                _say(_interrupted("SIGINT"))
-                return 130
-            except SystemError as e:  # our Interrupted raised inside a C callback comes back wrapped
-                hit = _interrupt_in_chain(e)
-                if hit is None:
-                    raise
-                acknowledge()
-                _say(_interrupted(hit.name))
-                return hit.exit_code
-        return 130
+            acknowledge()
+            _say(_interrupted(e.name))
+            return e.exit_code
+        except KeyboardInterrupt:  # raised by code, not by our handler
+            acknowledge()
+            _say(_interrupted("SIGINT"))
+            return 130
+        except SystemError as e:  # our Interrupted raised inside a C callback comes back wrapped
+            hit = _interrupt_in_chain(e)
+            if hit is None:
+                raise
+            acknowledge()
+            _say(_interrupted(hit.name))
+            return hit.exit_code
+    return 130
 
 
 def _interrupt_in_chain(e: BaseException) -> Interrupted | None:
@@ -845,6 +960,41 @@ def _interrupt_in_chain(e: BaseException) -> Interrupted | None:
     return None
 
 
+COMPILE_CACHE_ENV = "PERMUQUANT_COMPILE_CACHE"
+CACHE_OFF = ("0", "off", "no", "false", "none")
+
+
+def enable_compile_cache(disabled: bool = False) -> str | None:
+    """Turn on JAX's persistent compilation cache for this process, so that a second run of a CLI skips
+    most XLA compilations; returns its folder, or None when off.
+
+    The folder: $PERMUQUANT_COMPILE_CACHE, else $XDG_CACHE_HOME/permuquant_jax/xla (default
+    ~/.cache/permuquant_jax/xla); a compilation cache folder already set in JAX's own config
+    (JAX_COMPILATION_CACHE_DIR) is kept. `disabled` or PERMUQUANT_COMPILE_CACHE=off|0|none: off."""
+    import jax
+
+    value = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if disabled or value.lower() in CACHE_OFF:
+        return None
+    if not value and "_PERMUQUANT_TEST_JAX_CACHE" in os.environ:
+        # inside this project's test session (tests/conftest.py): its own cache or none, never the user's
+        # (the signal tests need real compiles; conftest's uncached_env could say PERMUQUANT_COMPILE_CACHE=off)
+        return str(jax.config.jax_compilation_cache_dir) if jax.config.jax_compilation_cache_dir else None
+    if jax.config.jax_compilation_cache_dir:
+        return str(jax.config.jax_compilation_cache_dir)
+    folder = value or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                   "permuquant_jax", "xla")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        _say(f"warning: compilation cache {folder}: {e.strerror or e}; running without it (set "
+             f"{COMPILE_CACHE_ENV}=DIR to choose another folder, or =off)")
+        return None
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return folder
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from permuquant_jax.convert.atomic import OutputError
     from permuquant_jax.convert.safetensors_io import CheckpointError
@@ -853,6 +1003,8 @@ def _main(argv: Sequence[str] | None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a malformed command line (one `error:` line already printed)
         return e.code if isinstance(e.code, int) else 2
+    if argv is None and not args.dry_run:  # the process's own command line (not a caller's list)
+        args.compile_cache = enable_compile_cache(args.no_compile_cache)
     try:
         return run(args)
     except (CheckpointError, OutputError, UsageError, ValueError, OSError) as e:
