@@ -490,7 +490,8 @@ class PipelineBench:
         row = dict(model="pipeline", format=fmt, method=method, **se, final_err=rel_l2(lat, self.ref_latents),
                    psnr=ps, accepted=f"{rep.n_accepted}/{rep.n_sites}", hadamard_kept=hk, time=wall,
                    seconds=rep.config.get("seconds"), downstream_s=ds.get("seconds"), forwards=ds.get("forwards"),
-                   blocks=blocks)
+                   blocks=blocks, guard=ds.get("guard"),
+                   sites=[f"{r.site}{list(r.layer) if r.layer else ''}: {r.chosen}" for r in rep.sites if r.accepted])
         if method == "rtn":
             self.rtn_blocks[fmt] = blocks
         return with_block_ratios(row, self.rtn_blocks.get(fmt))
