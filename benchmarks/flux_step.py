@@ -233,7 +233,8 @@ def main() -> None:
         if fmt is not None:
             drop_device_layouts(model)
             pb_canonical = param_bytes(model)
-            prepared = 0 if key in NO_LAYOUT else prepare_device_layouts(model, force=args.lower_cuda)
+            example = lambda m: m(*fargs)  # batch 1: the layers' rows per call (text stream, modulation: small M)
+            prepared = 0 if key in NO_LAYOUT else prepare_device_layouts(model, example, force=args.lower_cuda)
             jax.block_until_ready(nnx.state(model))
             print(f"{vname}: {prepared} linears hold the Mosaic scale layout", flush=True)
         pb = param_bytes(model)

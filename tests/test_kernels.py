@@ -230,6 +230,22 @@ def test_dequant_dot_and_mosaic_layout_match_reference(rng, monkeypatch):
     with pytest.raises(ValueError, match="scale_words must be uint32"):
         mg.to_mosaic(wp, scale_words=words[:, :64])
     assert jax.jit(mg.stored_scale_words)(jnp.zeros((2, 3, 200, 63), jnp.uint8)).shape == (2, 3, 16, 256)
+    # a QuantLinear holding the layout instead of its scales: same outputs, canonical scales restored exactly
+    from permuquant_jax.quant.linear import QuantLinear, drop_device_layouts, prepare_device_layouts
+
+    arrays = {"w_codes": w.codes, "w_scales": w.scales, "w_global": jnp.asarray(w.global_scale).reshape(()),
+              "bias": bias}
+    ql = QuantLinear(384, 40, format="nvfp4-w4a16", _arrays=arrays)
+    s0 = np.asarray(ql.w_scales.get_value()).view(np.uint8)
+    fwd = jax.jit(lambda st, a: nnx.merge(nnx.graphdef(ql), st)(a))
+    y0 = np.asarray(fwd(nnx.state(ql), x))
+    assert prepare_device_layouts(ql) == 0  # the CPU runs the reference: nothing to prepare
+    assert prepare_device_layouts(ql, force=True) == 1 and ql.w_scales.get_value() is None
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda st, a: nnx.merge(nnx.graphdef(ql), st)(a))(
+        nnx.state(ql), x)), y0)
+    assert ql.weight_bytes == 40 * 192 + 6 * 128 * 4 + 4 + 40 * 4  # codes, words (128 padded rows), global, bias
+    assert drop_device_layouts(ql) == 1
+    np.testing.assert_array_equal(np.asarray(ql.w_scales.get_value()).view(np.uint8), s0)
     del calls[2:]
     y, y32 = both(xv, rows, jnp.float32)  # fp32 out: decode + dot, no kernel
     assert len(calls) == 2 and y32.dtype == jnp.float32
@@ -446,7 +462,7 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     assert tuning.mosaic_config(4608, 9216, 3072).block_m == tuning.MOSAIC_LARGE["block_m"]
     monkeypatch.delitem(tuning.MOSAIC_SHAPES, (3072, 15360))
     # a layer stores the Mosaic scale layout only where this device runs the kernel at large M
-    from permuquant_jax.quant.linear import QuantLinear, drop_device_layouts, prepare_device_layouts
+    from permuquant_jax.quant.linear import QuantLinear, drop_device_layouts, layer_rows, prepare_device_layouts
 
     assert dispatch.wants_mosaic_layout(9216, 3072, "pallas") == (dev_class == "h200")
     assert not dispatch.wants_mosaic_layout(3072, 15360, "pallas")
@@ -454,6 +470,24 @@ def test_dispatch_table_choices(rng, monkeypatch, dev_class):
     q = QuantLinear(64, 32, format="nvfp4-w4a16", stack=(2,), backend="pallas")
     assert prepare_device_layouts(q) == 0 and getattr(q, "w_mosaic_scales", None) is None
     assert prepare_device_layouts(q, force=True) == 1 and q.w_mosaic_scales.get_value().shape == (2, 2, 128)
+    assert q.w_scales.get_value() is None  # the layout replaces the canonical scales
+
+    class Two(nnx.Module):  # the same weight shape at a large and a small M (image vs text stream)
+        def __init__(self):
+            self.big = QuantLinear(64, 32, format="nvfp4-w4a16", backend="pallas")
+            self.small = QuantLinear(64, 32, format="nvfp4-w4a16", backend="pallas")
+
+        def __call__(self, a, b):
+            return self.big(a).sum() + self.small(b).sum()
+
+    two = Two()
+    example = lambda mdl: mdl(jnp.ones((4096, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16))
+    assert layer_rows(two, example) == {"big": 4096, "small": 8}
+    monkeypatch.setitem(tuning.MOSAIC_SHAPES, (32, 64), {})
+    assert prepare_device_layouts(two, example) == (1 if dev_class == "h200" else 0)
+    assert (getattr(two.big, "w_mosaic_scales", None) is not None) == (dev_class == "h200")
+    assert getattr(two.small, "w_mosaic_scales", None) is None
+    monkeypatch.delitem(tuning.MOSAIC_SHAPES, (32, 64))
     monkeypatch.setenv(dispatch.ENV_GEMM, "mosaic")  # the override beats the table
     calls.clear()
     dispatch.nvfp4_linear(jnp.ones((8, 64), jnp.bfloat16), w, w4a16=True, backend="pallas")

@@ -34,9 +34,10 @@ class QuantInput(nnx.Variable):
 
 
 class DeviceLayout(nnx.Variable):
-    """Arrays derived from a `QuantLinear`'s stored weight for this device's kernels (today: the Mosaic
-    GPU kernel's scale words), built once by `prepare_device_layout` so the forward does not convert
-    them per call. Not part of the saved format: `drop_device_layouts` before writing a model."""
+    """A `QuantLinear`'s weight scales in this device's kernel layout (today: the Mosaic GPU kernel's scale
+    words), built once by `prepare_device_layout`, which then drops the canonical `w_scales` (so the
+    parameters take no more memory). Not the saved format: `drop_device_layouts` restores the canonical
+    scales (lossless) before a model is written."""
 
 
 @jax.jit
@@ -44,6 +45,18 @@ def _mosaic_scale_words(scales: jax.Array) -> jax.Array:
     from permuquant_jax.kernels.nvfp4_matmul_mgpu import stored_scale_words
 
     return stored_scale_words(scales)
+
+
+def _scales_from_words(words: jax.Array, n: int, k: int) -> jax.Array:
+    """Canonical E4M3 scales `[*, n, k/16]` back from the Mosaic scale words `[*, Kp/64, Np]` (lossless)."""
+    from permuquant_jax.kernels.nvfp4_matmul_mgpu import unpack_scale_words
+
+    b = unpack_scale_words(words)[..., :n, : k // 16]
+    return jax.lax.bitcast_convert_type(b, jnp.float8_e4m3fn)
+
+
+# {layer key: largest number of rows seen} while `layer_rows` traces an example forward
+_ROWS_SEEN: dict[str, int] | None = None
 
 
 def _is_nvfp4(format: str | None) -> bool:
@@ -277,21 +290,33 @@ class QuantLinear(nnx.Module):
             sm = _host_full((*v.shape[:-1], self.in_features), jnp.float32, 1)
         self.smooth.set_value(sm.at[..., start : start + size].multiply(v))
 
-    def prepare_device_layout(self, *, force: bool = False) -> bool:
-        """Store the weight's scales in the Mosaic GPU kernel's layout (a `DeviceLayout` variable) when
-        this device's dispatch runs that kernel for this shape at large M (or `force`); returns whether
-        it did. Outputs are bit-identical with or without it; it costs K/16 bytes per output channel
-        (the size of the canonical scales) and saves a scale transpose per call."""
+    def prepare_device_layout(self, *, rows: int | None = None, force: bool = False) -> bool:
+        """Hold the weight's scales in the Mosaic GPU kernel's layout (`w_mosaic_scales`, a `DeviceLayout`)
+        instead of the canonical `w_scales` when this device's dispatch runs that kernel for this layer:
+        at `rows` rows per call (None: judged at a large M, `tuning.LARGE_M`), or always with `force`.
+        Returns whether the layer holds the layout now. Outputs are bit-identical either way; the layout
+        takes the canonical scales' bytes and saves a scale transpose per Mosaic call (other GEMM paths
+        rebuild the canonical scales per call). `drop_device_layouts` undoes it."""
         if not _is_nvfp4(self.format):
             return False
-        from permuquant_jax.kernels import dispatch
+        from permuquant_jax.kernels import dispatch, tuning
 
-        if not (force or dispatch.wants_mosaic_layout(self.out_features, self.in_features, self.backend)):
-            if getattr(self, "w_mosaic_scales", None) is not None:
-                del self.w_mosaic_scales
-            return False
-        self.w_mosaic_scales = DeviceLayout(_mosaic_scale_words(self.w_scales.get_value()))
-        return True
+        has = getattr(self, "w_mosaic_scales", None) is not None
+        m = tuning.LARGE_M if rows is None else rows
+        n, k = self.out_features, self.in_features
+        on_gpu = dispatch.resolve_backend(self.backend) == "pallas"
+        want = force or (on_gpu and dispatch.gemm_choice(m, n, k) == "mosaic")
+        if want and not has:
+            self.w_mosaic_scales = DeviceLayout(_mosaic_scale_words(self.w_scales.get_value()))
+            self.w_scales.set_value(None)
+        elif has and not want:
+            self._drop_device_layout()
+        return want
+
+    def _drop_device_layout(self) -> None:
+        words = self.w_mosaic_scales.get_value()
+        self.w_scales.set_value(_scales_from_words(words, self.out_features, self.in_features))
+        del self.w_mosaic_scales
 
     # ------------------------------------------------------------------ forward
 
@@ -299,9 +324,9 @@ class QuantLinear(nnx.Module):
     def weight_bytes(self) -> int:
         """Bytes of the weight storage (codes and scales, or values) and bias."""
         total = 0
-        for _, v in nnx.state(self, nnx.Param).flat_state():
+        for _, v in nnx.state(self, (nnx.Param, DeviceLayout)).flat_state():
             a = v.get_value()
-            total += a.size * a.dtype.itemsize
+            total += 0 if a is None else a.size * a.dtype.itemsize
         return int(total)
 
     def _input(self, x: jax.Array) -> jax.Array:
@@ -313,6 +338,9 @@ class QuantLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects {self.in_features} input features, found shape {x.shape}")
+        if _ROWS_SEEN is not None and getattr(self, "_layout_key", None):
+            rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+            _ROWS_SEEN[self._layout_key] = max(rows, _ROWS_SEEN.get(self._layout_key, 0))
         x = self._input(x)
         g = self.gather.get_value()
         bias = None if self.bias is None else self.bias.get_value()
@@ -326,15 +354,19 @@ class QuantLinear(nnx.Module):
             from permuquant_jax.formats.registry import get_format
             from permuquant_jax.kernels.dispatch import nvfp4_linear
 
-            w = NVFP4Tensor(
-                codes=self.w_codes.get_value(), scales=self.w_scales.get_value(),
-                global_scale=self.w_global.get_value(),
-            )
             ms = getattr(self, "w_mosaic_scales", None)
+            ms = None if ms is None else ms.get_value()
+            scales = self.w_scales.get_value()
+            if scales is None:  # held in the Mosaic layout: canonical scales for the other GEMM paths
+                if ms is None:
+                    raise ValueError("QuantLinear: w_scales is empty and no device layout holds the scales; "
+                                     "rebuild the layer (from_linear or a saved model)")
+                scales = _scales_from_words(ms, self.out_features, self.in_features)
+            w = NVFP4Tensor(codes=self.w_codes.get_value(), scales=scales, global_scale=self.w_global.get_value())
             return nvfp4_linear(
                 x, w, bias, act_global_scale=self.act_scale.get_value(), gather=g,
                 hadamard_block=self.hadamard_block, w4a16=get_format(self.format).act_bits is None,
-                out_dtype=x.dtype, backend=self.backend, mosaic_scales=None if ms is None else ms.get_value(),
+                out_dtype=x.dtype, backend=self.backend, mosaic_scales=ms,
             )
         from permuquant_jax.formats.registry import get_format
 
@@ -352,18 +384,46 @@ class QuantLinear(nnx.Module):
         return y.astype(x.dtype)
 
 
-def prepare_device_layouts(model: nnx.Module, *, force: bool = False) -> int:
-    """`QuantLinear.prepare_device_layout` on every quantized linear of `model` (after loading or
-    quantizing, before the jitted forward); returns how many layers now hold a device layout."""
-    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
-    return sum(q.prepare_device_layout(force=force) for q in layers)
+def layer_rows(model: nnx.Module, example_call) -> dict[str, int]:
+    """Rows per call each quantized linear of `model` sees in `example_call(model)` (traced abstractly
+    with `jax.eval_shape`, nothing runs), keyed by module path ('single_blocks.linear1'); layers the
+    call does not reach are absent."""
+    global _ROWS_SEEN
+    layers = [(".".join(map(str, p)), q) for p, q in nnx.iter_graph(model) if isinstance(q, QuantLinear)]
+    for key, q in layers:
+        q._layout_key = key
+    graphdef, state = nnx.split(model)
+    _ROWS_SEEN = {}
+    try:
+        jax.eval_shape(lambda st: example_call(nnx.merge(graphdef, st)), state)
+        return dict(_ROWS_SEEN)
+    finally:
+        _ROWS_SEEN = None
+        for _, q in layers:
+            del q._layout_key
+
+
+def prepare_device_layouts(model: nnx.Module, example_call=None, *, force: bool = False) -> int:
+    """`QuantLinear.prepare_device_layout` on every quantized linear of `model` (after loading or quantizing,
+    before the jitted forward); returns how many layers hold a device layout now. `example_call(model)`: a
+    forward at the sizes that will run (e.g. `lambda m: m(*inputs)`), traced to learn each layer's rows per
+    call, so that only layers that run the Mosaic kernel are converted (the image stream, not the text
+    stream or the modulation at the same weight shape); None judges every layer at a large M."""
+    rows = layer_rows(model, example_call) if example_call is not None else {}
+    layers = [(".".join(map(str, p)), q) for p, q in nnx.iter_graph(model) if isinstance(q, QuantLinear)]
+    done = 0
+    for key, q in layers:
+        if example_call is not None and key not in rows and not force:
+            continue
+        done += q.prepare_device_layout(rows=rows.get(key), force=force)
+    return done
 
 
 def drop_device_layouts(model: nnx.Module) -> int:
-    """Remove every `DeviceLayout` (e.g. before saving: the saved format holds the canonical arrays only);
-    returns how many layers had one."""
+    """Put the canonical scales back and remove every `DeviceLayout` (before saving a prepared model: the
+    saved format holds the canonical arrays only); returns how many layers had one."""
     layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
     had = [q for q in layers if getattr(q, "w_mosaic_scales", None) is not None]
     for q in had:
-        del q.w_mosaic_scales
+        q._drop_device_layout()
     return len(had)
