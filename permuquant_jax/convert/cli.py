@@ -726,13 +726,21 @@ def run(args: argparse.Namespace) -> int:
         guard = None if args.no_guard else args.guard
         schedule = args.schedule or ("sequential" if toy or accept != "block" else "parallel")
         _enter("quantizing", f"choosing permutations ({accept}-level acceptance) and quantizing ...")
-        model, report = quantize_flux(
-            model, batches, method=args.method, format=args.format, alphas=args.alphas, tau=args.tau,
-            keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
-            act_scale=args.act_scale, stats=stats, progress=progress, accept=accept, top_k=args.top_k,
-            refine=args.refine, schedule=schedule, hadamard_sizes=not args.fixed_hadamard,
-            hadamard_start=args.hadamard_start, guard=guard,
-        )
+        try:
+            model, report = quantize_flux(
+                model, batches, method=args.method, format=args.format, alphas=args.alphas, tau=args.tau,
+                keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
+                act_scale=args.act_scale, stats=stats, progress=progress, accept=accept, top_k=args.top_k,
+                refine=args.refine, schedule=schedule, hadamard_sizes=not args.fixed_hadamard,
+                hadamard_start=args.hadamard_start, guard=guard,
+            )
+        except ValueError as e:
+            if not (memory["stream"] and "memory_space" in str(e)):
+                raise
+            raise UsageError(  # eager folding / quantizing code that mixes host- and device-memory arrays
+                f"--max-device-memory: the streamed passes finished, but folding / quantizing the stacked weights "
+                f"kept in host memory is not supported yet ({' '.join(str(e).split())[:90]}...); this checkpoint "
+                f"needs ~{_human(memory['need_bytes'])} of device memory without streaming") from None
         v.check_report_finite(report)
         after = param_bytes(model)
         _enter("evaluating")
