@@ -10,7 +10,9 @@ Models (say what they are):
   classifier-free guidance 3) on captions of its training grammar; quantized with `quantize_model`
   and the FLUX site plan (`flux_sites`, FLUX_KEEP), calibrated on doubled [cond; uncond] batches along
   the guided trajectories of one prompt set, accepted on another (`--pipeline-calib`,
-  `--pipeline-target`: see `PipelineBench`); every metric on a third.
+  `--pipeline-target`: see `PipelineBench`); acceptance measures a k-step guided rollout of the trial
+  model from those trajectory states (`quant.RolloutForward`, `--pipeline-rollout`, default 3; 0: one
+  step); every metric on a third.
 - `flux`: the project's FLUX.1 architecture (`FluxDiT`, width 64, 2 double + 2 single blocks, 0.47M
   parameters) trained by `benchmarks/digits_dit.py` on scikit-learn's digits (16x16) with FLUX's
   rectified-flow objective, class-conditioned through fixed random T5-like tokens and a CLIP-like pooled
@@ -292,7 +294,8 @@ class PipelineBench:
 
         t0 = time.time()
         if rollout and (calib != "cfg" or target != "guided"):
-            raise ValueError(f"--pipeline-rollout {rollout} needs --pipeline-calib cfg and --pipeline-target guided")
+            raise ValueError(f"--pipeline-rollout {rollout} needs --pipeline-calib cfg and --pipeline-target guided; "
+                             "pass --pipeline-rollout 0 for one-step acceptance")
         self.calib_mode, self.target, self.accept, self.rollout = calib, target, accept, int(rollout)
         self.quant_kw = dict(quant_kw or {})
         self.tau: dict[str, float] = {}  # format -> tau ("*": every other format)
@@ -883,8 +886,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="pipeline: calibration steps per trajectory (default 10 of the sampler's)")
     ap.add_argument("--pipeline-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="pipeline: the DiT's dtype (the pictures of `quality_tiny.py` are bf16)")
-    ap.add_argument("--pipeline-rollout", type=int, default=0,
-                    help="pipeline: accept on k-step guided rollouts from the trajectory states (0: one step)")
+    ap.add_argument("--pipeline-rollout", type=int, default=3,
+                    help="pipeline: accept on k-step guided rollouts from the trajectory states (0: one step of the "
+                    "guided velocity, the previous protocol; default 3: see results/methods_pipeline_gpu.md)")
     ap.add_argument("--pipeline-accept-prompts", type=int, default=None,
                     help="pipeline: accepting prompts (a multiple of --pipeline-prompts; default the same)")
     ap.add_argument("--pipeline-test-prompts", type=int, default=None,
