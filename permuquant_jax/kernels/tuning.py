@@ -60,6 +60,11 @@ def m_class(m: int) -> str:
 # persistent serial W4A4 vs decode+cuBLAS: N = 9216 547 vs 556 us, N = 21504 987 vs 1211 us, but N = 3072
 # (fc2, K = 12288) 509 vs 521 us and (linear2, K = 15360) 866 vs 711 us. Narrower outputs take the
 # decode+cuBLAS path.
+# Re-checked 2026-12-01 evening (results/gemm_mosaic_h200.md run 8, one run): serial persistent W4A4 img qkv 475 /
+# linear1 1002 / linear2 864 / fc2 536 us vs decode+cuBLAS 531 / 1202 / 741 / 560 (cuBLAS bf16 425 / 963 / 624 /
+# 474); fc2 is admitted by MOSAIC_SHAPES below. The FLUX step with this dispatch: W4A4 1.01x bf16
+# (results/flux_step_h200.md run 6). The "gemv" class keeps Triton: the fused XLA GEMV (`xla_gemv`) measured
+# 76 vs 77 us at 1 x 3072 x 18432 and 198 vs 74 us at M = 4 (run 9).
 MOSAIC_MIN_N = 8192
 
 
