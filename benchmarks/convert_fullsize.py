@@ -13,9 +13,13 @@
    peak host RSS of the child from `getrusage(RUSAGE_CHILDREN)`, peak device memory from the CLI's
    `memory_stats()["peak_bytes_in_use"]`;
 3. in a second child: `permuquant_jax.load(DST)` wall time, then one 1024x1024 DiT step of the loaded
-   model (first call incl. compile, then the median of 3).
-A deadline (--budget-s from the script's start) interrupts the CLI with SIGINT, so a run that does
-not fit still reports where the time went. Prints a table last; writes $OUT/convert_fullsize.json.
+   model (first call incl. compile, then the median of 3);
+4. with `--budget-run GIB`: the same CLI command again with `--max-device-memory GIB` (block streaming),
+   its log in $OUT/convert_budget_log.txt and timings in $OUT/convert_budget_timings.json, and, when both
+   finish, whether the two outputs hold the same permutations and activation scales.
+A deadline (--budget-s from the script's start) interrupts a CLI with SIGINT, so a run that does
+not fit still reports where the time went (how long the SIGINT took to end it is recorded). Prints a
+table last; writes $OUT/convert_fullsize.json.
 """
 
 from __future__ import annotations
@@ -102,13 +106,15 @@ def write_calib(path: Path, n: int, txt_len: int, txt_width: int, y_width: int, 
              y=rng.standard_normal((n, y_width), np.float32))
 
 
-def stream_child(cmd: list[str], log_file: Path, deadline: float | None, env: dict) -> tuple[int, float, bool, int]:
+def stream_child(cmd: list[str], log_file: Path, deadline: float | None, env: dict,
+                 out: Path | None = None) -> tuple[int, float, bool, int]:
     """Run `cmd`, copying its merged stdout/stderr to our stdout and `log_file` as it comes (progress
     bars included: read in chunks, not lines). At `deadline` (perf_counter) send SIGINT, then SIGKILL
     20 s later. Returns (exit code, seconds, interrupted, the child's own peak RSS in bytes)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     interrupted = [False]
+    sigint_at = [None]
     done = threading.Event()
 
     def watchdog():
@@ -117,7 +123,8 @@ def stream_child(cmd: list[str], log_file: Path, deadline: float | None, env: di
         while not done.wait(0.5):
             if time.perf_counter() > deadline:
                 interrupted[0] = True
-                log(f"deadline reached: SIGINT to the child (pid {proc.pid})")
+                sigint_at[0] = time.perf_counter()
+                log(f"deadline reached: SIGINT to the child (pid {proc.pid})", out)
                 proc.send_signal(signal.SIGINT)
                 if not done.wait(20):
                     proc.kill()
@@ -137,6 +144,8 @@ def stream_child(cmd: list[str], log_file: Path, deadline: float | None, env: di
     _, status, ru = os.wait4(proc.pid, 0)  # this child's own rusage (not the max over all children)
     done.set()
     rc = proc.returncode = os.waitstatus_to_exitcode(status)
+    if sigint_at[0] is not None:
+        log(f"the child ended {time.perf_counter() - sigint_at[0]:.1f} s after SIGINT (exit {rc})", out)
     return rc, time.perf_counter() - t0, interrupted[0], int(ru.ru_maxrss) * 1024
 
 
@@ -223,6 +232,8 @@ def main() -> None:
     ap.add_argument("--xla-memory", action="store_true",
                     help="dump XLA's per-program memory reports for the CLI child and write the largest programs "
                     "and their largest buffers to $OUT/xla_memory.txt (which program sets the device peak)")
+    ap.add_argument("--budget-run", type=float, default=None, metavar="GIB",
+                    help="after the default run, run the CLI again with --max-device-memory GIB (streamed blocks)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the writer child
     args, cli_extra = ap.parse_known_args()
     out = Path(args.out)
@@ -278,8 +289,11 @@ def main() -> None:
     log(f"calibration text {calib}: {args.calib_n} x [{txt_len}, {cfg.context_in_dim}] + [{cfg.vec_in_dim}]", out)
 
     timings = out / "convert_timings.json"
+    stats_a, stats_b = work / "stats.npz", work / "stats_budget.npz"
+    # with a budget run, both save their calibration statistics: streamed and in-device passes compared
+    save_a = ["--save-stats", str(stats_a)] if args.budget_run is not None else []
     cmd = [sys.executable, "-m", "permuquant_jax.convert", str(ckpt), "--out", str(dst), "--calib", str(calib),
-           "--timings", str(timings), "--overwrite", *cli_extra]
+           "--timings", str(timings), "--overwrite", *save_a, *cli_extra]
     if args.small:
         cmd += ["--resolution", "64"] if "--resolution" not in cli_extra else []
     deadline = None if args.budget_s is None else T0 + args.budget_s - args.reserve_s
@@ -291,7 +305,7 @@ def main() -> None:
 
         shutil.rmtree(dump, ignore_errors=True)
         cli_env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
-    rc, t_cli, interrupted, rss = stream_child(cmd, out / "convert_log.txt", deadline, cli_env)
+    rc, t_cli, interrupted, rss = stream_child(cmd, out / "convert_log.txt", deadline, cli_env, out)
     if args.xla_memory:
         t = time.perf_counter()
         (out / "xla_memory.txt").write_text(xla_memory_summary(dump))
@@ -316,6 +330,40 @@ def main() -> None:
                   command=cmd, exit_code=rc, interrupted=interrupted, cli_wall_s=t_cli, peak_host_rss_bytes=rss,
                   timings=tm, loaded=loaded, jax=winfo["jax"], device=winfo["device"])
     (out / "convert_fullsize.json").write_text(json.dumps(result, indent=1))
+    budget = None
+    if args.budget_run is not None:
+        dst2, timings2 = work / "flux1-dev-nvfp4-budget", out / "convert_budget_timings.json"
+        cmd2 = [sys.executable, "-m", "permuquant_jax.convert", str(ckpt), "--out", str(dst2), "--calib", str(calib),
+                "--timings", str(timings2), "--overwrite", "--max-device-memory", f"{args.budget_run:g}",
+                "--save-stats", str(stats_b), *cli_extra]
+        for f in (stats_b, dst2):
+            if f.is_file():
+                f.unlink()
+        if args.small:
+            cmd2 += ["--resolution", "64"] if "--resolution" not in cli_extra else []
+        deadline2 = None if args.budget_s is None else T0 + args.budget_s - 8
+        log("budget run: " + " ".join(cmd2), out)
+        rc2, t2, int2, rss2 = stream_child(cmd2, out / "convert_budget_log.txt", deadline2, env, out)
+        tm2 = json.loads(timings2.read_text()) if timings2.exists() else {}
+        same = stats_same = None
+        if stats_a.is_file() and stats_b.is_file():  # the calibration pass, streamed vs in-device
+            import numpy as np
+
+            with np.load(stats_a) as za, np.load(stats_b) as zb:
+                keys = [k for k in za.files if k != "__meta__"]
+                stats_same = sorted(keys) == sorted(k for k in zb.files if k != "__meta__") and all(
+                    np.array_equal(za[k], zb[k]) for k in keys)
+        if rc == 0 and rc2 == 0:
+            from permuquant_jax.convert.saved import load_metadata
+
+            a, b = load_metadata(dst), load_metadata(dst2)
+            same = a["permutations"] == b["permutations"] and a["act_global_scales"] == b["act_global_scales"]
+        budget = dict(command=cmd2, exit_code=rc2, interrupted=int2, cli_wall_s=t2, peak_host_rss_bytes=rss2,
+                      timings=tm2, same_permutations_and_scales=same, calibration_stats_bit_identical=stats_same)
+        result["budget_run"] = budget
+        (out / "convert_fullsize.json").write_text(json.dumps(result, indent=1))
+        log(f"budget run: exit {rc2} after {t2:.1f} s, same permutations/scales: {same}, calibration statistics "
+            f"bit-identical: {stats_same}", out)
 
     rows = [("checkpoint", f"{size / 1e9:.2f} GB BFL layout, {n_params / 1e9:.2f}B params, random bf16 "
              f"(written in {t_write:.0f} s)"),
@@ -350,6 +398,22 @@ def main() -> None:
                  ("1 step, loaded model", f"{loaded['step_s'] * 1e3:.1f} ms (first call {loaded['first_step_s']:.1f} s "
                   f"incl. compile), finite {loaded['finite']}"),
                  ("peak device (load+step)", gib(loaded.get("peak_device_bytes")))]
+    if budget is not None:
+        tm2 = budget["timings"]
+        rows += [("BUDGET RUN", f"--max-device-memory {args.budget_run:g}: exit {budget['exit_code']}"
+                  + (f" (interrupted in phase {tm2.get('current', '?')})" if budget["interrupted"] else "")
+                  + f", CLI wall {budget['cli_wall_s']:.1f} s"),
+                 ("  plan", str((tm2.get("device_memory_plan") or {}).get("summary")))]
+        for k, v in tm2.get("phases", {}).items():
+            rows.append((f"  {PHASE_LABELS.get(k, k)}", f"{v:.1f} s"))
+        after2 = tm2.get("peak_device_bytes_after", {})
+        if after2:
+            rows.append(("  device high-water by phase end", ", ".join(f"{k} {v / 2**30:.1f}"
+                                                                         for k, v in after2.items()) + " GiB"))
+        rows += [("  peak device (CLI)", f"{gib(tm2.get('peak_device_bytes'))}"),
+                 ("  peak host RSS (CLI)", gib(budget["peak_host_rss_bytes"])),
+                 ("  same perms + act scales", str(budget["same_permutations_and_scales"])),
+                 ("  calib stats bit-identical", str(budget["calibration_stats_bit_identical"]))]
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), flush=True)
     (out / "table.txt").write_text("\n".join(f"{k:<{w}}  {v}" for k, v in rows) + "\n")

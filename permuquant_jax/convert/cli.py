@@ -666,6 +666,13 @@ def run(args: argparse.Namespace) -> int:
         memory = device_memory_plan(param_bytes(m["abstract"]), args.max_device_memory, n_dev=n_dev,
                                     fsdp=args.fsdp)
         clock.extra["device_memory_plan"] = memory
+        if memory["stream"] and not os.environ.get("PERMUQUANT_STREAM_PASSES_ONLY"):
+            broken = streamed_folding_error(args.format)
+            if broken:  # refused now rather than after hours of streamed passes
+                raise UsageError(
+                    f"the float model needs ~{_human(memory['need_bytes'])} of device memory ({memory['why']}); "
+                    f"block streaming runs the passes, but folding / quantizing weights kept in host memory is not "
+                    f"supported yet ({broken[:80]}...): use a device with more memory")
         _enter("loading", f"loading {src} ..." + (f" (stacked blocks to host memory: {memory['why']})"
                                                   if memory["stream"] else ""))
         clock.watch_memory()
@@ -850,6 +857,36 @@ def device_memory_plan(model_bytes: int, max_gib: float | None, *, n_dev: int = 
         summary = f"whole model on the device (~{_human(need)} needed of {source}, {_human(budget)})"
     why = f"~{_human(need)} needed, {source} is {_human(budget)}" if budget is not None else ""
     return dict(stream=bool(stream), budget_bytes=budget, need_bytes=need, why=why, summary=summary)
+
+
+def streamed_folding_error(format: str) -> str | None:
+    """None when folding a permutation into, and quantizing, a stacked weight kept in host memory work
+    (what a streamed run needs once its passes are done); else that error in one line. A probe on a
+    [2, 64, 32] array (about a second), so a run that could not finish is refused before its passes."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from permuquant_jax.models.flux import host_sharding
+    from permuquant_jax.models.layers import Linear
+    from permuquant_jax.quant.fold import permute_consumer
+    from permuquant_jax.quant.linear import QuantLinear
+    from permuquant_jax.quant.sites import Ref
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            self.lin = Linear(64, 32, rngs=nnx.Rngs(0))
+
+    host = host_sharding()
+    try:
+        m = Holder()
+        m.lin.kernel.set_value(jax.device_put(np.linspace(-1, 1, 4096, dtype=np.float32).reshape(2, 64, 32), host))
+        m.lin.bias.set_value(jax.device_put(np.zeros((2, 32), np.float32), host))
+        permute_consumer(m, Ref(("lin",)), 64, np.stack([np.arange(64)[::-1]] * 2))  # what folding does
+        QuantLinear.from_linear(m.lin, format=format)
+    except (ValueError, TypeError) as e:
+        return " ".join(str(e).split())[:160]
+    return None
 
 
 def _one_line(e: BaseException) -> str:
