@@ -320,3 +320,29 @@ def test_signal_during_one_long_call_ends_at_once_with_nothing_written(tmp_path,
     assert last == "interrupted by SIGINT while starting: nothing was written", last
     release.set()  # the job comes back: it stops at its commit, nothing appears
     assert done.wait(30) and list(tmp_path.iterdir()) == []
+
+
+def test_device_memory_plan_streams_only_when_the_model_does_not_fit():
+    from permuquant_jax.convert.cli import STREAM_ROOM, device_memory_plan
+    from permuquant_jax.convert.validate import UsageError
+
+    dev = int(22.2 * 2**30)  # FLUX.1-dev's bf16 weights
+    assert device_memory_plan(dev, 24)["stream"] and "STREAMED" in device_memory_plan(dev, 24)["summary"]
+    fits = device_memory_plan(dev, 22.2 * STREAM_ROOM + 0.1)
+    assert not fits["stream"] and fits["need_bytes"] == int(dev * STREAM_ROOM)
+    assert not device_memory_plan(dev, 24, n_dev=2, fsdp=True)["stream"]  # half the weights per device
+    with pytest.raises(UsageError, match="--fsdp"):
+        device_memory_plan(dev, 24, n_dev=2)
+
+
+def test_a_streamed_run_that_could_not_finish_is_refused_at_the_door(tmp_path, capsys):
+    """--max-device-memory below the model: streaming is planned, and refused before any pass while
+    folding / quantizing host-memory weights is not supported (`cli.streamed_folding_error`)."""
+    from permuquant_jax.convert.cli import streamed_folding_error
+
+    if streamed_folding_error("nvfp4") is None:
+        return  # supported now: nothing is refused (the streamed run is a whole conversion: not run here)
+    rc = main(["--out", str(tmp_path / "d"), "--max-device-memory", "0.001", *FAST])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(err) == 1 and "not supported yet" in err[0] and "MiB needed" in err[0], err
+    assert list(tmp_path.iterdir()) == []
