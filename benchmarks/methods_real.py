@@ -52,6 +52,7 @@ import datetime
 import functools
 import inspect
 import json
+import logging
 import os
 import platform
 import shlex
@@ -853,6 +854,40 @@ def short_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+class CompileLog(logging.Handler):
+    """Counts XLA compilations and their seconds per jitted function (`jax_log_compiles` messages)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.stats: dict[str, list] = {}
+        jax.config.update("jax_log_compiles", True)
+        lg = logging.getLogger("jax")
+        lg.addHandler(self)
+        lg.setLevel(logging.DEBUG)
+        for h in logging.getLogger().handlers:  # jax's own messages stay off the console
+            h.setLevel(max(h.level, logging.WARNING))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import re
+
+        m = re.search(r"Finished XLA compilation of (\S+) in ([0-9.e-]+) ?s", record.getMessage())
+        if m:
+            st = self.stats.setdefault(m.group(1), [0, 0.0])
+            st[0] += 1
+            st[1] += float(m.group(2))
+
+    def reset(self) -> None:
+        self.stats = {}
+
+    def summary(self) -> dict:
+        return {k: {"programs": v[0], "seconds": round(v[1], 2)} for k, v in self.stats.items()}
+
+    def text(self, top: int = 6) -> str:
+        n, sec = sum(v[0] for v in self.stats.values()), sum(v[1] for v in self.stats.values())
+        best = sorted(self.stats.items(), key=lambda kv: -kv[1][1])[:top]
+        return f"{n} programs, {sec:.1f} s: " + ", ".join(f"{k} {v[0]}x {v[1]:.1f} s" for k, v in best)
+
+
 def make_pipeline(args: argparse.Namespace, log) -> PipelineBench:
     """The pipeline bench of the command line's settings."""
     return PipelineBench(args.quick, log, calib=args.pipeline_calib, target=args.pipeline_target,
@@ -861,9 +896,8 @@ def make_pipeline(args: argparse.Namespace, log) -> PipelineBench:
                          rollout=args.pipeline_rollout, accept_prompts=args.pipeline_accept_prompts,
                          test_prompts=args.pipeline_test_prompts, tau=args.pipeline_tau,
                          cache=args.setup_cache,
-                         quant_kw=({} if args.guard is None else
-                                   {"guard": None if args.guard == "none" else float(args.guard)})
-                         | ({"prefilter": True} if args.prefilter else {}))
+                         quant_kw={} if args.guard is None else
+                         {"guard": None if args.guard == "none" else float(args.guard)})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -898,9 +932,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--setup-cache", default=None, metavar="FILE",
                     help="pipeline: read the setup (batches, references, calibration statistics) from FILE, or "
                     "compute and write it there; with --jobs the parent computes it once for every process")
-    ap.add_argument("--prefilter", action="store_true",
-                    help="DiTs: quantize_model(prefilter=True): downstream passes only for candidates that lower "
-                    "the layer-local error")
+    ap.add_argument("--log-compiles", action="store_true",
+                    help="count XLA compilations (programs, seconds per jitted function) of every row")
     ap.add_argument("--guard", default=None, help="DiTs: quantize_model's guard (a fraction, or 'none')")
     ap.add_argument("--accept", default=None, choices=("layer", "block", "model"),
                     help="DiTs: the acceptance level (default: the library's)")
@@ -952,10 +985,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         only = set(args.only.split(";"))
         plan = [(f, m, me) for f, m, me in plan if f"{f}:{me}" in only]
     rows: list[dict] = []
+    compiles = CompileLog() if args.log_compiles else None
     for fmt, m, method in plan:
         try:
+            if compiles:
+                compiles.reset()
             row = benches[m].row(fmt, method)
             log(benches[m].describe(row))
+            if compiles:
+                row["compiles"] = compiles.summary()
+                log(f"  XLA compilations of the row: {compiles.text()}")
         except Exception as e:  # noqa: BLE001 - a method that fails on a model is a result: record it
             row = dict(model=m, format=fmt, method=method, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             log(f"[{m}] {fmt:14s} {method:13s} FAILED {row['error']}")

@@ -250,7 +250,6 @@ def quantize_model(
     hadamard_sizes: bool = True,
     hadamard_start: str = "none",
     guard: float | None = 0.01,
-    prefilter: bool = False,
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize every linear of `model` (in place) with `method`; returns `(model, report)`.
 
@@ -288,8 +287,6 @@ def quantize_model(
       held-out error exceeds the starting state's (RTN) by more than this fraction has its decisions undone,
       and if the model output is still worse than RTN's, every decision is (`downstream._guard`; two
       held-out passes per round). None: no guard.
-    prefilter (block / model acceptance): measure downstream only the candidates whose layer-local error is
-      below the identity's (fewer forward passes; a site where none is costs none).
     act_scale: "static" (calibrated activation global scale, NVFP4) or "dynamic" (per call).
     Copy the model first (`nnx.clone`) to keep the float one.
     """
@@ -432,7 +429,7 @@ def quantize_model(
         "smooth_alpha": smooth_alpha, "act_scale": act_scale, "keep": list(keep),
         "calibration_batches": stats.batches, "accept": accept if chooses else None, "top_k": top_k,
         "schedule": schedule, "refine": refine,
-        "hadamard_sizes": hadamard_sizes, "hadamard_start": hadamard_start, "guard": guard, "prefilter": prefilter,
+        "hadamard_sizes": hadamard_sizes, "hadamard_start": hadamard_start, "guard": guard,
         "choose_batches": len(choose_b), "accept_batches": len(held_b) if held_b is not choose_b else 0,
         "notes": notes,
     })
@@ -478,7 +475,7 @@ def quantize_model(
             trials=trials, format=fmt.name, hadamard=hadamard, choose_hadamard=method == "auto",
             level=accept, top_k=top_k, tau=tau, blocks=blocks, forward=forward, choose_batches=choose_b,
             held_batches=held_b, all_batches=batches, refine=refine, progress=progress, schedule=schedule,
-            hadamard_sizes=hadamard_sizes, hadamard_start=hadamard_start, guard=guard, prefilter=prefilter,
+            hadamard_sizes=hadamard_sizes, hadamard_start=hadamard_start, guard=guard,
         )
         chosen = ds["chosen"]
         for (i, idx), (label, perm) in ds["refined"].items():

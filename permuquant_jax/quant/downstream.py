@@ -405,7 +405,7 @@ class SiteTrial:
 
 
 def _decide_stack(ev: Evaluator, t: SiteTrial, i: int, b: Path, top_k: int, tau: float, choose_batches, refs_c,
-                  held_batches, refs_h, out: dict, prefilter: bool = False) -> None:
+                  held_batches, refs_h, out: dict) -> None:
     """One site at every layer of a stacked block at once (schedule "parallel", block level): each pass
     sets the r-th best candidate (by layer-local error) of every layer and measures every layer's block
     error; per layer the best is validated on the held-out batches (one pass for all layers)."""
@@ -415,7 +415,7 @@ def _decide_stack(ev: Evaluator, t: SiteTrial, i: int, b: Path, top_k: int, tau:
     ranked = {}
     for layer in layers:
         rel = t.layer_choose[layer]
-        ok = [c for c in range(1, rel.shape[-1]) if not t.noop[layer][c] and (not prefilter or rel[c] < rel[0])]
+        ok = [c for c in range(1, rel.shape[-1]) if not t.noop[layer][c]]
         ranked[layer] = sorted(ok, key=lambda c, rel=rel: (rel[c], c))[:top_k]
     base = ev.run(choose_batches, refs_c)[0][b]
     tried = {layer: {} for layer in layers}
@@ -617,12 +617,8 @@ def decide(
     hadamard_sizes: bool = True,
     hadamard_start: str = "none",
     guard: float | None = 0.01,
-    prefilter: bool = False,
 ) -> dict[str, Any]:
     """Sequential downstream decisions (see the module docstring).
-
-    prefilter: measure downstream only the candidates whose layer-local error (choosing batches) is below
-    the identity's; a site with none costs no forward pass.
 
     hadamard: per linear (the block sizes its trial chooses among, 0 = none; the starting index).
     choose_hadamard: choose among them (method auto). hadamard_sizes: a linear with ONE block b > 0
@@ -780,7 +776,7 @@ def decide(
         for i, layer, b in tqdm(order, desc=f"{level}-level decisions", disable=not progress, leave=False):
             t = trials[i]
             if layer is None:
-                _decide_stack(ev, t, i, b, top_k, tau, choose_batches, refs_c, held_batches, refs_h, out, prefilter)
+                _decide_stack(ev, t, i, b, top_k, tau, choose_batches, refs_c, held_batches, refs_h, out)
                 cache.clear()
                 continue
             t0, n0 = timer(), ev.forwards
@@ -794,12 +790,6 @@ def decide(
                 info["note"] = "skipped: no candidate changes which channels share a quantization group"
                 out["info"][(i, layer)] = info
                 continue
-            if prefilter:
-                cands = [c for c in cands if rel[c] < rel[0]]
-                if not cands:
-                    info["note"] = "skipped: no candidate lowers the layer-local error (prefilter)"
-                    out["info"][(i, layer)] = info
-                    continue
             cands = sorted(cands, key=lambda c: (rel[c], c))[:top_k]
             k = key(b, layer)
             if k not in cache:
