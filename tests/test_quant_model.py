@@ -178,6 +178,13 @@ def test_user_errors_name_the_value(setup):
         quantize_model(nnx.clone(model), batches, method="hadamard", hadamard_block=24)
     with pytest.raises(ValueError, match="no linear layer"):
         quantize_model(nnx.clone(model), batches, keep=("*",))
+    with pytest.raises(ValueError, match="tau must be a finite number >= 0, found nan"):
+        quantize_model(nnx.clone(model), batches, tau=float("nan"))
+    bad = [batches[0], (batches[1][0].at[1, 5, 7].set(jnp.inf),)]
+    with pytest.raises(ValueError, match=r"calibration_batches\[1\] holds NaN or Inf values \(in \[0\]\)"):
+        quantize_model(nnx.clone(model), bad, method="rtn")
+    with pytest.raises(ValueError, match="the model is itself a linear layer"):
+        quantize_model(nnx.clone(model.head), [(jnp.ones((4, K)),)], method="rtn")
 
 
 def test_plan_summary_counts_bytes(setup):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -223,6 +224,19 @@ def _noop_mask(cands: dict, stack: tuple[int, ...], group: int) -> np.ndarray:
     return out.reshape(*stack, len(rows[0]))
 
 
+def check_finite_batches(batches: Sequence[Any], what: str = "calibration_batches") -> None:
+    """Refuse batches holding NaN or Inf in a floating-point array (the statistics and every error measured
+    on them would be NaN, and the chosen scales meaningless); one reduction per array, on its device."""
+    for i, batch in enumerate(batches):
+        leaves = jax.tree_util.tree_leaves_with_path(batch)
+        for path, leaf in leaves:
+            if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+                continue
+            if not bool(jnp.isfinite(leaf).all()):
+                where = jax.tree_util.keystr(path) or "the array"
+                raise ValueError(f"{what}[{i}] holds NaN or Inf values (in {where}): clean or drop that batch")
+
+
 def quantize_model(
     model: nnx.Module,
     calibration_batches: Batches,
@@ -297,16 +311,16 @@ def quantize_model(
     fmt = get_format(format)
     if act_scale not in ("static", "dynamic"):
         raise ValueError(f"act_scale must be 'static' or 'dynamic', found {act_scale!r}")
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0, found {tau}")
+    if not (isinstance(tau, int | float) and math.isfinite(tau)) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0, found {tau}")
     if accept not in ACCEPT_LEVELS:
         raise ValueError(f"accept must be one of {ACCEPT_LEVELS}, found {accept!r}")
     if schedule not in ("sequential", "parallel"):
         raise ValueError(f"schedule must be 'sequential' or 'parallel', found {schedule!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, found {top_k}")
-    if guard is not None and guard < 0:
-        raise ValueError(f"guard must be >= 0 or None, found {guard}")
+    if guard is not None and (not math.isfinite(guard) or guard < 0):
+        raise ValueError(f"guard must be a finite number >= 0 or None, found {guard}")
     if hadamard_start not in ("none", "block"):
         raise ValueError(f"hadamard_start must be 'none' or 'block', found {hadamard_start!r}")
     hb = hadamard_block if uses_hadamard(method) else None
@@ -318,6 +332,9 @@ def quantize_model(
     del linears  # a {path: module} dict would keep every float Linear alive while quantizing
     if not targets:
         raise ValueError("no linear layer to quantize (every linear matches a keep pattern?)")
+    if () in targets:
+        raise ValueError("the model is itself a linear layer, which cannot be replaced in place: wrap it in a "
+                         "module (e.g. nnx.Sequential(linear)) and quantize that")
     target_set = set(targets)
     for p in targets:
         k = get_node(model, p).kernel.get_value().shape[-2]
@@ -330,11 +347,13 @@ def quantize_model(
 
     notes: list[str] = []
     batches = materialize(calibration_batches, notes)
+    check_finite_batches(batches, "calibration_batches")
     chooses = uses_permutation(method) or method == "auto"
     if not chooses:  # nothing is chosen: no held-out half is needed
         choose_b = held_b = batches
     elif accept_batches is not None:
         choose_b, held_b = batches, materialize(accept_batches, notes)
+        check_finite_batches(held_b, "accept_batches")
     elif split == "samples" or (split is None and can_split_samples(batches)):
         if not can_split_samples(batches):
             raise ValueError("split='samples' needs every array of every batch to share a leading sample axis of "
