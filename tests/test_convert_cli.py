@@ -335,14 +335,38 @@ def test_device_memory_plan_streams_only_when_the_model_does_not_fit():
         device_memory_plan(dev, 24, n_dev=2)
 
 
-def test_a_streamed_run_that_could_not_finish_is_refused_at_the_door(tmp_path, capsys):
-    """--max-device-memory below the model: streaming is planned, and refused before any pass while
-    folding / quantizing host-memory weights is not supported (`cli.streamed_folding_error`)."""
-    from permuquant_jax.convert.cli import streamed_folding_error
+def test_folding_and_quantizing_streamed_weights_equal_the_in_device_ones():
+    """A streamed run's last phases on host-memory block weights (`models.flux.offload_blocks`): folding a
+    permutation keeps the kernel on the host, quantizing puts the layer on the device, and both give the
+    arrays of the in-device path bit for bit (so the CLI's door probe `streamed_folding_error` passes)."""
+    import jax
+    from flax import nnx
 
-    if streamed_folding_error("nvfp4") is None:
-        return  # supported now: nothing is refused (the streamed run is a whole conversion: not run here)
-    rc = main(["--out", str(tmp_path / "d"), "--max-device-memory", "0.001", *FAST])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert rc == 2 and len(err) == 1 and "not supported yet" in err[0] and "MiB needed" in err[0], err
-    assert list(tmp_path.iterdir()) == []
+    from permuquant_jax.convert.cli import streamed_folding_error
+    from permuquant_jax.models.flux import host_sharding
+    from permuquant_jax.models.layers import Linear
+    from permuquant_jax.quant.fold import permute_consumer
+    from permuquant_jax.quant.linear import QuantLinear
+    from permuquant_jax.quant.sites import Ref
+
+    assert streamed_folding_error("nvfp4") is None
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 64, 32)).astype(np.float32)
+    b = rng.standard_normal((2, 32)).astype(np.float32)
+    perm = np.stack([rng.permutation(64) for _ in range(2)])
+    out = {}
+    for where in ("device", "host"):
+        m = nnx.Dict(lin=Linear(64, 32, rngs=nnx.Rngs(0)))
+        put = (lambda x: jax.device_put(x, host_sharding())) if where == "host" else jnp.asarray
+        m.lin.kernel.set_value(put(w))
+        m.lin.bias.set_value(put(b))
+        permute_consumer(m, Ref(("lin",)), 64, perm)
+        kind = m.lin.kernel.get_value().sharding.memory_kind
+        q = QuantLinear.from_linear(m.lin, format="nvfp4")
+        out[where] = (kind, np.asarray(m.lin.kernel.get_value()),
+                      [np.asarray(x).view(np.uint8) for x in jax.tree.leaves(nnx.state(q))])
+    assert out["host"][0] == "pinned_host" and out["device"][0] == "device"
+    np.testing.assert_array_equal(out["host"][1], out["device"][1])
+    assert len(out["host"][2]) == len(out["device"][2]) >= 4
+    for x, y in zip(out["host"][2], out["device"][2], strict=True):
+        np.testing.assert_array_equal(x, y)

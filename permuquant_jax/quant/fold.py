@@ -3,6 +3,7 @@ indices) so that the float function of the model is unchanged. Arrows: paths <- 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,7 +38,13 @@ class GatheredNorm(nnx.Module):
 
 
 def _update(var: nnx.Variable, fn) -> None:
-    var.set_value(fn(var.get_value()))
+    value = var.get_value()
+    sharding = getattr(value, "sharding", None)
+    if getattr(sharding, "memory_kind", None) == "pinned_host":
+        # a streamed model's block weight (models.flux.offload_blocks): compute on the device, keep it on the host
+        var.set_value(jax.device_put(fn(jax.device_put(value, jax.memory.Space.Device)), sharding))
+    else:
+        var.set_value(fn(value))
 
 
 def permute_consumer(model: nnx.Module, ref: Ref, size: int, perm: np.ndarray) -> None:

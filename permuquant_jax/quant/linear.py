@@ -40,6 +40,14 @@ class DeviceLayout(nnx.Variable):
     scales (lossless) before a model is written."""
 
 
+def _on_device(x):
+    """A weight kept in pinned host memory (a streamed model's blocks) moved to device memory for quantizing:
+    the quantized layer lives on the device."""
+    if getattr(getattr(x, "sharding", None), "memory_kind", None) == "pinned_host":
+        return jax.device_put(x, jax.memory.Space.Device)
+    return x
+
+
 @jax.jit
 def _mosaic_scale_words(scales: jax.Array) -> jax.Array:
     from permuquant_jax.kernels.nvfp4_matmul_mgpu import stored_scale_words
@@ -226,11 +234,11 @@ class QuantLinear(nnx.Module):
         hadamard_block: rotate the weight offline along K (activations are rotated at run time).
         act_global_scale: static activation global scale per layer (`[*stack]` or scalar); None = dynamic.
         """
-        kernel = jnp.asarray(linear.kernel.get_value())
+        kernel = _on_device(jnp.asarray(linear.kernel.get_value()))
         stack = kernel.shape[:-2]
         k, n = kernel.shape[-2:]
         bias = getattr(linear, "bias", None)
-        bias = None if bias is None else bias.get_value()
+        bias = None if bias is None else _on_device(bias.get_value())
         arrays: dict[str, jax.Array] = {} if bias is None else {"bias": bias}
         fmt = None
         if format is None:
