@@ -125,6 +125,9 @@ def quantized_tiny():
 
 def test_save_load_bit_identical(tmp_path, quantized_tiny):
     model, batches, report = quantized_tiny
+    from permuquant_jax.quant.linear import prepare_device_layouts
+
+    assert prepare_device_layouts(model, force=True) > 0  # prepared for the GPU kernel: saved with canonical scales
     save_quantized(model, tmp_path / "m", metadata={"format": "nvfp4", "method": "permuquant"}, report=report)
     loaded = load(tmp_path / "m")
     n_quant = sum(isinstance(n, QuantLinear) for _, n in nnx.iter_graph(loaded))

@@ -209,8 +209,11 @@ def save_quantized(
     """
     import orbax.checkpoint as ocp
 
+    from permuquant_jax.quant.linear import drop_device_layouts
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    drop_device_layouts(model)  # a kernel's device layout is not the saved format: canonical scales back (lossless)
     arrays = _flat_arrays(model)
     meta = dict(metadata)
     meta.update(
