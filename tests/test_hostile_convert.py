@@ -226,6 +226,10 @@ DOOR_CASES = [
     ("heldout-negative", [S, "--out", O, "--heldout-samples", "-1"], ["--heldout-samples", ">= 0", "-1"], O),
     ("resolution-100", [S, "--out", O, "--resolution", "100"], ["--resolution", "multiple of 16", "100"], O),
     ("resolution-0", [S, "--out", O, "--resolution", "0"], ["--resolution", "multiple of 16", "found 0"], O),
+    ("resolution-huge", [S, "--out", O, "--resolution", "100000"], ["--resolution 100000", "exceeds 4096"], O),
+    ("calib-samples-huge", [S, "--out", O, "--calib-samples", "1000000000", "--method", "rtn", "--heldout-samples",
+                            "0", "--resolution", "32", "--no-progress"],
+     ["out of memory while", "--calib-samples", "nothing was written"], O),
     ("seed-negative", [S, "--out", O, "--seed", "-1"], ["--seed", "found -1"], O),
     ("steps-not-int", [S, "--out", O, "--steps", "2.5"], ["--steps", "'2.5'"], O),
     # --calib .npz

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     """Every option on its own (ranges, finiteness, patterns); no file is read. Raises UsageError."""
     from permuquant_jax.convert.validate import (
+        MAX_IMAGE_SIDE,
         UsageError,
         compile_patterns,
         require_finite,
@@ -195,7 +196,7 @@ def _validate(args: argparse.Namespace) -> None:
                      ("max_seq_len", 2), ("top_k", 1), ("refine", 0)):
         require_int_range(name, getattr(args, name), lo)
     require_int_range("seed", args.seed, 0, MAX_SEED)
-    require_multiple("resolution", args.resolution, 16)
+    require_multiple("resolution", args.resolution, 16, most=MAX_IMAGE_SIDE)
     require_finite("tau", args.tau, lo=0.0)
     if args.max_device_memory is not None:
         require_finite("max_device_memory", args.max_device_memory, lo=0.0)
@@ -1058,6 +1059,22 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         _say(f"error: {_one_line(e)}")
         return 2
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is answered here; the rest propagates
+        if not _out_of_memory(e) or os.environ.get("PERMUQUANT_DEBUG"):
+            raise
+        _signal_wins()
+        _say(f"error: out of memory while {_phase[0]} ({_one_line(e)[:160]}): nothing was written; lower "
+             "--calib-samples, --heldout-samples or --resolution, or pass --max-device-memory GIB")
+        return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A host allocation failure, or XLA's device/host out-of-memory error."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and (
+        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text)
 
 
 def _signal_wins() -> None:

@@ -64,10 +64,15 @@ def parse_unit_floats(name: str, text: str) -> tuple[float, ...]:
     return values
 
 
-def require_multiple(name: str, value: int | None, of: int) -> None:
-    """`value` (None = unset) is a positive multiple of `of`."""
+MAX_IMAGE_SIDE = 4096  # pixels a side: FLUX.1 is used up to ~2 MP; 4096 x 4096 is 16 MP
+
+
+def require_multiple(name: str, value: int | None, of: int, most: int | None = None) -> None:
+    """`value` (None = unset) is a positive multiple of `of` (and at most `most`)."""
     if value is not None and (value < of or value % of):
         raise UsageError(f"{_opt(name)} must be a positive multiple of {of}, found {value}")
+    if value is not None and most is not None and value > most:
+        raise UsageError(f"{_opt(name)} {value} exceeds {most} (FLUX.1 is used up to about 2 MP): pass a smaller value")
 
 
 # ----------------------------------------------------------------------------- options against the model

@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from permuquant_jax.convert.validate import MAX_IMAGE_SIDE as MAX_SIDE
 from permuquant_jax.models.flux import FluxConfig
 from permuquant_jax.models.frozen import frozen_jit
 
 DEV_MAX_SEQ_LEN = 512  # BFL's T5 length for FLUX.1-dev (guidance-distilled) ...
 SCHNELL_MAX_SEQ_LEN = 256  # ... and for FLUX.1-schnell
-MAX_SIDE = 4096  # pixels a side: FLUX.1 is used up to ~2 MP; 4096 x 4096 is 16 MP
 PIPELINE_PARTS = {
     "transformer": "the FLUX transformer",
     "text_encoder": "the CLIP text encoder",
