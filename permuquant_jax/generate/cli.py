@@ -340,8 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from permuquant_jax.convert.atomic import OutputError
+    from permuquant_jax.convert.cli import enable_compile_cache
     from permuquant_jax.convert.safetensors_io import CheckpointError
 
+    if argv is None:  # the process's own command line: reuse compiled programs across runs (as convert)
+        enable_compile_cache()
     try:
         return run(args)
     except KeyboardInterrupt:
