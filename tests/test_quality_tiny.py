@@ -38,14 +38,16 @@ def test_quick_quality_table(tmp_path):
     q = _bench()
     out, js, grid = tmp_path / "q.md", tmp_path / "q.json", tmp_path / "q.png"
     # the CFG calibration (the script's own trajectory builder; the default "cond" is quantize_flux's own path)
-    assert q.main(["--quick", "--calib", "cfg", "--out", str(out), "--json", str(js), "--grid", str(grid)]) == 0
+    # one quantized row (RTN): a PermuQuant row runs the same quantize_flux call with another method (CI time)
+    assert q.main(["--quick", "--calib", "cfg", "--methods", "rtn", "--out", str(out), "--json", str(js),
+                   "--grid", str(grid)]) == 0
     d = json.loads(js.read_text())
     rows = d["rows"]
     assert d["setup"]["calib_mode"] == "cfg" and d["setup"]["calib"] == 2  # 2 recorded steps of one trajectory
-    assert [(r["format"], r["method"]) for r in rows] == [("bf16", "bf16"), ("nvfp4", "rtn"), ("nvfp4", "permuquant")]
-    ref, rtn, pq = rows
+    assert [(r["format"], r["method"]) for r in rows] == [("bf16", "bf16"), ("nvfp4", "rtn")]
+    ref, rtn = rows
     assert math.isinf(ref["psnr"]) and ref["ssim"] == 1.0 and ref["latent_err"] == 0.0
-    for r in (rtn, pq):
+    for r in (rtn,):
         assert 10.0 < r["psnr"] < 100.0 and 0.0 < r["ssim"] < 1.0, r
         assert 0.0 < r["latent_err"] < 1.0 and 0.0 < r["layer_mean"] <= r["layer_worst"] < 1.0, r
         assert r["worst_layer"] in r["layers"] and len(r["layers"]) == 6  # 2 double + 4 single blocks
