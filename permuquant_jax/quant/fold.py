@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from permuquant_jax.quant.arrays import one_hot_rows, permute_axis, scale_axis
-from permuquant_jax.quant.linear import QuantLinear
+from permuquant_jax.quant.linear import QuantLinear, on_device
 from permuquant_jax.quant.paths import get_node, path_str, set_node
 from permuquant_jax.quant.sites import Ref, Site
 
@@ -39,12 +39,9 @@ class GatheredNorm(nnx.Module):
 
 def _update(var: nnx.Variable, fn) -> None:
     value = var.get_value()
-    sharding = getattr(value, "sharding", None)
-    if getattr(sharding, "memory_kind", None) == "pinned_host":
-        # a streamed model's block weight (models.flux.offload_blocks): compute on the device, keep it on the host
-        var.set_value(jax.device_put(fn(jax.device_put(value, jax.memory.Space.Device)), sharding))
-    else:
-        var.set_value(fn(value))
+    moved = on_device(value)
+    # a streamed model's block weight is computed on the device and kept where it was (host memory)
+    var.set_value(fn(value) if moved is value else jax.device_put(fn(moved), value.sharding))
 
 
 def permute_consumer(model: nnx.Module, ref: Ref, size: int, perm: np.ndarray) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from permuquant_jax.formats.hadamard import block_hadamard
+from permuquant_jax.models.flux import HOST_MEMORY_KIND
 from permuquant_jax.quant.arrays import permute_axis
 
 
@@ -40,10 +41,10 @@ class DeviceLayout(nnx.Variable):
     scales (lossless) before a model is written."""
 
 
-def _on_device(x):
-    """A weight kept in pinned host memory (a streamed model's blocks) moved to device memory for quantizing:
-    the quantized layer lives on the device."""
-    if getattr(getattr(x, "sharding", None), "memory_kind", None) == "pinned_host":
+def on_device(x):
+    """`x` itself, or, for an array kept in host memory (a streamed model's blocks,
+    `models.flux.offload_blocks`), a copy in device memory to compute on."""
+    if getattr(getattr(x, "sharding", None), "memory_kind", None) == HOST_MEMORY_KIND:
         return jax.device_put(x, jax.memory.Space.Device)
     return x
 
@@ -234,11 +235,11 @@ class QuantLinear(nnx.Module):
         hadamard_block: rotate the weight offline along K (activations are rotated at run time).
         act_global_scale: static activation global scale per layer (`[*stack]` or scalar); None = dynamic.
         """
-        kernel = _on_device(jnp.asarray(linear.kernel.get_value()))
+        kernel = on_device(jnp.asarray(linear.kernel.get_value()))
         stack = kernel.shape[:-2]
         k, n = kernel.shape[-2:]
         bias = getattr(linear, "bias", None)
-        bias = None if bias is None else _on_device(bias.get_value())
+        bias = None if bias is None else on_device(bias.get_value())
         arrays: dict[str, jax.Array] = {} if bias is None else {"bias": bias}
         fmt = None
         if format is None:

@@ -309,15 +309,20 @@ def time_shape(name, m, k, n, c: Case, smoke, variants, inner=3, diag=(), triton
                 jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
                 t[label] = "lowered"
             continue
-        try:
-            progress(f"time {name} {label}")
-            t[label] = bench(fn, copies(args, inner), reps=5) * 1e6
-        except Exception as ex:  # noqa: BLE001
-            err(f"time {name} {label}", ex)
-            t[label] = f"error {type(ex).__name__}"
+        t[label] = time_us(name, label, fn, args, inner, reps=5)
     LOG["times"].append(t)
     say("TIME", json.dumps(t, default=str))
     save()
+
+
+def time_us(name: str, label: str, fn, args, inner: int, reps: int):
+    """Microseconds per call of `fn` over `inner` copies of `args`, or the error's name (logged)."""
+    try:
+        progress(f"time {name} {label}")
+        return bench(fn, copies(args, inner), reps=reps) * 1e6
+    except Exception as ex:  # noqa: BLE001
+        err(f"time {name} {label}", ex)
+        return f"error {type(ex).__name__}"
 
 
 GEMV_SHAPES = [(1, 3072, 18432), (1, 3072, 9216), (4, 3072, 18432)]
@@ -386,12 +391,7 @@ def gemv_section(smoke: bool) -> None:
                 if time.time() - T0 > ARGS.budget_s:
                     t[label] = "skipped (budget)"
                     continue
-                try:
-                    progress(f"time {name} {label}")
-                    t[label] = bench(fn, copies(args, 8), reps=7) * 1e6
-                except Exception as ex:  # noqa: BLE001
-                    err(f"time {name} {label}", ex)
-                    t[label] = f"error {type(ex).__name__}"
+                t[label] = time_us(name, label, fn, args, 8, reps=7)
             LOG["times"].append(t)
             say("TIME", json.dumps(t, default=str))
             save()
