@@ -314,10 +314,8 @@ def test_signal_during_one_long_call_ends_at_once_with_nothing_written(tmp_path,
 
     monkeypatch.setattr(cli, "_main", job)
     threading.Thread(target=lambda: entered.wait(30) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
-    t0 = time.perf_counter()
     rc = main(["--out", str(dst)])
-    took = time.perf_counter() - t0
-    assert rc == 130 and took < cli.GRACE_S + 5, (rc, took)
+    assert rc == 130 and not done.is_set(), rc  # answered while the job is still inside its long call
     assert list(tmp_path.iterdir()) == []  # removed while the job still runs
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == "interrupted by SIGINT while starting: nothing was written", last
