@@ -233,6 +233,7 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, pipeline_dir, capsys, monkeypa
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, err[-2000:])
         assert "Traceback" not in err and expect in lines[0], (name, lines[0])
+        assert not out.exists(), f"{name}: a refused run left {out} behind"
     assert not _pngs(tmp_path)
     for bad in (["--bogus"], ["--steps", "x"]):  # argparse's own errors: one line too (as convert's)
         with pytest.raises(SystemExit) as e:

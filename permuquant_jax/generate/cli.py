@@ -117,26 +117,38 @@ def png_name(index: int, prompt: str, seed: int) -> str:
 
 
 def _check_out_dir(out: str, names: Sequence[str], overwrite: bool) -> Path:
+    """Check that --out can take the images, creating nothing (a refused run leaves no empty folder)."""
     from permuquant_jax.convert.atomic import OutputError
 
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path}: exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"--out {path}: cannot create the directory ({e.strerror or e})") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".permuquant-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"--out {path}: the directory is not writable ({e.strerror or e})") from None
-    if not overwrite:
+    probe_dir = path
+    while not probe_dir.exists():  # the nearest existing ancestor must let us create the folder
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutputError(f"--out {path}: {probe_dir} is not a directory")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {path}: the directory {probe_dir} is not writable")
+    if not overwrite and path.is_dir():
         taken = [n for n in names if (path / n).exists()]
         if taken:
             more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
             raise OutputError(f"--out {path}: {taken[0]}{more} already exists; pass --overwrite to replace")
+    return path
+
+
+def _make_out_dir(path: Path) -> Path:
+    """Create --out (after every check has passed) and prove it takes a file."""
+    from permuquant_jax.convert.atomic import OutputError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".permuquant-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"--out {path}: cannot write there ({e.strerror or e})") from None
     return path
 
 
@@ -286,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
     pipe.load_text_encoders()  # width checks against the DiT before any long work
     if out is not None:
         pipe.check_memory(height, width, args.batch, guidance)
+        _make_out_dir(out)
     rows: list[tuple[str, str]] = [("pipeline", source.description)]
     if npz is not None:
         calib_prompts = prompts or builtin_prompts()
