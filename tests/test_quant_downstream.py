@@ -281,6 +281,8 @@ def test_keep_pattern_that_matches_nothing_warns_with_closest_paths():
         bad = warn_unmatched_keep(["mlp.0", "mlp.layers.2", "mpl.*"], linears)
     assert bad == ["mlp.0", "mpl.*"]
     assert "closest module paths: mlp" in str(rec[-1].message)
+    with pytest.raises(ValueError, match=r"'re:\(\(' is not a valid regular expression"):
+        warn_unmatched_keep(["re:(("], linears)
 
 
 def test_batches_lists_factories_generators_and_splits():

@@ -74,8 +74,12 @@ def match_any(path: Path | str, patterns: Iterable[str]) -> bool:
     s = path if isinstance(path, str) else path_str(path)
     for pat in patterns:
         if pat.startswith("re:"):
-            if re.fullmatch(pat[3:], s):
-                return True
+            try:
+                if re.fullmatch(pat[3:], s):
+                    return True
+            except re.error as e:
+                raise ValueError(f"pattern {pat!r} is not a valid regular expression ({e}); write 're:' and "
+                                 "a Python regex, or an fnmatch glob without 're:'") from None
         elif fnmatch.fnmatchcase(s, pat):
             return True
     return False
