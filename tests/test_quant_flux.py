@@ -165,3 +165,39 @@ def test_text_embeddings_from_npz(flux, tmp_path):
     np.savez(tmp_path / "bad.npz", txt=txt)
     with pytest.raises(ValueError, match=r"missing arrays \['y'\]"):
         flux_calibration_batches(model, text=str(tmp_path / "bad.npz"), num_steps=1)
+
+
+def test_rollout_follows_the_sampled_schedule_and_acceptance_measures_it(flux):
+    """`quantize_flux(rollout=k)`: rollouts from the recorded states follow the schedule the batches were
+    sampled on (cut at its end), decisions are model-level on the held-out rollouts; bad k fail at the door."""
+    from permuquant_jax.quant import RolloutForward
+    from permuquant_jax.quant.flux_plan import FLUX_KEEP, flux_rollout_batches
+
+    model, batches, _, _ = flux
+    roll = nnx.jit(RolloutForward(None))
+    one, two = flux_rollout_batches(batches, 1), flux_rollout_batches(batches, 2)
+    # one step from the state at step 0 is the float sampler's state at step 1
+    np.testing.assert_allclose(np.asarray(roll(model, one[0]) + one[0]["img"]), np.asarray(batches[1]["img"]),
+                               rtol=1e-5, atol=1e-5)
+    # from the last step, k = 2 stops at the end of the 2-step schedule: the same as k = 1
+    np.testing.assert_array_equal(np.asarray(two[1]["sigmas"]), np.asarray(flux_schedule(2, 16)[[1, 2, 2]],
+                                                                             np.float32))
+    np.testing.assert_allclose(np.asarray(roll(model, two[1])), np.asarray(roll(model, one[1])), rtol=1e-6)
+    keep = (*FLUX_KEEP, "double_blocks.*")  # the single blocks' sites only (CI time)
+    q, rep = quantize_flux(nnx.clone(model), batches, rollout=2, alphas=(0.5,), top_k=1, keep_bf16=keep,
+                           progress=False)
+    assert rep.config["rollout"] == 2 and rep.config["accept"] == "model"
+    assert rep.config["choose_batches"] == rep.config["accept_batches"] == 2  # even / odd samples
+    decided = [sr for sr in rep.sites if "heldout_before" in sr.decision]
+    assert decided and all(sr.decision["level"] == "model" for sr in decided)
+    for sr in decided:  # kept only where the held-out rollout error fell
+        assert not sr.accepted or sr.decision["heldout_best"] < sr.decision["heldout_before"]
+    assert isinstance(q.single_blocks.linear2, QuantLinear)
+    for kw, msg in ((dict(rollout=3), r"2-step schedule; use 1 <= rollout <= 2"),
+                    (dict(rollout=-1), r"rollout must be an integer >= 0"),
+                    (dict(rollout=1, accept="block"), r"needs model-level acceptance"),
+                    (dict(rollout=1, forward=RolloutForward(None)), r"rollout sets the forward")):
+        with pytest.raises(ValueError, match=msg):
+            quantize_flux(nnx.clone(model), batches, progress=False, **kw)
+    with pytest.raises(ValueError, match=r"FluxBatches, which records the sampling schedule\); found list"):
+        quantize_flux(nnx.clone(model), list(batches), rollout=1, progress=False)

@@ -97,7 +97,8 @@ class RolloutForward:
     that state on): `img` is the state x_0 (`[n, L, C]`, conditional samples only); with `scale` (CFG) the
     other arrays hold the doubled batch [cond; uncond] (`2n` rows) and each step runs the model on
     `[x; x]` and integrates `v_u + scale (v_c - v_u)`; `scale=None` integrates the model output itself.
-    `timesteps` is set per step (every sample at `sigmas[i]`). The steps run under `lax.scan`, so the
+    `timesteps` is set per step (every sample at `sigmas[i]`); a step of zero length (`sigmas` padded with its
+    last value, a rollout cut at the end of the schedule) runs no model call. The steps run under `lax.scan`, so the
     compiled program does not grow with k; variables the model writes (observers, probes) are carried.
     Hashable (one compilation per scale)."""
 
@@ -116,8 +117,7 @@ class RolloutForward:
         dtype = batch["img"].dtype
         rows = 2 * x0.shape[0] if self.scale is not None else x0.shape[0]
 
-        def step(carry, i):
-            x, st = carry
+        def euler(x, st, i):
             m = nnx.merge(graphdef, st)
             xin = (jnp.concatenate([x, x]) if self.scale is not None else x).astype(dtype)
             t = jnp.full((rows,), sig[i], jnp.float32)
@@ -125,7 +125,11 @@ class RolloutForward:
             if self.scale is not None:
                 b = x.shape[0]
                 pred = pred[b:] + self.scale * (pred[:b] - pred[b:])
-            return (x + (sig[i + 1] - sig[i]) * pred, nnx.state(m)), None
+            return x + (sig[i + 1] - sig[i]) * pred, nnx.state(m)
+
+        def step(carry, i):
+            # a zero-length step (padding past the end of the schedule) moves nothing: skip its model call
+            return jax.lax.cond(sig[i + 1] != sig[i], euler, lambda x, st, i: (x, st), *carry, i), None
 
         (x, state), _ = jax.lax.scan(step, (x0, state), jnp.arange(sig.shape[0] - 1))
         nnx.update(model, state)
@@ -264,6 +268,7 @@ def quantize_model(
     hadamard_sizes: bool = True,
     hadamard_start: str = "none",
     guard: float | None = 0.01,
+    act_amax: str | None = None,
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize every linear of `model` (in place) with `method`; returns `(model, report)`.
 
@@ -302,6 +307,11 @@ def quantize_model(
       and if the model output is still worse than RTN's, every decision is (`downstream._guard`; two
       held-out passes per round). None: no guard.
     act_scale: "static" (calibrated activation global scale, NVFP4) or "dynamic" (per call).
+    act_amax: where static scales come from: "quantized" (the inputs each linear sees in the fake-quantized
+      model over the calibration batches, what block / model acceptance ends with; one more pass for methods
+      that do not run it), "float" (the float model's inputs, from the layer pass; not with block / model
+      acceptance); None: "quantized" with block / model acceptance, else "float". Give every method of a
+      comparison the same value, so that its static scales come from the same data.
     Copy the model first (`nnx.clone`) to keep the float one.
     """
     from permuquant_jax.formats.nvfp4 import global_scale_from_amax
@@ -323,6 +333,8 @@ def quantize_model(
         raise ValueError(f"guard must be a finite number >= 0 or None, found {guard}")
     if hadamard_start not in ("none", "block"):
         raise ValueError(f"hadamard_start must be 'none' or 'block', found {hadamard_start!r}")
+    if act_amax not in (None, "quantized", "float"):
+        raise ValueError(f"act_amax must be 'quantized', 'float' or None, found {act_amax!r}")
     hb = hadamard_block if uses_hadamard(method) else None
     t_start = time.perf_counter()
 
@@ -544,6 +556,21 @@ def quantize_model(
                 + [{"label": lb, "error": None, "heldout_error": None} for lb in labels[len(rc):]],
                 chosen=labels[c], accepted=bool(accepted), gain=float(gain), decision=_plain(info),
             ))
+
+    if act_amax == "float" and downstream:
+        raise ValueError(f"act_amax='float' cannot be used with accept={accept!r} (its decisions end with the "
+                         "quantized model's amax); pass act_amax='quantized' or None")
+    static = act_scale == "static" and fmt.uses_global_scale and fmt.act_bits is not None
+    if act_amax == "quantized" and not downstream and static:
+        from permuquant_jax.quant.downstream import quantized_amax
+
+        amax_of = quantized_amax(
+            model, targets=targets,
+            parts_of={p: [(i, part.start, part.size) for i, part in lst] for p, lst in parts_of.items()},
+            sites={i: (*arrays_of[i], chosen[i]) for i in site_cands}, hadamard=hb_of, format=fmt.name,
+            forward=forward, batches=batches, progress=progress,
+        )
+    report.config["act_amax"] = None if not static else ("quantized" if amax_of else "float")
 
     # ---- fold: smoothing, then permutations (both leave the float function unchanged)
     perms_out: dict[str, list] = {}

@@ -594,6 +594,46 @@ def propose_swap(perm: np.ndarray, score: np.ndarray, group: int, segments: Sequ
     return out
 
 
+def quantized_amax(
+    model: nnx.Module,
+    *,
+    targets: Sequence[Path],
+    parts_of: dict[Path, list[tuple[int, int, int]]],
+    sites: dict[int, tuple[np.ndarray, np.ndarray | None, dict[tuple[int, ...], int]]],
+    hadamard: dict[Path, int | None],
+    format: str,
+    forward: Callable,
+    batches: Sequence[Any],
+    progress: bool = False,
+) -> dict[Path, np.ndarray]:
+    """Static activation amax `[*stack]` of every target: the largest |input| it sees, after its site transforms
+    and Hadamard, in the fake-quantized model (every target quantized with its chosen candidate) over `batches`
+    (one pass). The same measure `decide` ends with, for methods and levels that do not run it, so that every
+    method's static scales come from the same data.
+
+    sites: per site (perms `[*stack, C, n]`, scales or None, the chosen candidate per layer)."""
+    from permuquant_jax.quant.calibrate import restore, run_passes, substitute
+
+    def make_trial(p, lin):
+        parts = []
+        for i, start, size in parts_of.get(p, []):
+            perms, scales, chosen = sites[i]
+            part = TrialPart(start, size, perms, scales)
+            sel = np.zeros(perms.shape[:-2], np.int32)
+            for idx, c in chosen.items():
+                sel[idx] = c
+            part.sel.set_value(jax.device_put(sel))
+            parts.append(part)
+        return TrialLinear(lin, parts, format, (hadamard.get(p) or 0,), 0)
+
+    orig = substitute(model, targets, make_trial)
+    try:
+        run_passes(model, batches, forward=forward, variables=ProbeStat, desc="activation amax", progress=progress)
+        return {p: np.asarray(get_node(model, p).amax[...]) for p in targets}
+    finally:
+        restore(model, orig)
+
+
 def decide(
     model: nnx.Module,
     *,

@@ -126,11 +126,56 @@ def load_text_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return txt, y
 
 
+class FluxBatches(list):
+    """Calibration batches (a list of dicts of DiT inputs) that record the schedule they were sampled on:
+    `schedule` (the sampler's num_steps + 1 timesteps, 1 -> 0) and `steps` (per batch, the index of its
+    step in it), so a rollout from a batch's state follows the sampler (`flux_rollout_batches`). Slicing
+    keeps the record; `like(batches)` puts the same record on transformed batches (e.g. sharded)."""
+
+    def __init__(self, batches: Sequence[Any] = (), *, schedule: Sequence[float] | np.ndarray, steps: Sequence[int]):
+        super().__init__(batches)
+        self.schedule = np.asarray(schedule, np.float64)
+        self.steps = [int(i) for i in steps]
+        if len(self.steps) != len(self):
+            raise ValueError(f"FluxBatches: {len(self.steps)} step indices for {len(self)} batches; give one per batch")
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return FluxBatches(list.__getitem__(self, i), schedule=self.schedule, steps=self.steps[i])
+        return list.__getitem__(self, i)
+
+    def like(self, batches: Sequence[Any]) -> FluxBatches:
+        """`batches` (the same batches transformed, in the same order) with this schedule and these steps."""
+        return FluxBatches(batches, schedule=self.schedule, steps=self.steps)
+
+
+def flux_rollout_batches(batches: FluxBatches, k: int) -> list[dict[str, Any]]:
+    """Batches for `RolloutForward(None)`: from each batch's state, `k` Euler steps of the schedule it was
+    sampled on (`sigmas` = schedule[i : i + k + 1]; a rollout that would pass the end of the schedule stops
+    there, its `sigmas` padded with the last value, so every batch has one shape). The other inputs
+    (text, ids, `guidance`) travel with the batch (the same arrays: trajectories stay recognizable)."""
+    n = batches.schedule.size - 1
+    if not 1 <= k <= n:
+        raise ValueError(f"rollout={k}: the batches were sampled on a {n}-step schedule; use 1 <= rollout <= {n}")
+    out = []
+    for b, i in zip(batches, batches.steps, strict=True):
+        sig = batches.schedule[i : i + k + 1]
+        sig = np.concatenate([sig, np.full(k + 1 - sig.size, batches.schedule[-1])])
+        rest = {key: v for key, v in b.items() if key != "timesteps"}
+        out.append(dict(rest, sigmas=jnp.asarray(sig, jnp.float32)))
+    return out
+
+
 @frozen_jit
 def flux_forward(model: nnx.Module, batch: dict[str, Any]) -> jax.Array:
     """`model(**batch)` under one module-level jit (every caller shares its compilations); the model is only
     read, so its weights are not copied by the call (`models.frozen`)."""
     return model(**batch)
+
+
+def default_num_steps(config: Any) -> int:
+    """The sampler's default number of steps: 50 for a guidance-distilled model (FLUX.1-dev), else 4 (schnell)."""
+    return 50 if config.guidance_embed else 4
 
 
 def flux_calibration_batches(
@@ -147,7 +192,7 @@ def flux_calibration_batches(
     seed: int = 0,
     batch_size: int = 1,
     progress: bool = False,
-) -> list[dict[str, jax.Array]]:
+) -> FluxBatches:
     """DiT inputs along real sampling trajectories of the float `model`, for calibration.
 
     For each sample: noise latents, then BFL's Euler sampler over `num_steps` steps of the schedule
@@ -155,7 +200,8 @@ def flux_calibration_batches(
     recording the DiT inputs at `calib_steps` of them spread over the schedule (default: all).
     text: an .npz path or (txt, y) arrays; None generates synthetic embeddings (only sensible for the
     tiny model). height/width are image pixels (latent tokens: height/16 * width/16). progress: a bar
-    over the sampling steps.
+    over the sampling steps. The list records the schedule and each batch's step (`FluxBatches`), which
+    `quantize_flux(rollout=k)` follows.
     """
     cfg = model.config
     if height % 16 or width % 16:
@@ -173,13 +219,13 @@ def flux_calibration_batches(
         txt_all, y_all = np.tile(txt_all, (reps, 1, 1))[:num_samples], np.tile(y_all, (reps, 1))[:num_samples]
     hl, wl = height // 16, width // 16
     dev = bool(cfg.guidance_embed)
-    steps = num_steps or (50 if dev else 4)
+    steps = num_steps or default_num_steps(cfg)
     sched = flux_schedule(steps, hl * wl, shift=dev)
     pick = np.arange(steps) if not calib_steps else np.unique(np.linspace(0, steps - 1, calib_steps).round())
     pick = set(int(i) for i in pick)
     last = max(pick)  # a trajectory stops at its last recorded step (later steps would be thrown away)
 
-    batches = []
+    batches, steps_of = [], []
     n_traj = -(-num_samples // batch_size)
     bar = tqdm(total=n_traj * (last + 1), desc="calibration trajectories", disable=not progress, leave=False)
     for b0 in range(0, num_samples, batch_size):
@@ -195,12 +241,13 @@ def flux_calibration_batches(
             batch = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g)
             if i in pick:
                 batches.append(batch)
+                steps_of.append(i)
             if i < last:
                 v = flux_forward(model, batch)
                 img = (img + (sched[i + 1] - sched[i]) * v.astype(jnp.float32)).astype(jnp.float32)
             bar.update(1)
     bar.close()
-    return batches
+    return FluxBatches(batches, schedule=sched, steps=steps_of)
 
 
 def flux_trajectory(batch: dict[str, Any]) -> int:
@@ -233,6 +280,8 @@ def quantize_flux(
     hadamard_start: str = "none",
     guard: float | None = 0.01,
     forward=None,
+    rollout: int = 0,
+    act_amax: str | None = None,
 ) -> tuple[nnx.Module, QuantReport]:
     """Quantize a `FluxDiT` in place with the FLUX site plan; returns `(model, report)`.
 
@@ -243,26 +292,77 @@ def quantize_flux(
     block's residual-stream outputs) | "model" (the DiT output); None: the library default. See
     forward: how a batch runs the model (None: `model(**batch)`; `quant.CFGForward(scale)` for the
     sampler's doubled [cond; uncond] batches, so acceptance measures the guided velocity). See
-    `api.quantize_model` for the other options (hadamard_sizes, hadamard_start, guard); the report's `permutations`,
-    `layers[...]["act_global_scale"]` and `arrays()` hold the metadata.
+    `api.quantize_model` for the other options (hadamard_sizes, hadamard_start, guard, act_amax); the report's
+    `permutations`, `layers[...]["act_global_scale"]` and `arrays()` hold the metadata.
+    rollout: k >= 1 (model-level acceptance only): the choosing and accepting batches become k-step Euler
+    rollouts from their trajectory states along the schedule they were sampled on (`flux_rollout_batches`;
+    the batches must be `flux_calibration_batches`' own), and the layer pass, acceptance and guard measure
+    the distance the quantized model travels (`RolloutForward`, no CFG: `guidance` travels with the batch);
+    the calibration statistics stay one-step. 0: one step.
     """
-    from permuquant_jax.quant.api import DEFAULT_ACCEPT, quantize_model
+    from permuquant_jax.quant.api import DEFAULT_ACCEPT, RolloutForward, quantize_model
     from permuquant_jax.quant.batches import can_split_samples, materialize
     from permuquant_jax.quant.calibrate import default_forward
     from permuquant_jax.quant.paths import find_linears, match_any
 
-    batches = materialize(batches)
+    if isinstance(rollout, bool) or not isinstance(rollout, int | np.integer) or rollout < 0:
+        raise ValueError(f"rollout must be an integer >= 0 (Euler steps per accepting batch; 0: one step), "
+                         f"found {rollout!r}")
+    accept = accept or DEFAULT_ACCEPT
+    if rollout:
+        if accept != "model":
+            raise ValueError(f"rollout={rollout} needs model-level acceptance (a rollout ends in the model's state, "
+                             f"not a block's output); found accept={accept!r}: pass accept='model' or rollout=0")
+        if forward is not None:
+            raise ValueError("rollout sets the forward (RolloutForward without CFG); pass forward=None, or rollout=0 "
+                             "to use your own forward")
+        for name, b in (("batches", batches), ("accept_batches", accept_batches)):
+            if b is not None and not isinstance(b, FluxBatches):
+                raise ValueError(f"rollout={rollout}: {name} must be flux_calibration_batches' own list (a "
+                                 f"FluxBatches, which records the sampling schedule); found {type(b).__name__}")
+    split = None
+    if not rollout:
+        batches = materialize(batches)
+        split = None if can_split_samples(batches) else flux_trajectory
     # FLUX_KEEP names the embedders of both FLUX.1 variants: drop those this model lacks (no warning)
     names = [".".join(map(str, p)) for p in find_linears(model)]
     keep = tuple(p for p in keep_bf16 if p not in FLUX_KEEP or any(match_any(n, [p]) for n in names))
+    if rollout:
+        batches, accept_batches, split, stats = _rollout_inputs(model, batches, accept_batches, rollout, keep, stats,
+                                                               progress)
+        forward = RolloutForward(None)
 
-    return quantize_model(
+    model, report = quantize_model(
         model, batches, method=method, format=format, sites=flux_sites(model), keep=keep,
         alphas=alphas, tau=tau, hadamard_block=hadamard_block, smooth_alpha=smooth_alpha,
         act_scale=act_scale, stats=stats, backend=backend, progress=progress,
-        accept=accept or DEFAULT_ACCEPT, accept_batches=accept_batches, top_k=top_k, refine=refine,
+        accept=accept, accept_batches=accept_batches, top_k=top_k, refine=refine,
         schedule=schedule, hadamard_sizes=hadamard_sizes, hadamard_start=hadamard_start, guard=guard,
-        split=None if can_split_samples(batches) else flux_trajectory,
-        forward=default_forward if forward is None else forward,
+        split=split, forward=default_forward if forward is None else forward, act_amax=act_amax,
     )
+    report.config["rollout"] = int(rollout)
+    return model, report
+
+
+def _rollout_inputs(model, batches: FluxBatches, accept_batches: FluxBatches | None, k: int, keep, stats, progress):
+    """(calibration batches, accept batches, split, stats) for `quantize_model` with k-step rollouts: the split
+    into choosing / accepting parts is made on the trajectory batches (by sample within each batch when
+    batches hold several samples, else by trajectory) and each part becomes rollouts; the statistics are
+    the one-step calibration pass over the trajectory batches, as without rollouts."""
+    from permuquant_jax.quant.batches import can_split_samples, split_samples
+    from permuquant_jax.quant.calibrate import calibrate
+    from permuquant_jax.quant.paths import find_linears, match_any
+
+    if accept_batches is not None:
+        out = flux_rollout_batches(batches, k), flux_rollout_batches(accept_batches, k), None
+    elif can_split_samples(batches):  # the sample split, done before the rollouts add their [k+1] sigmas
+        choose, held = split_samples(batches)
+        cr, hr = flux_rollout_batches(batches.like(choose), k), flux_rollout_batches(batches.like(held), k)
+        out = cr + hr, None, [0] * len(cr) + [1] * len(hr)
+    else:
+        out = flux_rollout_batches(batches, k), None, flux_trajectory
+    if stats is None:
+        targets = [p for p in find_linears(model) if not match_any(p, keep)]
+        stats = calibrate(model, list(batches) + list(accept_batches or []), targets, progress=progress)
+    return (*out, stats)
 
