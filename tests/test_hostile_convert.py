@@ -206,6 +206,11 @@ DOOR_CASES = [
      O),
     ("parallel-needs-block", [S, "--out", O, "--accept", "model", "--schedule", "parallel"],
      ["--schedule parallel", "--accept block"], O),
+    ("rollout-negative", [S, "--out", O, "--rollout", "-1"], ["--rollout", ">= 0", "found -1"], O),
+    ("rollout-with-block", [S, "--out", O, "--accept", "block", "--rollout", "2"],
+     ["--rollout 2", "model-level acceptance", "--accept block"], O),
+    ("rollout-past-schedule", [S, "--out", O, "--steps", "3", "--rollout", "4"],
+     ["--rollout 4", "3-step calibration schedule", "--rollout <= 3"], O),
     # option ranges
     ("alpha-out-of-range", [S, "--out", O, "--alpha", "0,1.5"], ["--alpha", "1.5", "[0, 1]"], O),
     ("alpha-nan", [S, "--out", O, "--alpha", "0.5,nan"], ["--alpha", "nan"], O),

@@ -35,6 +35,7 @@ ACCEPT_LEVELS = ("layer", "block", "model")
 SCHEDULES = ("sequential", "parallel")
 HADAMARD_BLOCKS = (16, 32, 64, 128)
 TOY_PARAMS = 100_000_000  # below this, synthetic calibration is allowed (the embedded tiny model)
+DEFAULT_ROLLOUT = 1  # model-level acceptance: Euler steps per accepting batch (chosen by measurement, see README)
 MAX_SEED = 2**32 - 1 - 10_000  # held-out trajectories use seed + 10_000; numpy seeds are < 2**32
 
 
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential: decide stacked blocks one after another; parallel: a site at every layer of a "
                    "stack at once (depth x cheaper, block level only); default: sequential for toy models, "
                    "parallel otherwise")
+    p.add_argument("--rollout", type=int, default=None, metavar="K",
+                   help="model-level acceptance: measure each candidate on K-step Euler rollouts of the quantized "
+                   f"model from the held-out trajectory states (0: one step; default {DEFAULT_ROLLOUT} at model level, "
+                   "off at block level, which cannot use it)")
     p.add_argument("--calib", metavar="NPZ|synthetic", default=None,
                    help="text conditioning for calibration: an .npz with 'txt' and 'y', or 'synthetic' "
                    "(random embeddings, toy models only); default: synthetic for toy models, required otherwise")
@@ -193,7 +198,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--text-encoders {args.text_encoders}: not a folder (expected a FLUX pipeline folder, or "
                          "one with clip_l*.safetensors, t5xxl*.safetensors and tokenizer_2/)")
     for name, lo in (("calib_samples", 1), ("timesteps", 1), ("steps", 1), ("heldout_samples", 0), ("devices", 1),
-                     ("max_seq_len", 2), ("top_k", 1), ("refine", 0)):
+                     ("max_seq_len", 2), ("top_k", 1), ("refine", 0), ("rollout", 0)):
         require_int_range(name, getattr(args, name), lo)
     require_int_range("seed", args.seed, 0, MAX_SEED)
     require_multiple("resolution", args.resolution, 16, most=MAX_IMAGE_SIDE)
@@ -207,6 +212,9 @@ def _validate(args: argparse.Namespace) -> None:
     require_finite("smooth_alpha", args.smooth_alpha, lo=0.0, hi=1.0)
     if args.schedule == "parallel" and args.accept not in (None, "block"):
         raise UsageError(f"--schedule parallel needs --accept block, found --accept {args.accept}")
+    if args.rollout and args.accept in ("block", "layer"):
+        raise UsageError(f"--rollout {args.rollout} needs model-level acceptance (--accept model), found --accept "
+                         f"{args.accept}; drop --rollout or pass --rollout 0")
     if args.hadamard_block not in HADAMARD_BLOCKS:
         raise UsageError(f"--hadamard-block must be a power of two in {', '.join(map(str, HADAMARD_BLOCKS))}, "
                          f"found {args.hadamard_block}")
@@ -222,6 +230,23 @@ def _validate(args: argparse.Namespace) -> None:
         if args.stats and Path(args.save_stats).absolute() == Path(args.stats).absolute():
             raise UsageError("--save-stats and --stats name the same file; drop --save-stats when reusing statistics")
     args.alphas = _parse_alphas(args.alpha)
+
+
+def rollout_for(args: argparse.Namespace, accept: str, config: Any) -> int:
+    """The rollout length for this run: --rollout, else DEFAULT_ROLLOUT at model-level acceptance and 0 at
+    block level (which cannot use rollouts); refused past the end of the calibration schedule."""
+    from permuquant_jax.quant.flux_plan import default_num_steps
+
+    steps = args.steps or default_num_steps(config)
+    if args.rollout is None:
+        return min(DEFAULT_ROLLOUT, steps) if accept == "model" else 0
+    if args.rollout and accept != "model":
+        raise UsageError(f"--rollout {args.rollout} needs model-level acceptance, and this model uses --accept "
+                         f"{accept} (the default above 100M parameters); pass --accept model too, or drop --rollout")
+    if args.rollout > steps:
+        raise UsageError(f"--rollout {args.rollout} is longer than the {steps}-step calibration schedule; use "
+                         f"--rollout <= {steps} (or more --steps)")
+    return args.rollout
 
 
 def _parse_alphas(text: str) -> tuple[float, ...]:
@@ -643,6 +668,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.out, overwrite=args.overwrite)
     m = _validate_for_model(args, src)
     keep, calib, text = m["keep"], m["calib"], m["text"]
+    accept = args.accept or ("model" if m["toy"] else "block")
+    rollout = rollout_for(args, accept, m["config"])
     if args.dry_run:  # the plan needs shapes only: read the headers, build the model abstractly
         return _dry_run(m["abstract"], args, src_desc, keep)
 
@@ -705,8 +732,8 @@ def run(args: argparse.Namespace) -> int:
                                             text=heldout_text, **common) if args.heldout_samples else [])
         v.check_batches_finite(batches, "calibration")
         v.check_batches_finite(heldout, "held-out")
-        if mesh is not None:
-            batches, heldout = shard_batches(batches, mesh), shard_batches(heldout, mesh)
+        if mesh is not None:  # (the calibration batches keep their record of the schedule, for rollouts)
+            batches, heldout = batches.like(shard_batches(batches, mesh)), shard_batches(heldout, mesh)
         refs = [flux_forward(model, b).astype(jnp.float32) for b in heldout]
         for i, r in enumerate(refs):
             hit = v.first_nonfinite({"output": r})
@@ -730,17 +757,17 @@ def run(args: argparse.Namespace) -> int:
             stats.save(args.save_stats, meta=dict(identity=stats_id, permuquant_jax=permuquant_jax.__version__))
             _say(f"calibration statistics saved to {args.save_stats}")
         before = param_bytes(model)
-        accept = args.accept or ("model" if toy else "block")
         guard = None if args.no_guard else args.guard
         schedule = args.schedule or ("sequential" if toy or accept != "block" else "parallel")
-        _enter("quantizing", f"choosing permutations ({accept}-level acceptance) and quantizing ...")
+        _enter("quantizing", f"choosing permutations ({accept}-level acceptance"
+               + (f", {rollout}-step rollouts" if rollout else "") + ") and quantizing ...")
         try:
             model, report = quantize_flux(
                 model, batches, method=args.method, format=args.format, alphas=args.alphas, tau=args.tau,
                 keep_bf16=tuple(keep), hadamard_block=args.hadamard_block, smooth_alpha=args.smooth_alpha,
                 act_scale=args.act_scale, stats=stats, progress=progress, accept=accept, top_k=args.top_k,
                 refine=args.refine, schedule=schedule, hadamard_sizes=not args.fixed_hadamard,
-                hadamard_start=args.hadamard_start, guard=guard,
+                hadamard_start=args.hadamard_start, guard=guard, rollout=rollout,
             )
         except ValueError as e:
             if not (memory["stream"] and "memory_space" in str(e)):
@@ -757,7 +784,7 @@ def run(args: argparse.Namespace) -> int:
         clock.split("quantizing", {"candidates + layer errors": sec.get("layer_pass", 0.0),
                                    "acceptance": ds_sec})
         clock.extra.update(forwards=report.config.get("downstream", {}).get("forwards"),
-                           accept=accept, schedule=schedule, calib_batches=len(batches),
+                           accept=accept, rollout=rollout, schedule=schedule, calib_batches=len(batches),
                            heldout_batches=len(heldout), n_params=n_params)
         clock.write()
         err = _rel_err(model, heldout, refs) if heldout else None
@@ -768,7 +795,7 @@ def run(args: argparse.Namespace) -> int:
         metadata = dict(
             format=args.format,
             method=args.method,
-            settings=dict(alphas=list(args.alphas), tau=args.tau, accept=accept, top_k=args.top_k,
+            settings=dict(alphas=list(args.alphas), tau=args.tau, accept=accept, rollout=rollout, top_k=args.top_k,
                           refine=args.refine, schedule=schedule, hadamard_block=args.hadamard_block,
                           hadamard_sizes=not args.fixed_hadamard, hadamard_start=args.hadamard_start,
                           guard=guard,
@@ -808,6 +835,8 @@ def run(args: argparse.Namespace) -> int:
         ("method / format", f"{args.method} / {args.format}"),
         ("parameters", f"{n_params / 1e6:.2f}M"),
         ("parameter bytes", f"{_human(before)} -> {_human(after)} ({before / max(after, 1):.2f}x smaller)"),
+        ("acceptance", f"{accept} level, " + (f"{rollout}-step rollouts from the held-out trajectory states"
+                                              if rollout else "one step")),
         ("sites accepted", f"{report.n_accepted} / {report.n_sites} (layer-sites, stacked blocks counted per layer)"),
         ("held-out rel. error", err_s),
         ("wall time", f"{wall:.1f} s"),
