@@ -208,12 +208,13 @@ class DiTBench:
     def row(self, fmt: str, method: str) -> dict:
         q = nnx.clone(self.model)
         t0 = time.time()
+        kw = dict(act_amax=ACT_AMAX[0]) if ACT_AMAX[0] else {}
         if self.kind == "flux":
             q, rep = quant.quantize_flux(q, self.calib, method=method, format=fmt, hadamard_block=HADAMARD_BLOCK,
-                                         progress=False)
+                                         progress=False, **kw)
         else:
             q, rep = quant.quantize_model(q, self.calib, method=method, format=fmt, keep=GENERIC_KEEP,
-                                          hadamard_block=HADAMARD_BLOCK, progress=False)
+                                          hadamard_block=HADAMARD_BLOCK, progress=False, **kw)
         wall = time.time() - t0
         serr = step_error(q, self.held, self.refs)
         samples = self.sample_fn(q)
@@ -612,6 +613,7 @@ def _quant_error_jit(x_c, x_h, w, perm, smooth, *, fmt_name: str, hadamard: int)
 
 
 MINILM_TAU: list[float | None] = [None]  # --tau (None: the library's default)
+ACT_AMAX: list[str | None] = ["quantized"]  # --act-amax (None: quantize_model's default)
 
 
 def _choose(x_c, x_a, w, fmt, method):
@@ -896,8 +898,9 @@ def make_pipeline(args: argparse.Namespace, log) -> PipelineBench:
                          rollout=args.pipeline_rollout, accept_prompts=args.pipeline_accept_prompts,
                          test_prompts=args.pipeline_test_prompts, tau=args.pipeline_tau,
                          cache=args.setup_cache,
-                         quant_kw={} if args.guard is None else
-                         {"guard": None if args.guard == "none" else float(args.guard)})
+                         quant_kw=({} if args.guard is None else
+                                   {"guard": None if args.guard == "none" else float(args.guard)})
+                         | ({"act_amax": ACT_AMAX[0]} if ACT_AMAX[0] else {}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -937,6 +940,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--guard", default=None, help="DiTs: quantize_model's guard (a fraction, or 'none')")
     ap.add_argument("--accept", default=None, choices=("layer", "block", "model"),
                     help="DiTs: the acceptance level (default: the library's)")
+    ap.add_argument("--act-amax", default="quantized", choices=("quantized", "library"),
+                    help="DiTs: where every method's static activation scales come from: 'quantized' (default: the "
+                    "quantized model's inputs over the calibration batches, the same pass for every method, so a "
+                    "row's difference is the method's) or 'library' (quantize_model's default: RTN and the baselines "
+                    "from the float model's inputs, downstream acceptance from the quantized model's: confounded)")
     ap.add_argument("--merge", default=None, metavar="A.json,B.json",
                     help="only merge the --json files of runs split by format / method into one table")
     ap.add_argument("--jobs", type=int, default=0,
@@ -947,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="--jobs: stop the processes this many s after this script started (setup included)")
     args = ap.parse_args(argv)
     MINILM_TAU[0] = args.tau
+    ACT_AMAX[0] = None if args.act_amax == "library" else args.act_amax
     if args.merge:
         merge(args.merge.split(","), args)
         return
