@@ -179,10 +179,9 @@ def test_rollout_follows_the_sampled_schedule_and_acceptance_measures_it(flux):
     # one step from the state at step 0 is the float sampler's state at step 1
     np.testing.assert_allclose(np.asarray(roll(model, one[0]) + one[0]["img"]), np.asarray(batches[1]["img"]),
                                rtol=1e-5, atol=1e-5)
-    # from the last step, k = 2 stops at the end of the 2-step schedule: the same as k = 1
+    # from the last step, k = 2 stops at the end of the 2-step schedule (padded: one shape for every batch)
     np.testing.assert_array_equal(np.asarray(two[1]["sigmas"]), np.asarray(flux_schedule(2, 16)[[1, 2, 2]],
                                                                              np.float32))
-    np.testing.assert_allclose(np.asarray(roll(model, two[1])), np.asarray(roll(model, one[1])), rtol=1e-6)
     keep = (*FLUX_KEEP, "double_blocks.*")  # the single blocks' sites only (CI time)
     q, rep = quantize_flux(nnx.clone(model), batches, rollout=2, alphas=(0.5,), top_k=1, keep_bf16=keep,
                            progress=False)
