@@ -185,6 +185,15 @@ def test_user_errors_name_the_value(setup):
         quantize_model(nnx.clone(model), bad, method="rtn")
     with pytest.raises(ValueError, match="the model is itself a linear layer"):
         quantize_model(nnx.clone(model.head), [(jnp.ones((4, K)),)], method="rtn")
+    with pytest.raises(ValueError, match="refine must be an integer >= 0.*found -1"):
+        quantize_model(nnx.clone(model), batches, refine=-1)
+    with pytest.raises(ValueError, match="calibration_batches is None"):
+        quantize_model(nnx.clone(model), None)
+    with pytest.raises(TypeError, match="model must be a flax.nnx.Module, found function"):
+        quantize_model(lambda x: x, batches)
+    done, _ = quantize_model(nnx.clone(model), batches[:1], method="rtn")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(done, batches[:1], method="rtn")
 
 
 def test_plan_summary_counts_bytes(setup):

@@ -10,7 +10,9 @@ from permuquant_jax.quant.calibrate import CalibrationStats, LayerStats, calibra
 from permuquant_jax.quant.downstream import block_errors
 from permuquant_jax.quant.flux_plan import (
     FLUX_KEEP,
+    FluxBatches,
     flux_calibration_batches,
+    flux_rollout_batches,
     flux_schedule,
     flux_sites,
     quantize_flux,
@@ -24,7 +26,7 @@ from permuquant_jax.quant.report import QuantReport, SiteReport
 from permuquant_jax.quant.sites import NormRef, Ref, Site, gather_sites
 
 __all__ = [
-    "CFGForward", "FLUX_KEEP", "RolloutForward", "rollout_batches", "METHODS",
+    "CFGForward", "FLUX_KEEP", "FluxBatches", "RolloutForward", "flux_rollout_batches", "rollout_batches", "METHODS",
     "CalibrationStats", "LayerStats", "NormRef", "QuantLinear", "QuantReport",
     "Ref",
     "apply_structure", "block_errors", "plan_summary",

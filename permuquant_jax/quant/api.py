@@ -327,8 +327,16 @@ def quantize_model(
         raise ValueError(f"accept must be one of {ACCEPT_LEVELS}, found {accept!r}")
     if schedule not in ("sequential", "parallel"):
         raise ValueError(f"schedule must be 'sequential' or 'parallel', found {schedule!r}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, found {top_k}")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module, found {type(model).__name__}; for a Linen model, port it "
+                        "to NNX (flax.nnx.bridge) first")
+    if calibration_batches is None:
+        raise ValueError("calibration_batches is None: pass a list of batches, a callable returning an iterable, "
+                         "or a generator")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, found {top_k!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an integer >= 0 (swap moves per site; 0: off), found {refine!r}")
     if guard is not None and (not math.isfinite(guard) or guard < 0):
         raise ValueError(f"guard must be a finite number >= 0 or None, found {guard}")
     if hadamard_start not in ("none", "block"):
@@ -343,7 +351,12 @@ def quantize_model(
     targets = [p for p in linears if not match_any(p, keep)]
     del linears  # a {path: module} dict would keep every float Linear alive while quantizing
     if not targets:
-        raise ValueError("no linear layer to quantize (every linear matches a keep pattern?)")
+        done = [path_str(tuple(p)) for p, n in nnx.iter_graph(model) if isinstance(n, QuantLinear)]
+        if done:
+            raise ValueError(f"the model is already quantized ({len(done)} QuantLinear layers, e.g. {done[0]!r}); "
+                             "quantize a float copy (nnx.clone the float model before quantize_model)")
+        raise ValueError("no linear layer to quantize: " + ("every linear matches a keep pattern" if keep else
+                         "the model has no flax.nnx.Linear (or permuquant Linear) layers"))
     if () in targets:
         raise ValueError("the model is itself a linear layer, which cannot be replaced in place: wrap it in a "
                          "module (e.g. nnx.Sequential(linear)) and quantize that")
