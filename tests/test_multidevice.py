@@ -1,5 +1,6 @@
 """Several devices (jax.sharding): calibration statistics agree on 1 and 8 devices, chosen permutations and
-quantized arrays on 1 and 2; an FSDP-sharded forward equals the unsharded one. Block streaming
+quantized arrays on 1 and 2; an FSDP-sharded forward equals the unsharded one; trajectories sampled data
+parallel (each batch split over the 8 devices) equal one device's. Block streaming
 (`offload_blocks`, the CLI's --max-device-memory): with the stacked blocks in host memory the calibration
 statistics (every linear's input, so the forward layer by layer) are the same arrays bit for bit. Runs in a
 subprocess with 8 host devices (the XLA flag must be set before JAX starts; the rest of the suite keeps one
@@ -22,7 +23,8 @@ CHILD = textwrap.dedent(r"""
     from permuquant_jax.quant import calibrate
     from permuquant_jax.quant.flux_plan import flux_calibration_batches, flux_forward, quantize_flux, FLUX_KEEP
     from permuquant_jax.quant.paths import find_linears, match_any
-    from permuquant_jax.quant.sharding import data_mesh, place_model, shard_batches, sharded_bytes_per_device
+    from permuquant_jax.quant.sharding import (data_mesh, place_model, shard_batch, shard_batches,
+                                              sharded_bytes_per_device)
 
     assert jax.device_count() == 8, jax.devices()
     base = load_flux(default_checkpoint_path(), dtype=jnp.float32)
@@ -65,6 +67,12 @@ CHILD = textwrap.dedent(r"""
     got = np.asarray(flux_forward(fs, shard_batches(batches[:1], mesh)[0]))
     rep_model = place_model(nnx.clone(base), mesh)
     res["fsdp_rel"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    # data-parallel sampling: each trajectory batch split over the 8 devices gives the same states
+    pb = flux_calibration_batches(rep_model, num_samples=8, batch_size=8, num_steps=2, calib_steps=2,
+                                  height=32, width=32, seed=0, place=lambda b: shard_batch(b, mesh))
+    res["sampled_devices"] = len(pb[-1]["img"].sharding.device_set)
+    res["sampled_max_rel"] = max(float(np.max(np.abs(np.asarray(p["img"]) - b["img"]))
+                                       / np.max(np.abs(b["img"]))) for p, b in zip(pb, batches))
     res["fsdp_bytes"] = sharded_bytes_per_device(fs)
     # streamed blocks: host-memory arrays in, the same forward and statistics out
     ms = offload_blocks(nnx.clone(base))
@@ -91,6 +99,7 @@ def test_one_two_eight_devices_agree():
     assert all("act_scale" in k for k in res["arrays_differing"]), res
     assert res["arrays_max_rel"] < 1e-5, res
     assert res["fsdp_rel"] < 1e-5, res
+    assert res["sampled_devices"] == 8 and res["sampled_max_rel"] < 1e-5, res
     assert res["fsdp_bytes"] < 0.5 * res["replicated_bytes"], res
     assert res["streamed_kinds"] == ["pinned_host"], res
     assert res["streamed_stats_equal"], res

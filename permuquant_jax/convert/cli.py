@@ -708,14 +708,14 @@ def run(args: argparse.Namespace) -> int:
         clock.watch_memory()
         model = load_flux(src, dtype=dtype, progress=progress, host_blocks=memory["stream"])
         if n_dev > 1:
-            from permuquant_jax.quant.sharding import data_mesh, place_model, shard_batches
+            from permuquant_jax.quant.sharding import data_mesh, place_model, shard_batch, shard_batches
 
             try:
                 mesh = data_mesh(n_dev)
             except ValueError as e:
                 raise UsageError(f"--devices {n_dev}: {e}") from None
             place_model(model, mesh, fsdp=args.fsdp)
-            _say(f"{n_dev} devices: batches of {n_dev} trajectories split over them (data parallel)"
+            _say(f"{n_dev} devices: trajectories sampled and batches split {n_dev} at a time over them (data parallel)"
                  + ("; float DiT weights sharded (FSDP)" if args.fsdp else "; float DiT replicated"))
         elif args.fsdp:
             raise UsageError("--fsdp needs --devices N with N > 1")
@@ -724,7 +724,8 @@ def run(args: argparse.Namespace) -> int:
                  "scales are only as meaningful as that data; use --calib FILE.npz for real models.")
         res = args.resolution or (256 if toy else 1024)
         common = dict(num_steps=args.steps, calib_steps=args.timesteps, height=res, width=res,
-                      guidance=args.guidance, progress=progress, batch_size=n_dev)
+                      guidance=args.guidance, progress=progress, batch_size=n_dev,
+                      place=None if mesh is None else (lambda b: shard_batch(b, mesh)))  # sampled data parallel
         _enter("compiling", f"sampling {args.calib_samples} calibration trajectories at {res}x{res} "
                "(compiling the model first) ...")
         batches = flux_calibration_batches(model, num_samples=args.calib_samples, seed=args.seed, text=text,

@@ -16,7 +16,7 @@ when the final projection is quantized). The embedders stay in 16 bits by defaul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -192,6 +192,7 @@ def flux_calibration_batches(
     seed: int = 0,
     batch_size: int = 1,
     progress: bool = False,
+    place: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> FluxBatches:
     """DiT inputs along real sampling trajectories of the float `model`, for calibration.
 
@@ -201,7 +202,9 @@ def flux_calibration_batches(
     text: an .npz path or (txt, y) arrays; None generates synthetic embeddings (only sensible for the
     tiny model). height/width are image pixels (latent tokens: height/16 * width/16). progress: a bar
     over the sampling steps. The list records the schedule and each batch's step (`FluxBatches`), which
-    `quantize_flux(rollout=k)` follows.
+    `quantize_flux(rollout=k)` follows. place: puts a trajectory's input arrays where the sampler runs, e.g.
+    `lambda b: sharding.shard_batch(b, mesh)` with a model placed on `mesh` and `batch_size` a multiple of
+    the mesh size: the trajectories of one batch are then sampled data parallel, one slice per device.
     """
     cfg = model.config
     if height % 16 or width % 16:
@@ -236,8 +239,13 @@ def flux_calibration_batches(
         img_ids = jnp.asarray(img_position_ids(bs, hl, wl))
         txt_ids = jnp.zeros((bs, txt.shape[1], 3), jnp.float32)
         g = jnp.full((bs,), guidance, jnp.float32) if dev else None
+        if place is not None:  # once per trajectory: its text arrays stay one object (flux_trajectory)
+            a = place(dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=y, guidance=g))
+            img, img_ids, txt, txt_ids, y, g = (a[k] for k in ("img", "img_ids", "txt", "txt_ids", "y", "guidance"))
         for i in range(last + 1):
             t = jnp.full((bs,), sched[i], jnp.float32)
+            if place is not None:
+                t = place(dict(timesteps=t))["timesteps"]
             batch = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g)
             if i in pick:
                 batches.append(batch)
