@@ -90,11 +90,13 @@ def test_embedded_default_end_to_end(converted_tiny):
     assert y.shape == (1, 16, 64) and bool(jnp.isfinite(y.astype(jnp.float32)).all())
 
 
-# permuquant runs in the embedded end-to-end test, plain hadamard and smoothquant in the library tests (CI time)
-@pytest.mark.parametrize("method", ["rtn", "permuquant-h", "auto"])
+# permuquant runs in the embedded end-to-end test; plain hadamard, smoothquant and auto (the CLI path of
+# permuquant-h: the same site plan and Hadamard option) in the library tests (CI time)
+@pytest.mark.parametrize("method", ["rtn", "permuquant-h"])
 def test_each_method_on_a_bfl_file(schnell_like_file, tmp_path, capsys, method):
     dst = tmp_path / f"out-{method}"
-    assert main([str(schnell_like_file), "--out", str(dst), "--method", method, *FAST]) == 0
+    rot = ["--fixed-hadamard", "--hadamard-block", "32"] if method == "permuquant-h" else []  # every linear rotated
+    assert main([str(schnell_like_file), "--out", str(dst), "--method", method, *rot, *FAST]) == 0
     meta = load_metadata(dst)
     assert meta["method"] == method and meta["config"]["guidance_embed"] is False
     err = meta["heldout_rel_error"]
@@ -102,6 +104,12 @@ def test_each_method_on_a_bfl_file(schnell_like_file, tmp_path, capsys, method):
     assert np.isfinite(err) and 0 < err < 0.5
     kinds = {k.rsplit(".", 1)[-1] for k in meta["tensors"]}
     assert {"w_codes", "w_scales", "w_global"} <= kinds
+    blocks = {p: spec["hadamard_block"] for p, spec in meta["quant_layers"].items()}
+    assert set(blocks.values()) == ({32} if rot else {None}), blocks
+    if rot:  # the rotations come back with the loaded layers (nothing else saves a rotated model)
+        model = permuquant_jax.load(dst)
+        got = {".".join(map(str, p)): n.hadamard_block for p, n in nnx.iter_graph(model) if isinstance(n, QuantLinear)}
+        assert got == blocks
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
