@@ -2,7 +2,8 @@
 quantized arrays on 1 and 2; an FSDP-sharded forward equals the unsharded one; trajectories sampled data
 parallel (each batch split over the 8 devices) equal one device's. Block streaming
 (`offload_blocks`, the CLI's --max-device-memory): with the stacked blocks in host memory the calibration
-statistics (every linear's input, so the forward layer by layer) are the same arrays bit for bit. Runs in a
+statistics (every linear's input, so the forward layer by layer) and a whole model-level quantization are the
+same arrays bit for bit. Runs in a
 subprocess with 8 host devices (the XLA flag must be set before JAX starts; the rest of the suite keeps one
 device)."""
 
@@ -81,6 +82,15 @@ CHILD = textwrap.dedent(r"""
     st = calibrate(ms, batches, targets, progress=False)  # the inputs of every linear: the forward, layer by layer
     res["streamed_stats_equal"] = all(np.array_equal(getattr(st.layers[p], f), getattr(a, f))
                                       for p, a in stats[1].layers.items() for f in ("sumsq", "absmax", "count", "amax"))
+    # a whole quantization with model-level acceptance, streamed vs in-device: the same arrays bit for bit
+    qa = {}
+    for name, mm in (("device", nnx.clone(base)), ("host", offload_blocks(nnx.clone(base)))):
+        mm, r = quantize_flux(mm, batches, accept="model", keep_bf16=keep, alphas=(0.5,), top_k=1, progress=False)
+        qa[name] = (r.permutations, {str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(mm))
+                                     if v.get_value() is not None})
+    (pd, ad), (ph, ah) = qa["device"], qa["host"]
+    res["streamed_quant_equal"] = pd == ph and ad.keys() == ah.keys() and all(np.array_equal(ad[k], ah[k]) for k in ad)
+    res["streamed_quant_perms"] = len(pd)
     res["replicated_bytes"] = sharded_bytes_per_device(rep_model)
     print("RESULT " + json.dumps(res))
 """)
@@ -103,3 +113,4 @@ def test_one_two_eight_devices_agree():
     assert res["fsdp_bytes"] < 0.5 * res["replicated_bytes"], res
     assert res["streamed_kinds"] == ["pinned_host"], res
     assert res["streamed_stats_equal"], res
+    assert res["streamed_quant_equal"] and res["streamed_quant_perms"] > 0, res
