@@ -214,9 +214,6 @@ def _validate(args: argparse.Namespace) -> None:
     require_finite("smooth_alpha", args.smooth_alpha, lo=0.0, hi=1.0)
     if args.schedule == "parallel" and args.accept not in (None, "block"):
         raise UsageError(f"--schedule parallel needs --accept block, found --accept {args.accept}")
-    if args.rollout and args.accept in ("block", "layer"):
-        raise UsageError(f"--rollout {args.rollout} needs model-level acceptance (--accept model), found --accept "
-                         f"{args.accept}; drop --rollout or pass --rollout 0")
     if args.hadamard_block not in HADAMARD_BLOCKS:
         raise UsageError(f"--hadamard-block must be a power of two in {', '.join(map(str, HADAMARD_BLOCKS))}, "
                          f"found {args.hadamard_block}")
@@ -243,8 +240,9 @@ def rollout_for(args: argparse.Namespace, accept: str, config: Any) -> int:
     if args.rollout is None:
         return min(DEFAULT_ROLLOUT, steps) if accept == "model" else 0
     if args.rollout and accept != "model":
-        raise UsageError(f"--rollout {args.rollout} needs model-level acceptance, and this model uses --accept "
-                         f"{accept} (the default above 100M parameters); pass --accept model too, or drop --rollout")
+        why = "" if args.accept else " (the default above 100M parameters)"
+        raise UsageError(f"--rollout {args.rollout} needs model-level acceptance, and this run uses --accept "
+                         f"{accept}{why}; pass --accept model, or drop --rollout")
     if args.rollout > steps:
         raise UsageError(f"--rollout {args.rollout} is longer than the {steps}-step calibration schedule; use "
                          f"--rollout <= {steps} (or more --steps)")

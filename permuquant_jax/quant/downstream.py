@@ -36,6 +36,7 @@ from flax import nnx
 
 from permuquant_jax.formats.hadamard import block_hadamard
 from permuquant_jax.quant.calibrate import _zeros
+from permuquant_jax.quant.linear import in_host_memory
 from permuquant_jax.quant.paths import Path, get_node, path_str
 
 ACCEPT_LEVELS: tuple[str, ...] = ("layer", "block", "model")
@@ -232,7 +233,7 @@ class Evaluator:
     def __post_init__(self):
         graphdef, _, rest = nnx.split(self.model, (TrialSel, ProbeStat), ...)
         fwd = self.forward
-        streamed = any(_in_host_memory(x) for x in jax.tree.leaves(rest))
+        streamed = any(in_host_memory(x) for x in jax.tree.leaves(rest))
 
         def step(carried, rest, batch, ref):
             if streamed:
@@ -265,12 +266,6 @@ def _eval_step(graphdef, forward, carried, rest, batch, ref):
     m = nnx.merge(graphdef, carried, rest)
     out = forward(m, batch)
     return nnx.state(m, (TrialSel, ProbeStat)), _sq_diff(out, ref), _sq(ref)
-
-
-def _in_host_memory(x: Any) -> bool:
-    from permuquant_jax.models.flux import HOST_MEMORY_KIND
-
-    return getattr(getattr(x, "sharding", None), "memory_kind", None) == HOST_MEMORY_KIND
 
 
 _STREAMED_PROGRAMS: dict[Any, Any] = {}

@@ -41,10 +41,14 @@ class DeviceLayout(nnx.Variable):
     scales (lossless) before a model is written."""
 
 
+def in_host_memory(x) -> bool:
+    """Whether `x` is an array kept in host memory (a streamed model's blocks, `models.flux.offload_blocks`)."""
+    return getattr(getattr(x, "sharding", None), "memory_kind", None) == HOST_MEMORY_KIND
+
+
 def on_device(x):
-    """`x` itself, or, for an array kept in host memory (a streamed model's blocks,
-    `models.flux.offload_blocks`), a copy in device memory to compute on."""
-    if getattr(getattr(x, "sharding", None), "memory_kind", None) == HOST_MEMORY_KIND:
+    """`x` itself, or, for an array kept in host memory (`in_host_memory`), a copy in device memory to compute on."""
+    if in_host_memory(x):
         return jax.device_put(x, jax.memory.Space.Device)
     return x
 
